@@ -1,0 +1,29 @@
+# Everything a fresh machine needs lives here: `make demo` and `make test` create .venv first.
+PY := .venv/bin/python
+# torch 2.14.1 + torchvision 0.29.1 are on local disk here (about 1.5 min); CPU is enough.
+TORCH := torch==2.14.1 torchvision==0.29.1
+
+.venv/.installed: pyproject.toml
+	python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+.PHONY: demo test lint format bench
+demo: .venv/.installed
+	$(PY) examples/quickstart.py
+
+lint: .venv/.installed
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+
+format: .venv/.installed
+	.venv/bin/ruff format .
+	.venv/bin/ruff check --fix .
+
+test: lint
+	$(PY) -m pytest -q
+
+bench: .venv/.installed
+	$(PY) benchmarks/overhead.py

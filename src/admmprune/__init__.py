@@ -1,0 +1,34 @@
+"""admmprune: DNN weight pruning and quantization as constrained optimization, solved by ADMM.
+
+The public API is what this module re-exports; everything else is private.
+"""
+
+from .admm import ADMM
+from .constraints import (
+    Channels,
+    Columns,
+    Constraint,
+    Filters,
+    Intersection,
+    Projection,
+    Unstructured,
+)
+from .masks import Masks, prune
+from .select import Target, select
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ADMM",
+    "Channels",
+    "Columns",
+    "Constraint",
+    "Filters",
+    "Intersection",
+    "Masks",
+    "Projection",
+    "Target",
+    "Unstructured",
+    "prune",
+    "select",
+]

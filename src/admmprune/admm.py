@@ -1,0 +1,253 @@
+r"""Hard-constraint ADMM (ADMM-NN, StructADMM, ADMM-NN-S), usable from any training loop.
+
+Problem: ``min f(W)  s.t.  W_i ∈ S_i``. Scaled augmented Lagrangian, iterated k = 0, 1, …::
+
+    W^{k+1}   = argmin_W f(W) + Σ_i rho/2 · ||W_i − Z_i^k + U_i^k||²   (your SGD steps)
+    Z_i^{k+1} = Π_{S_i}(W_i^{k+1} + U_i^k)                             (update())
+    U_i^{k+1} = U_i^k + W_i^{k+1} − Z_i^{k+1}                          (update())
+
+with ``Z⁰ = Π_S(W⁰)`` and ``U⁰ = 0``. The penalty's gradient is ``rho·(W − Z + U)``; it enters
+either through :meth:`ADMM.penalty` added to the loss (``mode="penalty"``) or through gradient
+hooks with no autograd graph (``mode="grad"``). ``Z`` and ``U`` are kept in fp32 on the
+parameter's device whatever the parameter's dtype, and the penalty is computed in fp32.
+
+When rho changes from ``rho_k`` to ``rho_{k+1}`` the scaled dual is rescaled,
+``U ← U · rho_k / rho_{k+1}``, so the unscaled multiplier ``rho·U`` is unchanged
+(Boyd et al. 2011, §3.4.1).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .constraints import Constraint
+from .masks import Masks, check_finite, hard_prune
+from .select import Spec, Target, select
+
+__all__ = ["ADMM"]
+
+_FORMAT = "admmprune.ADMM"
+Rho = float | Sequence[float] | Callable[[int], float]
+
+
+@dataclass
+class _LayerState:
+    Z: torch.Tensor
+    U: torch.Tensor
+
+
+def _check_rho(value: float, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"rho {where} must be a positive number, got {value!r}.")
+    value = float(value)
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"rho {where} must be positive and finite, got {value!r}; e.g. rho=1e-3.")
+    return value
+
+
+class ADMM:
+    """ADMM state (``Z``, ``U``, ``rho``) for every constrained parameter of ``model``.
+
+    Args:
+        model: the network; its parameters are trained by your own optimizer.
+        spec: ``{name, glob or module type: constraint}`` (see :func:`admmprune.select`).
+        default: constraint for every prunable weight the spec does not name.
+        rho: initial penalty (float), a staged list (value at update k, the last one held),
+            or a function ``k -> rho`` of the number of updates done.
+        rho_growth: with a float ``rho``, multiply rho by this at every :meth:`update`.
+        rho_max: with a float ``rho``, never grow rho past this.
+        mode: ``"penalty"`` (add :meth:`penalty` to your loss) or ``"grad"`` (hooks add
+            ``rho·(W − Z + U)`` to each gradient in backward; do not add the penalty).
+
+    Under ``torch.amp.GradScaler`` use ``mode="penalty"``: the hooks would add an unscaled term
+    to scaled gradients.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        spec: Spec,
+        *,
+        default: Constraint | None = None,
+        rho: Rho = 1e-3,
+        rho_growth: float = 1.0,
+        rho_max: float | None = None,
+        mode: str = "penalty",
+    ) -> None:
+        if mode not in ("penalty", "grad"):
+            raise ValueError(
+                f"mode={mode!r}: use 'penalty' (add admm.penalty() to the loss) or 'grad'."
+            )
+        self.model = model
+        self.mode = mode
+        self._rho_spec = rho
+        self._rho_growth = _check_rho(rho_growth, "growth")
+        self._rho_max = None if rho_max is None else _check_rho(rho_max, "max")
+        self.num_updates = 0
+        self.rho = self._rho_at(0)
+        self.targets: list[Target] = select(model, spec, default)
+        self._state: dict[str, _LayerState] = {}
+        with torch.no_grad():
+            for t in self.targets:
+                W = t.param.detach().float()
+                check_finite(W, t.name, "at ADMM start")
+                Z, _ = t.constraint.project(W, t.groups)
+                self._state[t.name] = _LayerState(Z=Z.clone(), U=torch.zeros_like(W))
+        self._hooks = []
+        if mode == "grad":
+            for t in self.targets:
+                self._hooks.append(t.param.register_hook(self._grad_hook(t)))
+
+    # rho ---------------------------------------------------------------------------------------
+    def _rho_at(self, k: int) -> float:
+        spec = self._rho_spec
+        if callable(spec):
+            return _check_rho(spec(k), f"schedule({k})")
+        if isinstance(spec, Sequence) and not isinstance(spec, str):
+            if not spec:
+                raise ValueError("rho as a list needs at least one value, e.g. [1e-3, 1e-2, 1e-1].")
+            return _check_rho(spec[min(k, len(spec) - 1)], f"stage {min(k, len(spec) - 1)}")
+        value = _check_rho(spec, "") * self._rho_growth**k
+        return min(value, self._rho_max) if self._rho_max is not None else value
+
+    # W-step ------------------------------------------------------------------------------------
+    def _residual(self, t: Target, W: torch.Tensor) -> torch.Tensor:
+        """``W − Z + U`` in fp32 (Z, U follow the parameter if the model moved device)."""
+        st = self._state[t.name]
+        if st.Z.device != W.device:
+            st.Z, st.U = st.Z.to(W.device), st.U.to(W.device)
+        return W.float() - st.Z + st.U
+
+    def penalty(self) -> torch.Tensor:
+        """``Σ_i rho/2 · ||W_i − Z_i + U_i||²`` in fp32, differentiable in W; add it to the loss."""
+        if self.mode != "penalty":
+            raise RuntimeError(
+                "mode='grad' already adds the penalty's gradient in backward; do not add "
+                "admm.penalty() to the loss (use admm.penalty_value() to log it)."
+            )
+        return sum(0.5 * self.rho * self._residual(t, t.param).pow(2).sum() for t in self.targets)
+
+    @torch.no_grad()
+    def penalty_value(self) -> float:
+        """The penalty's current value as a float, for logging in either mode."""
+        return float(
+            sum(0.5 * self.rho * self._residual(t, t.param).pow(2).sum() for t in self.targets)
+        )
+
+    def _grad_hook(self, t: Target):
+        def hook(grad: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                return grad + (self.rho * self._residual(t, t.param.detach())).to(grad.dtype)
+
+        return hook
+
+    # Z-, U-steps -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def update(self) -> dict[str, dict[str, float]]:
+        """One Z/U update, then the rho schedule. Returns per-layer metrics:
+
+        ``primal = ||W − Z^{k+1}||``, ``dual = rho·||Z^{k+1} − Z^k||``, ``rho`` (used in the
+        W-step just finished) and ``kept`` (fraction of the support of Z^{k+1}).
+        """
+        rho, rho_next = self.rho, self._rho_at(self.num_updates + 1)
+        stats = {}
+        for t in self.targets:
+            st = self._state[t.name]
+            W = t.param.detach().float()
+            check_finite(W, t.name, f"at ADMM update {self.num_updates + 1}")
+            if st.Z.device != W.device:
+                st.Z, st.U = st.Z.to(W.device), st.U.to(W.device)
+            Z, support = t.constraint.project(W + st.U, t.groups)
+            dual = rho * float((Z - st.Z).norm())
+            st.U.add_(W).sub_(Z)
+            if rho_next != rho:
+                st.U.mul_(rho / rho_next)
+            st.Z = Z
+            stats[t.name] = {
+                "primal": float((W - Z).norm()),
+                "dual": dual,
+                "rho": rho,
+                "kept": float(support.float().mean()),
+            }
+        self.rho = rho_next
+        self.num_updates += 1
+        return stats
+
+    def residuals(self) -> dict[str, float]:
+        """Current primal residual ``||W − Z||`` per layer (no update)."""
+        with torch.no_grad():
+            return {
+                t.name: float(
+                    (t.param.detach().float() - self._state[t.name].Z.to(t.param.device)).norm()
+                )
+                for t in self.targets
+            }
+
+    # After ADMM --------------------------------------------------------------------------------
+    def prune(self) -> Masks:
+        """Hard prune ``W ← Π_S(W)``, fix the supports as :class:`Masks`, and remove the hooks."""
+        self.close()
+        return hard_prune(self.model, self.targets)
+
+    def close(self) -> None:
+        """Remove the gradient hooks of ``mode="grad"`` (the penalty stops acting)."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+
+    # Persistence -------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Z, U, rho and the update count; tensors and plain types only (``weights_only``-safe)."""
+        return {
+            "format": _FORMAT,
+            "version": 1,
+            "num_updates": self.num_updates,
+            "rho": self.rho,
+            "layers": {
+                t.name: {
+                    "Z": self._state[t.name].Z.cpu(),
+                    "U": self._state[t.name].U.cpu(),
+                    "constraint": repr(t.constraint),
+                }
+                for t in self.targets
+            },
+        }
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Restore what :meth:`state_dict` saved, after checking it fits this model and spec."""
+        if not isinstance(state, Mapping) or state.get("format") != _FORMAT:
+            raise ValueError(
+                "not an ADMM state (missing format tag); save it with ADMM.state_dict()."
+            )
+        layers = state["layers"]
+        ours = {t.name for t in self.targets}
+        if set(layers) != ours:
+            raise ValueError(
+                f"ADMM state is for layers {sorted(layers)} but this spec constrains "
+                f"{sorted(ours)}; load it with the spec it was saved with."
+            )
+        for t in self.targets:
+            saved = layers[t.name]
+            if saved["constraint"] != repr(t.constraint):
+                raise ValueError(
+                    f"{t.name!r}: state saved with {saved['constraint']} but the spec now says "
+                    f"{t.constraint!r}; use the same constraint to resume."
+                )
+            if tuple(saved["Z"].shape) != tuple(t.param.shape):
+                raise ValueError(
+                    f"{t.name!r}: saved Z has shape {tuple(saved['Z'].shape)}, parameter has "
+                    f"{tuple(t.param.shape)}."
+                )
+        for t in self.targets:
+            dev = t.param.device
+            self._state[t.name] = _LayerState(
+                Z=layers[t.name]["Z"].to(dev, torch.float32).clone(),
+                U=layers[t.name]["U"].to(dev, torch.float32).clone(),
+            )
+        self.num_updates = int(state["num_updates"])
+        self.rho = float(state["rho"])

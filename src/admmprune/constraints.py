@@ -1,0 +1,252 @@
+"""Constraint sets S and their Euclidean projections Π_S.
+
+Every projection works on the *GEMM view* of a weight: a tensor of shape
+``[out, in/groups, *kernel]`` (Conv1d/2d/3d) or ``[out, in]`` (Linear) is the matrix with
+rows = output filters/neurons and columns = the flattened ``(in/groups, *kernel)`` positions.
+
+A constraint is stated as the fraction ``keep`` of its structures that survive, ``0 < keep <= 1``.
+The number kept out of ``n`` is ``k = max(1, floor(keep * n + 1/2))`` (round half up, never zero).
+
+Π_S(W) = argmin_{Z in S} ||W - Z||_F. For the sets here it is analytical: keep the ``k``
+structures (weights, rows, channels or columns) with the largest L2 norm and zero the rest.
+Ties in norm are broken towards the lower flat index, so the result is deterministic on every
+device. ``project`` returns the projected tensor ``Z`` and its boolean *support* (the positions
+``Z`` may be non-zero on), both shaped like ``W``.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import NamedTuple
+
+import torch
+
+__all__ = [
+    "Channels",
+    "Columns",
+    "Constraint",
+    "Filters",
+    "Intersection",
+    "Projection",
+    "Unstructured",
+]
+
+
+class Projection(NamedTuple):
+    """Result of a projection: ``Z = Π_S(W)`` and the boolean support of ``S`` chosen for ``W``."""
+
+    Z: torch.Tensor
+    support: torch.Tensor
+
+
+def keep_count(keep: float, n: int) -> int:
+    """Number of structures kept out of ``n``: ``max(1, floor(keep·n + 1/2))``."""
+    return max(1, min(n, math.floor(keep * n + 0.5)))
+
+
+def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of the ``k`` largest entries of a 1-D ``scores``; ties go to lower indices.
+
+    O(n) via ``kthvalue`` (no full sort), exact count, identical on CPU and GPU.
+    """
+    n = scores.numel()
+    if k >= n:
+        return torch.ones_like(scores, dtype=torch.bool)
+    threshold = scores.kthvalue(n - k + 1).values  # the k-th largest value
+    mask = scores > threshold
+    missing = k - int(mask.sum())
+    if missing > 0:
+        ties = (scores == threshold).nonzero().flatten()[:missing]
+        mask[ties] = True
+    return mask
+
+
+def _check_keep(cls: str, keep: object) -> float:
+    """Validate a kept fraction; the message says what ``keep`` means and how to fix it."""
+    if isinstance(keep, bool) or not isinstance(keep, numbers.Real):
+        raise ValueError(
+            f"{cls}(keep={keep!r}): keep must be a number, the fraction of structures kept "
+            f"in (0, 1]; e.g. {cls}(keep=0.1) keeps 10 %."
+        )
+    keep = float(keep)
+    if 0.0 < keep <= 1.0:
+        return keep
+    if 1.0 < keep <= 100.0:
+        fix = f"if you meant {keep:g} %, write {cls}(keep={keep / 100:g})"
+    elif keep <= 0.0:
+        fix = "keep=0 would remove the whole layer: leave the layer out, or keep a small fraction"
+    else:
+        fix = f"e.g. {cls}(keep=0.1) keeps 10 %"
+    raise ValueError(
+        f"{cls}(keep={keep!r}): keep is the fraction of structures KEPT and must be in (0, 1]; "
+        f"{fix}."
+    )
+
+
+class Constraint:
+    """A set S of admissible weights with an analytical Euclidean projection.
+
+    Subclasses implement :meth:`project`. ``a & b`` is the intersection of two constraints.
+    """
+
+    #: smallest tensor rank the constraint applies to (2 for the structured GEMM-view sets)
+    min_ndim: int = 1
+
+    def project(self, W: torch.Tensor, groups: int = 1) -> Projection:
+        """Return ``Π_S(W)`` and its support. ``groups`` is the conv's ``groups`` attribute."""
+        raise NotImplementedError
+
+    def check(self, W: torch.Tensor, layer: str, groups: int = 1) -> None:
+        """Raise ``ValueError`` naming ``layer`` if this constraint cannot apply to ``W``."""
+        if W.ndim < self.min_ndim:
+            raise ValueError(
+                f"{self!r} cannot constrain {layer!r} of shape {tuple(W.shape)}: it needs a weight "
+                f"with at least {self.min_ndim} dimensions (Conv or Linear). Use Unstructured for "
+                f"1-D parameters, or leave {layer!r} out of the spec."
+            )
+
+    def __and__(self, other: Constraint) -> Intersection:
+        if not isinstance(other, Constraint):
+            return NotImplemented
+        return Intersection(self, other)
+
+
+class _KeepFraction(Constraint):
+    """A constraint parameterised by the kept fraction of some structures."""
+
+    def __init__(self, keep: float) -> None:
+        self.keep = _check_keep(type(self).__name__, keep)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(keep={self.keep:g})"
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and other.keep == self.keep
+
+    def __hash__(self) -> int:
+        return hash((type(self).__name__, self.keep))
+
+
+def _scores_dtype(W: torch.Tensor) -> torch.Tensor:
+    # Norms in at least fp32: bf16/fp16 scores tie far too often.
+    return W if W.dtype in (torch.float32, torch.float64) else W.float()
+
+
+class Unstructured(_KeepFraction):
+    """Non-structured sparsity: at most ``k`` non-zero weights.
+
+    Π_S(W) keeps the ``k = keep·n`` entries of largest ``|w|`` and zeros the rest.
+    """
+
+    def project(self, W: torch.Tensor, groups: int = 1) -> Projection:
+        scores = _scores_dtype(W).detach().abs().flatten()
+        support = topk_mask(scores, keep_count(self.keep, scores.numel())).view_as(W)
+        return Projection(W * support, support)
+
+
+class Filters(_KeepFraction):
+    """Filter-wise (row) sparsity: at most ``k`` non-zero rows of the GEMM view.
+
+    Π_S(W) keeps the ``keep·out`` rows (output filters / neurons) of largest L2 norm.
+    """
+
+    min_ndim = 2
+
+    def project(self, W: torch.Tensor, groups: int = 1) -> Projection:
+        M = _scores_dtype(W).detach().reshape(W.shape[0], -1)
+        rows = topk_mask(M.norm(dim=1), keep_count(self.keep, M.shape[0]))
+        support = rows.view(-1, *([1] * (W.ndim - 1))).expand_as(W)
+        return Projection(W * support, support)
+
+
+class Columns(_KeepFraction):
+    """Shape-wise (column) sparsity: at most ``k`` non-zero columns of the GEMM view.
+
+    A column is one ``(in/groups, *kernel)`` position shared by all filters; Π_S(W) keeps the
+    ``keep·n_columns`` columns of largest L2 norm. For Linear, columns are input neurons.
+    """
+
+    min_ndim = 2
+
+    def project(self, W: torch.Tensor, groups: int = 1) -> Projection:
+        M = _scores_dtype(W).detach().reshape(W.shape[0], -1)
+        cols = topk_mask(M.norm(dim=0), keep_count(self.keep, M.shape[1]))
+        support = cols.view(1, *W.shape[1:]).expand_as(W)
+        return Projection(W * support, support)
+
+
+class Channels(_KeepFraction):
+    """Channel-wise sparsity: at most ``k`` input channels carry non-zero weights.
+
+    Input channel ``c`` of a conv with ``groups`` groups is read by the filters of group
+    ``g = c // (in/groups)`` through slice ``j = c % (in/groups)``: its weights are
+    ``W[g·out/groups : (g+1)·out/groups, j, ...]``. Π_S(W) keeps the ``keep·in`` channels of
+    largest L2 norm over those weights. For a depthwise conv a channel is one filter; for
+    Linear a channel is an input neuron (a column).
+    """
+
+    min_ndim = 2
+
+    def check(self, W: torch.Tensor, layer: str, groups: int = 1) -> None:
+        super().check(W, layer, groups)
+        if W.shape[0] % groups:
+            raise ValueError(
+                f"{self!r} on {layer!r}: {W.shape[0]} output channels do not split into "
+                f"groups={groups}; pass the conv's own groups attribute."
+            )
+
+    def project(self, W: torch.Tensor, groups: int = 1) -> Projection:
+        out, per_group = W.shape[0], W.shape[1]
+        G = _scores_dtype(W).detach().reshape(groups, out // groups, per_group, -1)
+        norms = G.pow(2).sum(dim=(1, 3)).sqrt().flatten()  # [groups * in/groups] = in
+        chans = topk_mask(norms, keep_count(self.keep, norms.numel())).view(groups, 1, per_group, 1)
+        support = chans.expand_as(G).reshape(W.shape)
+        return Projection(W * support, support)
+
+
+class Intersection(Constraint):
+    """Intersection of constraints, e.g. ``Filters(0.5) & Columns(0.5)`` (SS-Auto's row+column).
+
+    The exact projection onto an intersection of sparsity sets is combinatorial. As in the
+    papers, we apply the projections in turn; we try the given order and its reverse and keep
+    the result closer to ``W`` (ties: the given order). The result always lies in every set.
+    """
+
+    def __init__(self, *parts: Constraint) -> None:
+        flat: list[Constraint] = []
+        for part in parts:
+            if not isinstance(part, Constraint):
+                raise ValueError(f"Intersection takes constraints, got {part!r}.")
+            flat.extend(part.parts if isinstance(part, Intersection) else [part])
+        if len(flat) < 2:
+            raise ValueError("Intersection needs at least two constraints.")
+        self.parts = tuple(flat)
+        self.min_ndim = max(p.min_ndim for p in flat)
+
+    def check(self, W: torch.Tensor, layer: str, groups: int = 1) -> None:
+        for part in self.parts:
+            part.check(W, layer, groups)
+
+    def _in_turn(self, W: torch.Tensor, order: tuple[Constraint, ...], groups: int) -> Projection:
+        Z, support = W, torch.ones_like(W, dtype=torch.bool)
+        for part in order:
+            Z, s = part.project(Z, groups)
+            support = support & s
+        return Projection(Z, support)
+
+    def project(self, W: torch.Tensor, groups: int = 1) -> Projection:
+        first = self._in_turn(W, self.parts, groups)
+        second = self._in_turn(W, self.parts[::-1], groups)
+        d1 = (W - first.Z).float().norm()
+        d2 = (W - second.Z).float().norm()
+        return second if d2 < d1 else first
+
+    def __repr__(self) -> str:
+        return " & ".join(repr(p) for p in self.parts)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Intersection) and other.parts == self.parts
+
+    def __hash__(self) -> int:
+        return hash(self.parts)

@@ -1,0 +1,165 @@
+"""Hard pruning and masked retraining.
+
+After ADMM, hard pruning sets ``W ← Π_S(W)`` and freezes the support ``M`` (a boolean mask).
+Masked retraining then trains ``W ⊙ M``: a pruned weight must stay *exactly* zero whatever the
+optimizer does (momentum, weight decay, Adam's moments would all regrow it otherwise).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from ._io import atomic_save, safe_load
+from .select import Spec, Target, select
+
+__all__ = ["Masks", "prune"]
+
+_FORMAT = "admmprune.masks"
+
+
+def check_finite(W: torch.Tensor, layer: str, when: str) -> None:
+    """Raise ``ValueError`` naming ``layer`` if ``W`` holds NaN or Inf."""
+    finite = torch.isfinite(W)
+    if not bool(finite.all()):
+        raise ValueError(
+            f"{layer!r} has {int((~finite).sum())} NaN/Inf weight(s) {when}. Training diverged: "
+            "lower the learning rate or rho, or check the loss and the input data."
+        )
+
+
+class Masks(Mapping[str, torch.Tensor]):
+    """Fixed boolean supports ``{parameter name: M}`` of a model's pruned parameters.
+
+    ``attach(optimizer)`` keeps ``W = W ⊙ M`` exactly through training: masked gradients are
+    zeroed in backward, the optimizer's state is zeroed off the support, and after every
+    ``optimizer.step()`` the weights off the support are set back to exactly 0.
+    """
+
+    def __init__(self, model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
+        params = dict(model.named_parameters())
+        self._model = model
+        self._masks: dict[str, torch.Tensor] = {}
+        for name, mask in masks.items():
+            if name not in params:
+                raise ValueError(
+                    f"mask for {name!r} but {type(model).__name__} has no such parameter; "
+                    f"parameters: {', '.join(list(params)[:40])}."
+                )
+            p = params[name]
+            if tuple(mask.shape) != tuple(p.shape):
+                raise ValueError(
+                    f"mask for {name!r} has shape {tuple(mask.shape)} but the parameter has "
+                    f"{tuple(p.shape)}; the masks were made for another architecture."
+                )
+            self._masks[name] = mask.to(device=p.device, dtype=torch.bool).contiguous()
+        self._params = {name: params[name] for name in self._masks}
+        self._handles: list = []
+
+    # Mapping protocol -------------------------------------------------------------------------
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._masks[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._masks)
+
+    def __len__(self) -> int:
+        return len(self._masks)
+
+    def __repr__(self) -> str:
+        kept = ", ".join(f"{n}: {k:.3g}" for n, k in self.kept().items())
+        return f"Masks({kept})"
+
+    # Behaviour --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def apply(self) -> None:
+        """``W ← W ⊙ M`` for every masked parameter (exact +0.0 off the support)."""
+        for name, p in self._params.items():
+            p.masked_fill_(~self._masks[name], 0)
+
+    def attach(self, *optimizers: torch.optim.Optimizer) -> Masks:
+        """Keep pruned weights exactly zero while ``optimizers`` train the model."""
+        self.apply()
+        for name, p in self._params.items():
+            off = ~self._masks[name]
+            self._handles.append(p.register_hook(lambda g, off=off: g.masked_fill(off, 0)))
+        for opt in optimizers:
+            self._zero_state(opt)
+            self._handles.append(opt.register_step_post_hook(lambda *_: self.apply()))
+        return self
+
+    def detach(self) -> None:
+        """Remove every hook :meth:`attach` installed."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    @torch.no_grad()
+    def _zero_state(self, opt: torch.optim.Optimizer) -> None:
+        # Momentum and Adam moments left over from dense training would push pruned weights.
+        for name, p in self._params.items():
+            for value in opt.state.get(p, {}).values():
+                if torch.is_tensor(value) and value.shape == p.shape:
+                    value.masked_fill_(~self._masks[name], 0)
+
+    def kept(self) -> dict[str, float]:
+        """Kept fraction per parameter."""
+        return {n: float(m.float().mean()) for n, m in self._masks.items()}
+
+    def total_kept(self) -> tuple[int, int]:
+        """``(kept, total)`` weights over every masked parameter."""
+        return (
+            sum(int(m.sum()) for m in self._masks.values()),
+            sum(m.numel() for m in self._masks.values()),
+        )
+
+    # Persistence ------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Plain tensors and strings only, so ``torch.load(weights_only=True)`` reads it."""
+        return {
+            "format": _FORMAT,
+            "version": 1,
+            "masks": {n: m.cpu() for n, m in self._masks.items()},
+        }
+
+    @classmethod
+    def from_state_dict(cls, model: nn.Module, state: Mapping) -> Masks:
+        if not isinstance(state, Mapping) or state.get("format") != _FORMAT:
+            raise ValueError(
+                "not an admmprune masks file (missing format tag); write one with Masks.save()."
+            )
+        return cls(model, state["masks"])
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the masks atomically (temporary file + rename)."""
+        atomic_save(self.state_dict(), path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model: nn.Module) -> Masks:
+        """Read masks written by :meth:`save` for ``model`` (``weights_only`` loading)."""
+        return cls.from_state_dict(model, safe_load(path, "masks"))
+
+
+@torch.no_grad()
+def hard_prune(model: nn.Module, targets: Sequence[Target]) -> Masks:
+    """``W ← Π_S(W)`` for each target; the supports become fixed :class:`Masks`."""
+    if not targets:
+        raise ValueError("nothing to prune: no targets.")
+    model_masks = {}
+    for t in targets:
+        check_finite(t.param, t.name, "at hard pruning")
+        Z, support = t.constraint.project(t.param.detach(), t.groups)
+        t.param.copy_(Z)
+        model_masks[t.name] = support
+    return Masks(model, model_masks)
+
+
+def prune(model: nn.Module, spec: Spec, default=None) -> Masks:
+    """One-shot projection pruning ``W ← Π_S(W)`` with no ADMM (magnitude pruning).
+
+    The same spec as :class:`admmprune.ADMM`; returns the :class:`Masks` to retrain with.
+    """
+    return hard_prune(model, select(model, spec, default))

@@ -1,0 +1,154 @@
+"""Which parameters get which constraint.
+
+A *spec* maps keys to constraints (or ``None`` to leave a layer alone):
+
+- a glob such as ``"conv*"`` or ``"layer1.*"`` matches the names of *prunable* modules, those
+  whose ``weight`` has two or more dimensions (Conv and Linear); the constraint goes on that
+  module's ``weight``;
+- an exact module name or full parameter name (``"fc1"``, ``"fc1.weight"``) matches that one
+  module or parameter, whatever its kind (the constraint then checks the parameter's rank);
+- a module type or tuple of types (``nn.Conv2d``) matches every module of that type.
+
+``default`` goes on every prunable weight that no key claims. A key that matches nothing, or two
+keys that claim one parameter, is an error that lists the names available.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from torch import nn
+
+from .constraints import Constraint
+
+__all__ = ["Spec", "Target", "select"]
+
+Key = str | type | tuple[type, ...]
+Spec = Mapping[Key, Constraint | None]
+
+
+@dataclass(frozen=True)
+class Target:
+    """One constrained parameter: where it lives and which set S it must lie in."""
+
+    name: str  # full parameter name, e.g. "features.0.weight"
+    module_name: str
+    module: nn.Module
+    attr: str  # the parameter's attribute on module, e.g. "weight"
+    constraint: Constraint
+    groups: int = 1
+
+    @property
+    def param(self) -> nn.Parameter:
+        # Looked up each time: model.to(...) or swap_tensors may replace the Parameter object.
+        return getattr(self.module, self.attr)
+
+
+def _is_glob(key: str) -> bool:
+    return any(ch in key for ch in "*?[")
+
+
+def _prunable(model: nn.Module) -> dict[str, tuple[str, nn.Module]]:
+    """``{param name: (module name, module)}`` for each module weight of rank >= 2."""
+    out = {}
+    for mname, module in model.named_modules():
+        w = getattr(module, "weight", None)
+        if isinstance(w, nn.Parameter) and w.ndim >= 2:
+            out[f"{mname}.weight" if mname else "weight"] = (mname, module)
+    return out
+
+
+def _all_params(model: nn.Module) -> dict[str, tuple[str, nn.Module]]:
+    out = {}
+    for mname, module in model.named_modules():
+        for pname, _ in module.named_parameters(recurse=False):
+            out[f"{mname}.{pname}" if mname else pname] = (mname, module)
+    return out
+
+
+def _describe(key: Key) -> str:
+    if isinstance(key, tuple):
+        return "(" + ", ".join(k.__name__ for k in key) + ")"
+    return key.__name__ if isinstance(key, type) else repr(key)
+
+
+def _available(prunable: dict[str, tuple[str, nn.Module]], limit: int = 40) -> str:
+    names = [f"{m or '<root>'} ({type(mod).__name__})" for m, mod in prunable.values()]
+    shown = ", ".join(names[:limit])
+    return shown + (f", … ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+def _match(key: Key, prunable: dict, params: dict) -> list[str]:
+    if isinstance(key, type) or (isinstance(key, tuple) and all(isinstance(k, type) for k in key)):
+        return [p for p, (_, mod) in prunable.items() if isinstance(mod, key)]
+    if not isinstance(key, str):
+        raise ValueError(
+            f"spec key {key!r} is neither a name/glob string nor a module type; "
+            "write e.g. 'conv1', 'layer*.conv*' or nn.Conv2d."
+        )
+    if _is_glob(key):
+        return [p for p, (m, _) in prunable.items() if fnmatch.fnmatchcase(m, key)]
+    if key in params:
+        return [key]
+    weight = f"{key}.weight" if key else "weight"
+    return [weight] if weight in params else []
+
+
+def select(model: nn.Module, spec: Spec, default: Constraint | None = None) -> list[Target]:
+    """Resolve ``spec`` (and ``default``) on ``model`` into one :class:`Target` per parameter.
+
+    Targets come in ``model.named_parameters()`` order, so every run orders them alike.
+    """
+    if not isinstance(spec, Mapping):
+        raise ValueError(
+            f"spec must be a mapping {{name, glob or module type: constraint}}, got "
+            f"{type(spec).__name__}; e.g. {{'conv*': Filters(keep=0.5)}}."
+        )
+    prunable = _prunable(model)
+    params = _all_params(model)
+    claimed: dict[str, tuple[Key, Constraint | None]] = {}
+    for key, constraint in spec.items():
+        if constraint is not None and not isinstance(constraint, Constraint):
+            raise ValueError(
+                f"spec[{_describe(key)}] = {constraint!r} is not a constraint; use e.g. "
+                "Unstructured(keep=0.1), Filters(keep=0.5), or None to leave it unconstrained."
+            )
+        names = _match(key, prunable, params)
+        if not names:
+            raise ValueError(
+                f"spec key {_describe(key)} matches no prunable layer of "
+                f"{type(model).__name__}. Available: {_available(prunable)}."
+            )
+        for name in names:
+            if name in claimed:
+                raise ValueError(
+                    f"parameter {name!r} is claimed by two spec keys, "
+                    f"{_describe(claimed[name][0])} and {_describe(key)}; make the patterns "
+                    "disjoint (a key set to None leaves a layer unconstrained)."
+                )
+            claimed[name] = (key, constraint)
+    if default is not None:
+        if not isinstance(default, Constraint):
+            raise ValueError(f"default={default!r} is not a constraint.")
+        for name in prunable:
+            claimed.setdefault(name, ("<default>", default))
+
+    targets = []
+    named = dict(model.named_parameters())
+    for name, param in named.items():
+        if name not in claimed or claimed[name][1] is None:
+            continue
+        constraint = claimed[name][1]
+        mname, module = params[name]
+        groups = int(getattr(module, "groups", 1)) if name.endswith("weight") else 1
+        constraint.check(param, name, groups)
+        attr = name[len(mname) + 1 :] if mname else name
+        targets.append(Target(name, mname, module, attr, constraint, groups))
+    if not targets:
+        raise ValueError(
+            "the spec constrains no parameter (every key is None and no default is given); "
+            f"available: {_available(prunable)}."
+        )
+    return targets

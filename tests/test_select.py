@@ -1,0 +1,72 @@
+import pytest
+import torch
+from torch import nn
+
+from admmprune import ADMM, Channels, Columns, Filters, Unstructured, select
+
+
+def names(targets):
+    return [t.name for t in targets]
+
+
+def test_globs_match_prunable_modules_only(tiny_cnn):
+    t = select(tiny_cnn, {"*": Unstructured(0.5)})
+    assert names(t) == ["conv1.weight", "conv2.weight", "fc1.weight", "fc2.weight"]  # no BN
+    assert [x.groups for x in t] == [1, 2, 1, 1]
+
+
+def test_types_exact_names_defaults_and_none(tiny_cnn):
+    t = select(
+        tiny_cnn,
+        {nn.Conv2d: Filters(0.5), "fc2": None, "fc1.bias": Unstructured(0.5)},
+        default=Columns(0.5),
+    )
+    by = {x.name: x.constraint for x in t}
+    assert by == {
+        "conv1.weight": Filters(0.5),
+        "conv2.weight": Filters(0.5),
+        "fc1.weight": Columns(0.5),
+        "fc1.bias": Unstructured(0.5),
+    }
+
+
+def test_unmatched_pattern_lists_available_layers(tiny_cnn):
+    with pytest.raises(ValueError, match=r"'conv3'.*matches no prunable layer.*conv1 \(Conv2d\)"):
+        select(tiny_cnn, {"conv3": Filters(0.5)})
+    with pytest.raises(ValueError, match=r"'layer\*'.*Available: conv1"):
+        ADMM(tiny_cnn, {"layer*": Filters(0.5)})
+    with pytest.raises(ValueError, match="Linear"):
+        select(nn.Sequential(nn.ReLU()), {nn.Linear: Filters(0.5)})
+
+
+def test_two_keys_claiming_one_parameter(tiny_cnn):
+    with pytest.raises(ValueError, match=r"'conv1.weight' is claimed by two spec keys, 'conv\*'"):
+        select(tiny_cnn, {"conv*": Filters(0.5), "conv1": Unstructured(0.1)})
+
+
+def test_wrong_rank_names_the_layer_and_the_fix(tiny_cnn):
+    with pytest.raises(ValueError, match=r"'bn1.weight'.*at least 2 dimensions.*Unstructured"):
+        select(tiny_cnn, {"bn1": Filters(0.5)})
+    with pytest.raises(ValueError, match=r"'fc1.bias'.*leave 'fc1.bias' out"):
+        ADMM(tiny_cnn, {"fc1.bias": Channels(0.5)})
+
+
+def test_bad_spec_values(tiny_cnn):
+    with pytest.raises(ValueError, match="not a constraint"):
+        select(tiny_cnn, {"conv1": 0.5})
+    with pytest.raises(ValueError, match="mapping"):
+        select(tiny_cnn, [("conv1", Filters(0.5))])
+    with pytest.raises(ValueError, match="constrains no parameter"):
+        select(tiny_cnn, {"conv1": None})
+    with pytest.raises(ValueError, match="module type"):
+        select(tiny_cnn, {3: Filters(0.5)})
+
+
+def test_grouped_conv_channels_end_to_end(tiny_cnn):
+    masks = ADMM(tiny_cnn, {"conv2": Channels(0.5)}).prune()
+    W = tiny_cnn.conv2.weight.detach()  # [8, 4, 3, 3], groups=2: 8 input channels
+    per_channel = W.reshape(2, 4, 4, 9).abs().sum(dim=(1, 3)).flatten()
+    assert int((per_channel > 0).sum()) == 4
+    assert masks["conv2.weight"].shape == W.shape
+    x = torch.randn(2, 3, 8, 8)
+    assert tiny_cnn(x).shape == (2, 4)
