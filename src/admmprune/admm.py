@@ -35,10 +35,39 @@ _FORMAT = "admmprune.ADMM"
 Rho = float | Sequence[float] | Callable[[int], float]
 
 
+class _ProximalPenalty(torch.autograd.Function):
+    """``rho/2 · ||W − T||²`` with ``T = Z − U``, in fp32; gradient ``rho·(W − T)``.
+
+    The value comes from a fused reduction and nothing is saved but references, so a training
+    step pays about two passes over the constrained weights, not autograd's chain of copies.
+    """
+
+    @staticmethod
+    def forward(ctx, W: torch.Tensor, T: torch.Tensor, rho: float):
+        ctx.save_for_backward(W, T)
+        ctx.rho = rho
+        return 0.5 * rho * nn.functional.mse_loss(W.float(), T, reduction="sum")
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        W, T = ctx.saved_tensors
+        return (W.float() - T).mul_(ctx.rho * grad).to(W.dtype), None, None
+
+
 @dataclass
 class _LayerState:
+    """Per-layer ADMM variables, fp32. ``T = Z − U`` is cached: the W-step pulls W towards it."""
+
     Z: torch.Tensor
     U: torch.Tensor
+    T: torch.Tensor = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        self.T = self.Z - self.U
+
+    def to(self, device: torch.device) -> _LayerState:
+        self.Z, self.U, self.T = self.Z.to(device), self.U.to(device), self.T.to(device)
+        return self
 
 
 def _check_rho(value: float, where: str) -> float:
@@ -116,12 +145,14 @@ class ADMM:
         return min(value, self._rho_max) if self._rho_max is not None else value
 
     # W-step ------------------------------------------------------------------------------------
-    def _residual(self, t: Target, W: torch.Tensor) -> torch.Tensor:
-        """``W − Z + U`` in fp32 (Z, U follow the parameter if the model moved device)."""
-        st = self._state[t.name]
-        if st.Z.device != W.device:
-            st.Z, st.U = st.Z.to(W.device), st.U.to(W.device)
-        return W.float() - st.Z + st.U
+    def _layer(self, t: Target) -> _LayerState:
+        """The layer's Z, U, moved to the parameter's device if the model moved."""
+        st, device = self._state[t.name], t.param.device
+        return st if st.Z.device == device else st.to(device)
+
+    def _residual(self, t: Target) -> torch.Tensor:
+        """``W − Z + U = W − T`` in fp32, no graph."""
+        return t.param.detach().float() - self._layer(t).T
 
     def penalty(self) -> torch.Tensor:
         """``Σ_i rho/2 · ||W_i − Z_i + U_i||²`` in fp32, differentiable in W; add it to the loss."""
@@ -130,19 +161,20 @@ class ADMM:
                 "mode='grad' already adds the penalty's gradient in backward; do not add "
                 "admm.penalty() to the loss (use admm.penalty_value() to log it)."
             )
-        return sum(0.5 * self.rho * self._residual(t, t.param).pow(2).sum() for t in self.targets)
+        return sum(
+            _ProximalPenalty.apply(t.param, self._layer(t).T, self.rho) for t in self.targets
+        )
 
     @torch.no_grad()
     def penalty_value(self) -> float:
         """The penalty's current value as a float, for logging in either mode."""
-        return float(
-            sum(0.5 * self.rho * self._residual(t, t.param).pow(2).sum() for t in self.targets)
-        )
+        return float(sum(0.5 * self.rho * self._residual(t).pow(2).sum() for t in self.targets))
 
     def _grad_hook(self, t: Target):
         def hook(grad: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():
-                return grad + (self.rho * self._residual(t, t.param.detach())).to(grad.dtype)
+                D = self._residual(t).mul_(self.rho)  # a new tensor: never mutate grad
+                return D.add_(grad) if D.dtype == grad.dtype else grad + D.to(grad.dtype)
 
         return hook
 
@@ -157,36 +189,39 @@ class ADMM:
         rho, rho_next = self.rho, self._rho_at(self.num_updates + 1)
         stats = {}
         for t in self.targets:
-            st = self._state[t.name]
+            st = self._layer(t)
             W = t.param.detach().float()
             check_finite(W, t.name, f"at ADMM update {self.num_updates + 1}")
-            if st.Z.device != W.device:
-                st.Z, st.U = st.Z.to(W.device), st.U.to(W.device)
-            Z, support = t.constraint.project(W + st.U, t.groups)
-            dual = rho * float((Z - st.Z).norm())
-            st.U.add_(W).sub_(Z)
+            # Large fresh buffers cost page faults: the stale T and the old Z serve as scratch.
+            V = torch.add(W, st.U, out=st.T)  # W^{k+1} + U^k
+            Z, support = t.constraint.project(V, t.groups)
+            if Z.data_ptr() == V.data_ptr():
+                Z = Z.clone()
+            dual = rho * float(torch.linalg.vector_norm(torch.sub(Z, st.Z, out=st.T)))
+            R = torch.sub(W, Z, out=st.Z)  # primal residual W^{k+1} − Z^{k+1}
+            primal = float(torch.linalg.vector_norm(R))
+            st.U.add_(R)  # U^{k+1} = U^k + W^{k+1} − Z^{k+1}
             if rho_next != rho:
                 st.U.mul_(rho / rho_next)
             st.Z = Z
+            torch.sub(Z, st.U, out=st.T)
             stats[t.name] = {
-                "primal": float((W - Z).norm()),
+                "primal": primal,
                 "dual": dual,
                 "rho": rho,
-                "kept": float(support.float().mean()),
+                "kept": int(torch.count_nonzero(support)) / support.numel(),
             }
         self.rho = rho_next
         self.num_updates += 1
         return stats
 
+    @torch.no_grad()
     def residuals(self) -> dict[str, float]:
         """Current primal residual ``||W − Z||`` per layer (no update)."""
-        with torch.no_grad():
-            return {
-                t.name: float(
-                    (t.param.detach().float() - self._state[t.name].Z.to(t.param.device)).norm()
-                )
-                for t in self.targets
-            }
+        return {
+            t.name: float(torch.linalg.vector_norm(t.param.detach().float() - self._layer(t).Z))
+            for t in self.targets
+        }
 
     # After ADMM --------------------------------------------------------------------------------
     def prune(self) -> Masks:

@@ -45,17 +45,44 @@ def keep_count(keep: float, n: int) -> int:
     return max(1, min(n, math.floor(keep * n + 0.5)))
 
 
+_SAMPLE = 1 << 20  # sample size for the threshold bracket on large tensors
+_BRACKET = 0.005  # quantile margin either side: > 10 standard errors at this sample size
+
+
+def kth_largest(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The exact ``k``-th largest value of a 1-D ``scores`` (``1 <= k <= n``).
+
+    ``kthvalue`` is single-threaded on CPU. For large inputs we first bracket the answer with
+    quantiles of a fixed-seed sample, count what lies above the bracket, and select exactly
+    inside it; if the bracket misses (it practically never does) we fall back to the full
+    ``kthvalue``. The answer is the same exact value either way.
+    """
+    n = scores.numel()
+    if n > 4 * _SAMPLE:
+        gen = torch.Generator().manual_seed(0)
+        idx = torch.randint(0, n, (_SAMPLE,), generator=gen).to(scores.device)
+        q = 1.0 - k / n
+        bounds = torch.tensor([max(0.0, q - _BRACKET), min(1.0, q + _BRACKET)])
+        lo, hi = torch.quantile(scores[idx].float(), bounds.to(scores.device)).to(scores.dtype)
+        above = int(torch.count_nonzero(scores > hi))
+        band = scores[(scores >= lo) & (scores <= hi)]
+        need = k - above
+        if 1 <= need <= band.numel():
+            return band.kthvalue(band.numel() - need + 1).values
+    return scores.kthvalue(n - k + 1).values
+
+
 def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean mask of the ``k`` largest entries of a 1-D ``scores``; ties go to lower indices.
 
-    O(n) via ``kthvalue`` (no full sort), exact count, identical on CPU and GPU.
+    Exact count, no full sort, identical on CPU and GPU.
     """
     n = scores.numel()
     if k >= n:
         return torch.ones_like(scores, dtype=torch.bool)
-    threshold = scores.kthvalue(n - k + 1).values  # the k-th largest value
+    threshold = kth_largest(scores, k)
     mask = scores > threshold
-    missing = k - int(mask.sum())
+    missing = k - int(torch.count_nonzero(mask))
     if missing > 0:
         ties = (scores == threshold).nonzero().flatten()[:missing]
         mask[ties] = True
@@ -142,7 +169,7 @@ class Unstructured(_KeepFraction):
     def project(self, W: torch.Tensor, groups: int = 1) -> Projection:
         scores = _scores_dtype(W).detach().abs().flatten()
         support = topk_mask(scores, keep_count(self.keep, scores.numel())).view_as(W)
-        return Projection(W * support, support)
+        return Projection(torch.where(support, W, 0), support)
 
 
 class Filters(_KeepFraction):

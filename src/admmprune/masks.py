@@ -22,13 +22,17 @@ _FORMAT = "admmprune.masks"
 
 
 def check_finite(W: torch.Tensor, layer: str, when: str) -> None:
-    """Raise ``ValueError`` naming ``layer`` if ``W`` holds NaN or Inf."""
-    finite = torch.isfinite(W)
-    if not bool(finite.all()):
-        raise ValueError(
-            f"{layer!r} has {int((~finite).sum())} NaN/Inf weight(s) {when}. Training diverged: "
-            "lower the learning rate or rho, or check the loss and the input data."
-        )
+    """Raise ``ValueError`` naming ``layer`` if ``W`` holds NaN or Inf.
+
+    A sum is non-finite iff some entry is (weights never sum past 3e38), and one fused
+    reduction is several times cheaper than ``isfinite`` on a large tensor.
+    """
+    if bool(torch.isfinite(W.sum(dtype=torch.float32))):
+        return
+    raise ValueError(
+        f"{layer!r} has {int((~torch.isfinite(W)).sum())} NaN/Inf weight(s) {when}. Training "
+        "diverged: lower the learning rate or rho, or check the loss and the input data."
+    )
 
 
 class Masks(Mapping[str, torch.Tensor]):

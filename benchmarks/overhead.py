@@ -1,0 +1,147 @@
+"""ADMM's cost inside a training loop, and the cost of one Z/U update at scale.
+
+1. Time per training step of a ResNet-18 (torchvision, 10 classes, 32×32 input) on CPU:
+   plain vs ADMM ``mode="penalty"`` vs ADMM ``mode="grad"``. The three are interleaved round by
+   round so machine noise hits them alike; we report medians and the overhead ratios.
+2. Time of one ``ADMM.update()`` on a model with >= 100 M constrained parameters, per constraint.
+
+Targets (issue #2): step overhead <= 10 %; the 100 M update under 2 s on 2 cores.
+
+    python benchmarks/overhead.py [--batch 32] [--rounds 15] [--big 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+import admmprune as ap
+
+
+def step_times(batch: int, rounds: int, seed: int) -> dict[str, list[float]]:
+    torch.manual_seed(seed)
+    x = torch.randn(batch, 3, 32, 32)
+    y = torch.randint(0, 10, (batch,))
+    setups = {}
+    for variant in ("plain", "penalty", "grad"):
+        torch.manual_seed(seed)
+        model = torchvision.models.resnet18(num_classes=10)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        admm = None
+        if variant != "plain":
+            admm = ap.ADMM(model, {}, default=ap.Unstructured(0.1), rho=1e-3, mode=variant)
+        setups[variant] = (model, opt, admm)
+
+    def step(model, opt, admm):
+        loss = nn.functional.cross_entropy(model(x), y)
+        if admm is not None and admm.mode == "penalty":
+            loss = loss + admm.penalty()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for s in setups.values():  # warm-up
+        step(*s)
+        step(*s)
+    times: dict[str, list[float]] = {v: [] for v in setups}
+    order = list(setups)
+    for r in range(rounds):
+        for v in order[r % 3 :] + order[: r % 3]:  # rotate so no variant always runs first
+            t0 = time.perf_counter()
+            step(*setups[v])
+            times[v].append(time.perf_counter() - t0)
+    return times
+
+
+def update_times(million: int, repeats: int) -> dict[str, float]:
+    side = 5000
+    layers = max(1, round(million * 1e6 / side**2))
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(side, side, bias=False) for _ in range(layers)])
+    n = sum(p.numel() for p in model.parameters())
+    out = {"constrained_params": n}
+    for label, c in {
+        "unstructured(0.05)": ap.Unstructured(0.05),
+        "filters(0.25)": ap.Filters(0.25),
+        "columns(0.25)": ap.Columns(0.25),
+        "filters&columns": ap.Filters(0.5) & ap.Columns(0.5),
+    }.items():
+        admm = ap.ADMM(model, {nn.Linear: c}, rho=1e-3)
+        admm.update()  # warm-up
+        ts = []
+        for _ in range(repeats):
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(torch.randn_like(p), alpha=1e-3)  # a W-step happened
+            t0 = time.perf_counter()
+            admm.update()
+            ts.append(time.perf_counter() - t0)
+        out[label] = statistics.median(ts)
+        del admm
+    return out
+
+
+def main() -> None:
+    ap_ = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    ap_.add_argument("--batch", type=int, default=32)
+    ap_.add_argument("--rounds", type=int, default=40)
+    ap_.add_argument("--big", type=int, default=100, help="millions of constrained parameters")
+    ap_.add_argument("--repeats", type=int, default=3)
+    ap_.add_argument("--seed", type=int, default=0)
+    ap_.add_argument("--out", default="benchmarks/results/overhead.json")
+    args = ap_.parse_args()
+
+    times = step_times(args.batch, args.rounds, args.seed)
+    med = {v: statistics.median(ts) for v, ts in times.items()}
+    # Paired: the ratio to plain within each round, then the median over rounds.
+    ratio = {
+        v: statistics.median(t / p for t, p in zip(ts, times["plain"])) - 1
+        for v, ts in times.items()
+    }
+    print(
+        f"\nResNet-18 training step, batch {args.batch} @ 32x32, CPU, "
+        f"{torch.get_num_threads()} threads, median of {args.rounds}"
+    )
+    print("| variant | ms/step | overhead vs plain (median of paired ratios) |\n|---|---:|---:|")
+    for v, m in med.items():
+        print(f"| {v} | {m * 1e3:.1f} | {ratio[v]:+.1%} |")
+
+    upd = update_times(args.big, args.repeats)
+    print(f"\nOne ADMM.update() on {upd['constrained_params'] / 1e6:.0f} M constrained parameters")
+    print("| constraint | seconds |\n|---|---:|")
+    for k, v in upd.items():
+        if k != "constrained_params":
+            print(f"| {k} | {v:.2f} |")
+
+    result = {
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+        },
+        "step": {
+            "batch": args.batch,
+            "rounds": args.rounds,
+            "median_s": med,
+            "overhead_paired_median": ratio,
+        },
+        "update": upd,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
