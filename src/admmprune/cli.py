@@ -1,0 +1,105 @@
+"""The command line: ``admmprune run RECIPE``, ``admmprune demo``, ``admmprune report RUN_DIR``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from importlib import resources
+
+from .config import RecipeError, load_recipe, parse_recipe
+
+DEMO = "demo_digits.yaml"
+
+
+def _demo_recipe_text() -> str:
+    return resources.files("admmprune").joinpath("recipes", DEMO).read_text()
+
+
+def _execute(recipe, args) -> int:
+    from .pipeline import Interrupted, prepare, run
+    from .report import format_summary
+
+    try:
+        prepared = prepare(recipe, resume=args.resume, force=args.force)
+    except RecipeError as exc:
+        print(f"admmprune: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        summary = run(prepared)
+    except Interrupted as exc:
+        print(f"admmprune: {exc}", file=sys.stderr)
+        return 130
+    print()
+    print(format_summary(summary))
+    print(f"\nrun dir: {prepared.run_dir}")
+    return 0
+
+
+def _overrides(args) -> dict:
+    out = {}
+    if getattr(args, "data_dir", None):
+        out["data.dir"] = args.data_dir
+    if getattr(args, "output_dir", None):
+        out["output_dir"] = args.output_dir
+    if getattr(args, "device", None):
+        out["device"] = args.device
+    if getattr(args, "no_progress", False):
+        out["progress"] = False
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="admmprune", description="DNN pruning as constrained optimization, solved by ADMM."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p):
+        p.add_argument("--output-dir", help="run dir (overrides the recipe's output_dir)")
+        p.add_argument("--device", help="auto, cpu, cuda or cuda:N (overrides the recipe)")
+        p.add_argument("--resume", action="store_true", help="continue the run in the run dir")
+        p.add_argument("--force", action="store_true", help="delete a non-empty run dir first")
+        p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    p_run = sub.add_parser("run", help="run a YAML recipe")
+    p_run.add_argument("recipe", help="path to the recipe YAML")
+    p_run.add_argument("--data-dir", help="dataset folder (overrides data.dir)")
+    common(p_run)
+
+    p_demo = sub.add_parser("demo", help="prune a small network on the embedded digits data")
+    common(p_demo)
+    p_demo.add_argument(
+        "--print-recipe", action="store_true", help="print the demo recipe and exit"
+    )
+
+    p_rep = sub.add_parser("report", help="print the summary of a finished run")
+    p_rep.add_argument("run_dir")
+
+    args = parser.parse_args(argv)
+    if args.command == "report":
+        from .report import print_report
+
+        try:
+            print(print_report(args.run_dir))
+        except ValueError as exc:
+            print(f"admmprune: error: {exc}", file=sys.stderr)
+            return 2
+        return 0
+    try:
+        if args.command == "demo":
+            import yaml
+
+            if args.print_recipe:
+                print(_demo_recipe_text())
+                return 0
+            recipe = parse_recipe(yaml.safe_load(_demo_recipe_text()), _overrides(args))
+        else:
+            recipe = load_recipe(args.recipe, _overrides(args))
+    except RecipeError as exc:
+        print(f"admmprune: error: {exc}", file=sys.stderr)
+        return 2
+    return _execute(recipe, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

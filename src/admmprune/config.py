@@ -1,0 +1,275 @@
+"""The recipe schema: one YAML file describes pretrain → ADMM → prune → retrain → report.
+
+Unknown keys and wrong types are errors that name the key and what is allowed. The authors'
+layout (``prune_ratios: {param: ratio}``, ``rho``, ``admm_epoch``, ``multi_rho``,
+``sparsity_type``) is accepted at the top level and converted; note that ``prune_ratios`` are
+fractions *pruned*, our ``keep`` is the fraction kept.
+
+Constraints in YAML map a key to ``{type: keep}`` pairs; several pairs intersect::
+
+    constraints:
+      conv1: {unstructured: 0.2}
+      "layer*.conv*": {filters: 0.5, columns: 0.5}
+      "type:Linear": {unstructured: 0.05}    # every nn.Linear
+      fc3: null                               # leave alone
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from . import constraints
+
+__all__ = ["Recipe", "RecipeError", "load_recipe", "parse_recipe"]
+
+CONSTRAINT_TYPES = {
+    "unstructured": constraints.Unstructured,
+    "filters": constraints.Filters,
+    "channels": constraints.Channels,
+    "columns": constraints.Columns,
+}
+# The authors' sparsity_type names.
+AUTHORS_SPARSITY = {
+    "irregular": ("unstructured",),
+    "filter": ("filters",),
+    "channel": ("channels",),
+    "column": ("columns",),
+    "filter+column": ("filters", "columns"),
+}
+AUTHORS_MULTI_RHO = 1.3  # the growth per Z/U update in the authors' ADMM-NN code
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run; the message names the key and the fix."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+PosFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+NonNegFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+
+
+class OptimizerCfg(_Strict):
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: PosFloat = 0.01
+    momentum: NonNegFloat = 0.9
+    weight_decay: NonNegFloat = 0.0
+    nesterov: bool = False
+
+
+class ScheduleCfg(_Strict):
+    name: Literal["constant", "cosine", "step", "multistep"] = "constant"
+    step_size: Annotated[int, Field(gt=0)] = 30
+    milestones: list[Annotated[int, Field(gt=0)]] = []
+    gamma: PosFloat = 0.1
+
+
+class StageCfg(_Strict):
+    epochs: Annotated[int, Field(ge=0)] = 0
+    optimizer: OptimizerCfg = OptimizerCfg()
+    schedule: ScheduleCfg = ScheduleCfg()
+
+
+class AdmmCfg(StageCfg):
+    update_every: Annotated[int, Field(gt=0)] = 1
+    rho: PosFloat | list[PosFloat] = 1e-3
+    rho_growth: PosFloat = 1.0
+    rho_max: PosFloat | None = None
+    mode: Literal["penalty", "grad"] = "penalty"
+    lr_reset: bool = True  # reset the learning rate at every Z/U update (the authors' recipe)
+
+
+class ModelCfg(_Strict):
+    name: str
+    kwargs: dict[str, Any] = {}
+    checkpoint: str | None = None  # a state_dict (or {"model": state_dict}) to start from
+
+
+class DataCfg(_Strict):
+    name: Literal["digits", "mnist", "cifar10", "cifar100", "npz", "imagefolder"] = "digits"
+    dir: str | None = None
+    path: str | None = None
+    download: bool = False
+    augment: bool = True
+    val_size: Annotated[int, Field(ge=0)] = 0
+    image_size: Annotated[int, Field(gt=0)] = 224
+    batch_size: Annotated[int, Field(gt=0)] = 64
+    eval_batch_size: Annotated[int, Field(gt=0)] = 512
+    num_workers: Annotated[int, Field(ge=0)] = 0
+
+
+Keep = Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]
+ConstraintCfg = dict[Literal["unstructured", "filters", "channels", "columns"], Keep] | None
+
+
+class Recipe(_Strict):
+    """A whole run. Every section has defaults except ``model`` and ``constraints``."""
+
+    seed: int = 0
+    output_dir: str = "runs/run"
+    device: str = "auto"
+    amp: bool = False
+    progress: bool = True
+    model: ModelCfg
+    data: DataCfg = DataCfg()
+    pretrain: StageCfg = StageCfg()
+    admm: AdmmCfg = AdmmCfg()
+    retrain: StageCfg = StageCfg()
+    constraints: dict[str, ConstraintCfg]
+    default_constraint: ConstraintCfg = None
+
+    @field_validator("constraints")
+    @classmethod
+    def _no_empty(cls, value: dict):
+        for key, pairs in value.items():
+            if pairs is not None and not pairs:
+                raise ValueError(f"{key}: give at least one {{type: keep}} pair, or null")
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if value != "auto" and not value.startswith(("cpu", "cuda", "mps")):
+            raise ValueError(f"device {value!r}: use auto, cpu, cuda or cuda:N")
+        return value
+
+    @model_validator(mode="after")
+    def _something_to_constrain(self):
+        if (
+            not any(v is not None for v in self.constraints.values())
+            and not self.default_constraint
+        ):
+            raise ValueError("constraints: no layer is constrained; give at least one {type: keep}")
+        return self
+
+    def spec(self):
+        """The constraint spec for :class:`admmprune.ADMM` (keys ``type:Name`` become types)."""
+        import torch.nn as nn
+
+        out = {}
+        for key, value in self.constraints.items():
+            if key.startswith("type:"):
+                cls = getattr(nn, key[5:], None)
+                if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+                    raise RecipeError(
+                        f"constraints[{key!r}]: torch.nn has no module type {key[5:]!r}"
+                    )
+                out[cls] = to_constraint(value)
+            else:
+                out[key] = to_constraint(value)
+        return out, to_constraint(self.default_constraint)
+
+
+def to_constraint(pairs: dict[str, float] | None) -> constraints.Constraint | None:
+    if pairs is None:
+        return None
+    parts = [CONSTRAINT_TYPES[kind](keep) for kind, keep in pairs.items()]
+    return parts[0] if len(parts) == 1 else constraints.Intersection(*parts)
+
+
+_AUTHORS_KEYS = {"prune_ratios", "rho", "admm_epoch", "multi_rho", "sparsity_type"}
+
+
+def _from_authors(raw: dict) -> dict:
+    """Convert the authors' top-level keys into ours (``prune_ratios`` are fractions pruned)."""
+    keys = _AUTHORS_KEYS & set(raw)
+    if not keys:
+        return raw
+    if "prune_ratios" not in raw:
+        raise RecipeError(
+            f"authors' keys {sorted(keys)} need prune_ratios: {{param_name: ratio}} beside them."
+        )
+    if "constraints" in raw:
+        raise RecipeError(
+            "give either constraints (ours) or prune_ratios (the authors'), not both."
+        )
+    raw = dict(raw)
+    kind = raw.pop("sparsity_type", "irregular")
+    if kind not in AUTHORS_SPARSITY:
+        raise RecipeError(
+            f"sparsity_type: {kind!r} is not supported; allowed: {', '.join(AUTHORS_SPARSITY)}."
+        )
+    ratios = raw.pop("prune_ratios")
+    if not isinstance(ratios, dict):
+        raise RecipeError("prune_ratios must map parameter names to fractions pruned.")
+    cons = {}
+    for name, ratio in ratios.items():
+        if not isinstance(ratio, (int, float)) or not (0 <= ratio < 1):
+            raise RecipeError(
+                f"prune_ratios[{name!r}] = {ratio!r}: a fraction pruned must be in [0, 1)."
+            )
+        cons[name] = {t: round(1.0 - ratio, 12) for t in AUTHORS_SPARSITY[kind]}
+    raw["constraints"] = cons
+    admm = dict(raw.get("admm") or {})
+    if "rho" in raw:
+        admm["rho"] = raw.pop("rho")
+    if "admm_epoch" in raw:
+        admm["update_every"] = raw.pop("admm_epoch")
+    if raw.pop("multi_rho", False):
+        admm["rho_growth"] = AUTHORS_MULTI_RHO
+    raw["admm"] = admm
+    return raw
+
+
+def _format(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<recipe>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            allowed = _allowed_at(e["loc"][:-1])
+            msg = f"unknown key; allowed here: {', '.join(allowed)}"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        elif "constraints" in map(str, e["loc"]) and e["type"] in (
+            "less_than_equal",
+            "greater_than",
+        ):
+            msg += " (keep is the fraction KEPT, in (0, 1]; e.g. 0.1 keeps 10 %)"
+        lines.append(f"  {loc}: {msg}")
+    return "invalid recipe:\n" + "\n".join(lines)
+
+
+def _allowed_at(loc) -> list[str]:
+    model: Any = Recipe
+    for part in loc:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        model = field.annotation
+    return list(getattr(model, "model_fields", {}))
+
+
+def parse_recipe(raw: Any, overrides: dict | None = None) -> Recipe:
+    """Validate a recipe given as a dict (e.g. parsed YAML); raise :class:`RecipeError`."""
+    if not isinstance(raw, dict):
+        raise RecipeError(f"a recipe is a YAML mapping, got {type(raw).__name__}.")
+    raw = _from_authors(raw)
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as err:
+        raise RecipeError(_format(err)) from None
+
+
+def load_recipe(path: str | Path, overrides: dict | None = None) -> Recipe:
+    """Read and validate a YAML recipe file."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe {str(path)!r} does not exist.")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"recipe {str(path)!r} is not valid YAML: {exc}") from None
+    return parse_recipe(raw, overrides)

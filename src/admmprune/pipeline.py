@@ -1,0 +1,391 @@
+"""A recipe's run: pretrain → ADMM → hard prune → masked retrain → report, resumable.
+
+Everything that can be wrong with a recipe (model, data, checkpoint, constraint spec) is checked
+in :func:`prepare`, before the run dir is created, so a bad recipe leaves nothing behind.
+
+A checkpoint is written atomically at every epoch boundary (and, on Ctrl-C, after the batch in
+flight): model, optimizer, scheduler, ADMM Z/U/rho, masks, RNG state, and the position
+(stage, epoch, batch). ``resume`` continues from it exactly: batch order is a function of
+(seed, stage, epoch), so the resumed run sees the same batches as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from torch import nn
+
+from ._io import atomic_save, safe_load
+from .admm import ADMM
+from .config import Recipe, RecipeError
+from .data import DataBundle, load_data
+from .masks import Masks, prune
+from .models import build_model
+from .report import layer_table, summarize
+from .select import select
+from .train import (
+    batch_order,
+    evaluate,
+    make_optimizer,
+    make_scheduler,
+    resolve_device,
+    train_epoch,
+)
+
+__all__ = ["Interrupted", "Prepared", "prepare", "run"]
+
+STAGES = ("pretrain", "admm", "retrain")
+_CKPT = "checkpoint.pt"
+_FORMAT = "admmprune.checkpoint"
+
+
+class Interrupted(Exception):  # noqa: N818 (a state, not an error)
+    """The run stopped on Ctrl-C after saving a checkpoint; ``--resume`` continues it."""
+
+
+@dataclass
+class Prepared:
+    recipe: Recipe
+    run_dir: Path
+    data: DataBundle
+    model: nn.Module
+    device: torch.device
+    spec: dict
+    default: object
+    resume_state: dict | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def _recipe_dump(recipe: Recipe) -> dict:
+    return recipe.model_dump(mode="json")
+
+
+def _load_start_weights(model: nn.Module, path: str) -> None:
+    state = safe_load(path, "model checkpoint")
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    if not isinstance(state, dict):
+        raise RecipeError(f"model.checkpoint {path!r} holds no state_dict.")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise RecipeError(f"model.checkpoint {path!r} does not fit the model: {first}") from None
+
+
+def prepare(recipe: Recipe, *, resume: bool = False, force: bool = False) -> Prepared:
+    """Check everything and build model and data; creates nothing on disk."""
+    run_dir = Path(recipe.output_dir)
+    if resume and force:
+        raise RecipeError("--resume and --force contradict each other; choose one.")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RecipeError(f"output_dir {str(run_dir)!r} exists and is not a folder.")
+    existing = run_dir.is_dir() and any(run_dir.iterdir())
+    if existing and not (resume or force):
+        raise RecipeError(
+            f"output_dir {str(run_dir)!r} is not empty; pass --resume to continue that run, "
+            "--force to delete it and start over, or choose another output_dir."
+        )
+    resume_state = None
+    if resume:
+        ckpt = run_dir / _CKPT
+        if not ckpt.is_file():
+            raise RecipeError(f"--resume: no checkpoint at {str(ckpt)!r}; start without --resume.")
+        resume_state = safe_load(ckpt, "run checkpoint")
+        if not isinstance(resume_state, dict) or resume_state.get("format") != _FORMAT:
+            raise RecipeError(f"{str(ckpt)!r} is not an admmprune run checkpoint.")
+        if resume_state["recipe"] != _recipe_dump(recipe):
+            raise RecipeError(
+                f"the recipe differs from the one {str(run_dir)!r} was started with "
+                f"(saved in {str(run_dir / 'recipe.yaml')!r}); resume with that recipe or use "
+                "--force."
+            )
+    try:
+        device = resolve_device(recipe.device)
+        d = recipe.data
+        data = load_data(
+            d.name,
+            data_dir=d.dir,
+            path=d.path,
+            download=d.download,
+            augment=d.augment,
+            val_size=d.val_size,
+            image_size=d.image_size,
+            seed=recipe.seed,
+        )
+        torch.manual_seed(recipe.seed)
+        model = build_model(
+            recipe.model.name,
+            num_classes=data.num_classes,
+            in_channels=data.in_channels,
+            input_size=data.input_size,
+            kwargs=recipe.model.kwargs,
+        )
+        if recipe.model.checkpoint:
+            _load_start_weights(model, recipe.model.checkpoint)
+        spec, default = recipe.spec()
+        select(model, spec, default)  # unmatched / conflicting / wrong-rank keys fail here
+    except RecipeError:
+        raise
+    except ValueError as exc:
+        raise RecipeError(str(exc)) from None
+    return Prepared(recipe, run_dir, data, model.to(device), device, spec, default, resume_state)
+
+
+class _StopFlag:
+    """First Ctrl-C: finish the batch, save, exit. Second Ctrl-C: the usual KeyboardInterrupt."""
+
+    def __init__(self) -> None:
+        self.stop = False
+        self._old = None
+
+    def __enter__(self):
+        try:
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not in the main thread: no handler
+            self._old = None
+        return self
+
+    def _handle(self, *_):
+        self.stop = True
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
+class _Run:
+    def __init__(self, p: Prepared, log=print) -> None:
+        self.p, self.r, self.log = p, p.recipe, log
+        self.dir = p.run_dir
+        self.model = p.model
+        self.admm: ADMM | None = None
+        self.masks: Masks | None = None
+        self.info: dict = {"times": {}}
+        self.metrics_lines = 0
+
+    # files -------------------------------------------------------------------------------------
+    def metric(self, **row) -> None:
+        with open(self.dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        self.metrics_lines += 1
+
+    def _truncate_metrics(self, lines: int) -> None:
+        path = self.dir / "metrics.jsonl"
+        kept = path.read_text().splitlines(keepends=True)[:lines] if path.exists() else []
+        path.write_text("".join(kept))
+        self.metrics_lines = len(kept)
+
+    def save(self, stage: str, epoch: int, batch: int, opt, sched) -> None:
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        atomic_save(
+            {
+                "format": _FORMAT,
+                "version": 1,
+                "recipe": _recipe_dump(self.r),
+                "stage": stage,
+                "epoch": epoch,
+                "batch": batch,
+                "model": self.model.state_dict(),
+                "optimizer": opt.state_dict() if opt is not None else None,
+                "scheduler": sched.state_dict() if sched is not None else None,
+                "admm": self.admm.state_dict() if self.admm is not None else None,
+                "masks": self.masks.state_dict() if self.masks is not None else None,
+                "rng": rng,
+                "metrics_lines": self.metrics_lines,
+                "info": self.info,
+            },
+            self.dir / _CKPT,
+        )
+
+    # stages ------------------------------------------------------------------------------------
+    def _evaluate(self) -> dict:
+        bs, amp = self.r.data.eval_batch_size, self.r.amp
+        acc, loss = evaluate(self.model, self.p.data.test, self.p.device, bs, amp)
+        out = {"test_acc": acc, "test_loss": loss}
+        if self.p.data.val is not None:
+            out["val_acc"], out["val_loss"] = evaluate(
+                self.model, self.p.data.val, self.p.device, bs, amp
+            )
+        return out
+
+    def _stage_objects(self, stage: str, cfg):
+        opt = make_optimizer(self.model.parameters(), cfg.optimizer)
+        if stage == "admm" and self.r.admm.lr_reset:
+            sched = make_scheduler(opt, cfg.schedule, self.r.admm.update_every)
+        else:
+            sched = make_scheduler(opt, cfg.schedule, cfg.epochs)
+        return opt, sched
+
+    def _begin_stage(self, stage: str, state: dict | None):
+        """Build the stage's optimizer, scheduler, ADMM or masks; from ``state`` when resuming."""
+        cfg = getattr(self.r, stage)
+        opt, sched = self._stage_objects(stage, cfg)
+        if stage == "admm" and self.admm is None:
+            a = self.r.admm
+            self.admm = ADMM(
+                self.model,
+                self.p.spec,
+                default=self.p.default,
+                rho=a.rho,
+                rho_growth=a.rho_growth,
+                rho_max=a.rho_max,
+                mode=a.mode,
+            )
+            if state is not None and state.get("admm") is not None:
+                self.admm.load_state_dict(state["admm"])
+        if stage == "retrain":
+            if state is not None and state.get("masks") is not None:
+                self.masks = Masks.from_state_dict(self.model, state["masks"])
+            elif self.masks is None:
+                self.masks = self._hard_prune()
+            self.masks.attach(opt)
+        if state is not None and state.get("optimizer") is not None:
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            if self.masks is not None:
+                self.masks.attach(opt)  # re-zero the loaded optimizer state off the support
+        return opt, sched
+
+    def _hard_prune(self) -> Masks:
+        if self.admm is not None:
+            masks = self.admm.prune()
+            self.admm = None
+        else:  # no ADMM epochs: one-shot magnitude projection
+            masks = prune(self.model, self.p.spec, self.p.default)
+        kept, total = masks.total_kept()
+        after = self._evaluate()
+        self.info["pruned_acc"] = after["test_acc"]
+        self.metric(stage="prune", kept=kept, total=total, **after)
+        self.log(
+            f"[prune] kept {kept}/{total} constrained weights ({total / kept:.1f}x), "
+            f"test acc {after['test_acc']:.4f} before retraining"
+        )
+        return masks
+
+    def run(self) -> dict:
+        st = self.p.resume_state
+        start_stage = STAGES.index(st["stage"]) if st else 0
+        if st:
+            self.model.load_state_dict(st["model"])
+            self.info = st["info"]
+            self._truncate_metrics(st["metrics_lines"])
+            torch.set_rng_state(st["rng"]["torch"])
+            if "cuda" in st["rng"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(st["rng"]["cuda"])
+            self.log(
+                f"resuming {self.dir} at {st['stage']} epoch {st['epoch']} batch {st['batch']}"
+            )
+        else:
+            self.info["start_acc"] = self._evaluate()["test_acc"]
+        with _StopFlag() as flag:
+            for si in range(start_stage, len(STAGES)):
+                stage = STAGES[si]
+                here = st if (st and si == start_stage) else None
+                self._run_stage(si, stage, here, flag)
+        return self._finish()
+
+    def _run_stage(self, si: int, stage: str, state: dict | None, flag: _StopFlag) -> None:
+        cfg = getattr(self.r, stage)
+        if stage == "retrain" or cfg.epochs > 0:
+            opt, sched = self._begin_stage(stage, state)
+        else:
+            opt = sched = None
+        epoch = state["epoch"] if state else 0
+        batch = state["batch"] if state else 0
+        t0 = time.perf_counter()
+        while epoch < cfg.epochs:
+            res = train_epoch(
+                self.model,
+                self.p.data.train,
+                opt,
+                order=batch_order(len(self.p.data.train), self.r.seed, si, epoch),
+                batch_size=self.r.data.batch_size,
+                device=self.p.device,
+                start_batch=batch,
+                admm=self.admm if stage == "admm" else None,
+                amp=self.r.amp,
+                num_workers=self.r.data.num_workers,
+                progress=self.r.progress,
+                desc=f"{stage} {epoch + 1}/{cfg.epochs}",
+                should_stop=lambda: flag.stop,
+            )
+            if res.interrupted:
+                self.save(stage, epoch, res.batches, opt, sched)
+                raise Interrupted(
+                    f"interrupted in {stage} epoch {epoch + 1}, batch {res.batches}; checkpoint "
+                    f"saved in {self.dir}. Continue with: admmprune run RECIPE --resume"
+                )
+            batch = 0
+            epoch += 1
+            row = {
+                "stage": stage,
+                "epoch": epoch,
+                "train_loss": res.loss,
+                "train_acc": res.accuracy,
+                "lr": opt.param_groups[0]["lr"],
+            }
+            sched.step()
+            if stage == "admm":
+                row["penalty"] = res.penalty
+                if epoch % self.r.admm.update_every == 0:
+                    layers = self.admm.update()
+                    self.metric(
+                        stage="admm", event="update", update=self.admm.num_updates, layers=layers
+                    )
+                    if self.r.admm.lr_reset:  # restart the schedule from the base lr
+                        for g in opt.param_groups:
+                            g["lr"] = self.r.admm.optimizer.lr
+                        sched = make_scheduler(opt, cfg.schedule, self.r.admm.update_every)
+            row.update(self._evaluate())
+            self.metric(**row)
+            self.log(
+                f"[{stage} {epoch}/{cfg.epochs}] loss {res.loss:.4f} train acc {res.accuracy:.4f} "
+                f"test acc {row['test_acc']:.4f}"
+                + (f" penalty {res.penalty:.3g}" if stage == "admm" else "")
+            )
+            self.save(stage, epoch, 0, opt, sched)
+            if flag.stop:
+                raise Interrupted(
+                    f"interrupted after {stage} epoch {epoch}; checkpoint saved in {self.dir}. "
+                    "Continue with: admmprune run RECIPE --resume"
+                )
+        self.info["times"][stage] = self.info["times"].get(stage, 0.0) + time.perf_counter() - t0
+        if stage == "pretrain":
+            self.info.setdefault("dense_acc", self._evaluate()["test_acc"])
+        if stage == "retrain" and cfg.epochs == 0:
+            self.save(stage, 0, 0, opt, sched)
+
+    def _finish(self) -> dict:
+        final = self._evaluate()
+        self.masks.detach()
+        torch.save(self.model.state_dict(), self.dir / "model.pt")
+        self.masks.save(self.dir / "masks.pt")
+        summary = summarize(self.model, self.masks, self.r, self.info, final)
+        (self.dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        (self.dir / "layers.md").write_text(layer_table(summary) + "\n")
+        return summary
+
+
+def run(prepared: Prepared, log=print) -> dict:
+    """Run (or resume) a prepared recipe; returns the summary written to ``summary.json``."""
+    p = prepared
+    if p.resume_state is None:
+        if p.run_dir.exists():
+            shutil.rmtree(p.run_dir)  # only reached with --force (prepare refused otherwise)
+        p.run_dir.mkdir(parents=True)
+        (p.run_dir / "recipe.yaml").write_text(
+            yaml.safe_dump(_recipe_dump(p.recipe), sort_keys=False)
+        )
+    return _Run(p, log).run()
