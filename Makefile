@@ -11,8 +11,9 @@ TORCH := torch==2.14.1 torchvision==0.29.1
 	touch $@
 
 .PHONY: demo test lint format bench
+# The demo's run dir is its own: --force replaces the previous demo run.
 demo: .venv/.installed
-	$(PY) examples/quickstart.py
+	.venv/bin/admmprune demo --force
 
 lint: .venv/.installed
 	.venv/bin/ruff check .

@@ -1,0 +1,315 @@
+"""Recipes, the command line, checkpoints and resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from admmprune._io import safe_load
+from admmprune.cli import main
+from admmprune.config import RecipeError, load_recipe, parse_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_recipe(out, **changes):
+    """Digits + LeNet-300-100, a few epochs of each stage: seconds on CPU."""
+    r = {
+        "seed": 1,
+        "output_dir": str(out),
+        "device": "cpu",
+        "progress": False,
+        "model": {"name": "lenet300"},
+        "data": {"name": "digits", "batch_size": 64},
+        "pretrain": {"epochs": 3, "optimizer": {"name": "adam", "lr": 0.003}},
+        "admm": {
+            "epochs": 6,
+            "update_every": 2,
+            "rho": 0.01,
+            "rho_growth": 1.5,
+            "optimizer": {"name": "sgd", "lr": 0.02, "momentum": 0.9},
+        },
+        "retrain": {"epochs": 3, "optimizer": {"name": "adam", "lr": 0.001}},
+        "constraints": {"fc1": {"unstructured": 0.05}, "fc2": {"filters": 0.5, "columns": 0.5}},
+    }
+    for k, v in changes.items():
+        r[k] = v
+    return r
+
+
+def write(path, recipe):
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def run_cli(*args, timeout=300):
+    return subprocess.run(
+        [sys.executable, "-m", "admmprune", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
+
+
+def masks_of(run_dir):
+    return safe_load(Path(run_dir) / "masks.pt", "masks")["masks"]
+
+
+def test_demo_end_to_end_in_process(tmp_path, capsys):
+    # The README's first command runs exactly this (`make demo` → `admmprune demo`).
+    assert main(["demo", "--output-dir", str(tmp_path / "demo"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "test accuracy: dense" in out and "compression: constrained layers" in out
+    assert "| fc1.weight | 500×200 | Unstructured(keep=0.02) | 2,000 / 100,000 | 2.00 |" in out
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert summary["constrained_layers"]["rate"] > 20
+    assert summary["accuracy"]["final"] >= summary["accuracy"]["dense"] - 0.01
+    for name in ("metrics.jsonl", "model.pt", "masks.pt", "layers.md", "recipe.yaml"):
+        assert (tmp_path / "demo" / name).is_file()
+    rows = [json.loads(line) for line in (tmp_path / "demo" / "metrics.jsonl").open()]
+    assert {r["stage"] for r in rows} == {"pretrain", "admm", "prune", "retrain"}
+    updates = [r for r in rows if r.get("event") == "update"]
+    assert len(updates) == 5 and all("primal" in v for v in updates[0]["layers"].values())
+    # the report command re-prints it
+    assert main(["report", str(tmp_path / "demo")]) == 0
+    assert "compression: constrained layers" in capsys.readouterr().out
+
+
+def test_shortened_recipe_via_subprocess(tmp_path):
+    r = write(tmp_path / "r.yaml", tiny_recipe(tmp_path / "run"))
+    proc = run_cli("run", str(r))
+    assert proc.returncode == 0, proc.stderr
+    assert "compression: constrained layers" in proc.stdout
+    W = torch.load(tmp_path / "run" / "model.pt", weights_only=True)["fc1.weight"]
+    assert int((W != 0).sum()) <= round(0.05 * W.numel())
+    W2 = torch.load(tmp_path / "run" / "model.pt", weights_only=True)["fc2.weight"]
+    assert int((W2.abs().sum(1) > 0).sum()) <= 50 and int((W2.abs().sum(0) > 0).sum()) <= 150
+
+
+def _wait_for_checkpoint(run_dir, proc, stage, epoch, timeout=120):
+    ckpt = Path(run_dir) / "checkpoint.pt"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, "the run finished before it could be interrupted"
+        if ckpt.exists():
+            try:
+                st = safe_load(ckpt, "ckpt")
+            except ValueError:  # being replaced this instant
+                continue
+            if st["stage"] == stage and st["epoch"] >= epoch:
+                return st
+        time.sleep(0.01)
+    raise AssertionError("no checkpoint in time")
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
+    ref = write(tmp_path / "ref.yaml", tiny_recipe(tmp_path / "ref"))
+    assert run_cli("run", str(ref)).returncode == 0
+
+    recipe = tiny_recipe(tmp_path / "killed")
+    path = write(tmp_path / "killed.yaml", recipe)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "admmprune", "run", str(path)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    st = _wait_for_checkpoint(tmp_path / "killed", proc, "admm", 1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert st["stage"] == "admm" and not (tmp_path / "killed" / "summary.json").exists()
+
+    # without --resume the run dir is protected
+    again = run_cli("run", str(path))
+    assert again.returncode == 2 and "--resume" in again.stderr
+    resumed = run_cli("run", str(path), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stdout
+
+    a, b = masks_of(tmp_path / "ref"), masks_of(tmp_path / "killed")
+    assert set(a) == set(b) and all(torch.equal(a[n], b[n]) for n in a)
+    sa = json.loads((tmp_path / "ref" / "summary.json").read_text())
+    sb = json.loads((tmp_path / "killed" / "summary.json").read_text())
+    assert sa["accuracy"] == sb["accuracy"]
+    wa = torch.load(tmp_path / "ref" / "model.pt", weights_only=True)
+    wb = torch.load(tmp_path / "killed" / "model.pt", weights_only=True)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    # metrics.jsonl has no duplicated epochs after the resume
+    rows = [json.loads(x) for x in (tmp_path / "killed" / "metrics.jsonl").open()]
+    keys = [(r["stage"], r.get("epoch"), r.get("update")) for r in rows]
+    assert len(keys) == len(set(keys))
+
+
+def test_ctrl_c_saves_mid_epoch_and_resumes_identically(tmp_path):
+    # Bigger batches count: batch 8 makes epochs long enough to interrupt mid-epoch.
+    base = tiny_recipe(tmp_path / "ref", data={"name": "digits", "batch_size": 8})
+    assert run_cli("run", str(write(tmp_path / "ref.yaml", base))).returncode == 0
+    recipe = dict(base, output_dir=str(tmp_path / "int"))
+    path = write(tmp_path / "int.yaml", recipe)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "admmprune", "run", str(path)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    _wait_for_checkpoint(tmp_path / "int", proc, "admm", 1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "--resume" in err
+    st = safe_load(tmp_path / "int" / "checkpoint.pt", "ckpt")
+    assert st["stage"] == "admm"
+    resumed = run_cli("run", str(path), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = masks_of(tmp_path / "ref"), masks_of(tmp_path / "int")
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    wa = torch.load(tmp_path / "ref" / "model.pt", weights_only=True)
+    wb = torch.load(tmp_path / "int" / "model.pt", weights_only=True)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_force_replaces_and_resume_needs_same_recipe(tmp_path):
+    path = write(tmp_path / "r.yaml", tiny_recipe(tmp_path / "run", retrain={"epochs": 1}))
+    assert run_cli("run", str(path)).returncode == 0
+    (tmp_path / "run" / "mine.txt").write_text("user file")
+    changed = write(tmp_path / "r2.yaml", tiny_recipe(tmp_path / "run", seed=7))
+    proc = run_cli("run", str(changed), "--resume")
+    assert proc.returncode == 2 and "differs" in proc.stderr
+    assert (tmp_path / "run" / "mine.txt").exists()
+    proc = run_cli("run", str(changed), "--force")
+    assert proc.returncode == 0, proc.stderr
+    assert not (tmp_path / "run" / "mine.txt").exists()
+
+
+def test_every_shipped_recipe_validates():
+    recipes = sorted((ROOT / "configs").glob("*.yaml"))
+    assert recipes, "configs/ holds at least the demo recipe"
+    for path in recipes:
+        recipe = load_recipe(path)
+        spec, default = recipe.spec()
+        assert spec or default
+
+
+def test_authors_layout_is_converted():
+    r = parse_recipe(
+        {
+            "model": {"name": "lenet5"},
+            "prune_ratios": {"conv1.weight": 0.8, "fc1.weight": 0.991},
+            "rho": 0.001,
+            "admm_epoch": 4,
+            "multi_rho": True,
+            "sparsity_type": "irregular",
+        }
+    )
+    assert r.constraints == {
+        "conv1.weight": {"unstructured": 0.2},
+        "fc1.weight": {"unstructured": 0.009},
+    }
+    assert (r.admm.rho, r.admm.update_every, r.admm.rho_growth) == (0.001, 4, 1.3)
+    r = parse_recipe(
+        {
+            "model": {"name": "lenet5"},
+            "prune_ratios": {"conv1": 0.5},
+            "sparsity_type": "filter+column",
+        }
+    )
+    assert r.constraints == {"conv1": {"filters": 0.5, "columns": 0.5}}
+
+
+def corrupt_checkpoint(tmp_path):
+    p = tmp_path / "corrupt.pt"
+    p.write_bytes(b"\x00garbage")
+    return str(p)
+
+
+BAD = [
+    ("unknown_key", lambda t: {"epochs": 3}, "epochs: unknown key; allowed here: seed"),
+    ("nested_unknown_key", lambda t: {"admm": {"rho_grow": 2}}, "admm.rho_grow: unknown key"),
+    ("negative_lr", lambda t: {"pretrain": {"optimizer": {"lr": -0.1}}}, "pretrain.optimizer.lr"),
+    ("keep_1.5", lambda t: {"constraints": {"fc1": {"unstructured": 1.5}}}, "fraction KEPT"),
+    ("unknown_constraint", lambda t: {"constraints": {"fc1": {"rows": 0.5}}}, "'unstructured'"),
+    ("wrong_type", lambda t: {"admm": {"epochs": "ten"}}, "admm.epochs"),
+    ("unknown_optimizer", lambda t: {"retrain": {"optimizer": {"name": "lion"}}}, "'sgd'"),
+    (
+        "missing_data_dir",
+        lambda t: {"data": {"name": "mnist", "dir": str(t / "nope")}},
+        "does not exist",
+    ),
+    ("mnist_without_dir", lambda t: {"data": {"name": "mnist"}}, "needs a data dir"),
+    ("unknown_model", lambda t: {"model": {"name": "resnet9000"}}, "unknown model 'resnet9000'"),
+    ("bad_import_path", lambda t: {"model": {"name": "nopkg.mod:make"}}, "cannot import model"),
+    (
+        "pattern_matches_nothing",
+        lambda t: {"constraints": {"conv9": {"filters": 0.5}}},
+        "'conv9' matches no",
+    ),
+    (
+        "two_keys_one_layer",
+        lambda t: {"constraints": {"fc*": {"unstructured": 0.5}, "fc1": {"unstructured": 0.1}}},
+        "claimed by two",
+    ),
+    (
+        "wrong_rank",
+        lambda t: {"constraints": {"fc1.bias": {"filters": 0.5}}},
+        "at least 2 dimensions",
+    ),
+    (
+        "corrupt_checkpoint",
+        lambda t: {"model": {"name": "lenet300", "checkpoint": corrupt_checkpoint(t)}},
+        "cannot read model checkpoint",
+    ),
+    (
+        "missing_checkpoint",
+        lambda t: {"model": {"name": "lenet300", "checkpoint": str(t / "x.pt")}},
+        "no such file",
+    ),
+    ("nothing_constrained", lambda t: {"constraints": {"fc1": None}}, "no layer is constrained"),
+    (
+        "bad_sparsity_type",
+        lambda t: {"constraints": None, "prune_ratios": {"fc1": 0.5}, "sparsity_type": "pattern"},
+        "sparsity_type",
+    ),
+    ("bad_device", lambda t: {"device": "tpu"}, "device 'tpu'"),
+]
+
+
+@pytest.mark.parametrize("case,change,message", BAD, ids=[b[0] for b in BAD])
+def test_bad_recipes_fail_clearly_and_leave_nothing(tmp_path, case, change, message, capsys):
+    recipe = tiny_recipe(tmp_path / "run")
+    for k, v in change(tmp_path).items():
+        if v is None:
+            recipe.pop(k)
+        elif isinstance(v, dict) and isinstance(recipe.get(k), dict) and k != "constraints":
+            recipe[k] = {**recipe[k], **v}
+        else:
+            recipe[k] = v
+    path = write(tmp_path / "bad.yaml", recipe)
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_not_yaml_and_missing_recipe(tmp_path, capsys):
+    (tmp_path / "x.yaml").write_text("model: [unclosed")
+    assert main(["run", str(tmp_path / "x.yaml")]) == 2
+    assert "not valid YAML" in capsys.readouterr().err
+    assert main(["run", str(tmp_path / "missing.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["report", str(tmp_path)]) == 2
+    assert "not a finished admmprune run" in capsys.readouterr().err
+
+
+def test_recipe_errors_are_recipe_errors():
+    with pytest.raises(RecipeError, match="mapping"):
+        parse_recipe(["a"])
+    assert os.path.islink(ROOT / "configs" / "demo_digits.yaml")  # one source for the demo
