@@ -83,6 +83,15 @@ class AdmmCfg(StageCfg):
     rho_max: PosFloat | None = None
     mode: Literal["penalty", "grad"] = "penalty"
     lr_reset: bool = True  # reset the learning rate at every Z/U update (the authors' recipe)
+    rounds: Annotated[int, Field(gt=0)] = 1  # progressive ADMM: rounds towards keep^{r/R}
+
+
+class HeuristicCfg(_Strict):
+    """Settings of the baseline methods (see :mod:`admmprune.baselines`)."""
+
+    cycles: Annotated[int, Field(gt=0)] = 3  # iterative: prune → retrain cycles
+    prune_every: Annotated[int, Field(gt=0)] = 50  # gradual: steps between pruning steps
+    end: Annotated[float, Field(gt=0, le=1)] = 0.75  # gradual: reach the target at this share
 
 
 class ModelCfg(_Strict):
@@ -117,6 +126,9 @@ class Recipe(_Strict):
     amp: bool = False
     progress: bool = True
     model: ModelCfg
+    # How the compression stage (the `admm` section's epochs) induces sparsity.
+    method: Literal["admm", "magnitude", "iterative", "gradual"] = "admm"
+    heuristic: HeuristicCfg = HeuristicCfg()
     data: DataCfg = DataCfg()
     pretrain: StageCfg = StageCfg()
     admm: AdmmCfg = AdmmCfg()

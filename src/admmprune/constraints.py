@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -133,6 +134,13 @@ class Constraint:
                 f"1-D parameters, or leave {layer!r} out of the spec."
             )
 
+    def with_keep(self, fn: Callable[[float], float]) -> Constraint:
+        """The same kind of constraint with every kept fraction ``keep`` replaced by ``fn(keep)``.
+
+        Pruning schedules use it to approach a target gradually, e.g. ``lambda k: k ** 0.5``.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no kept fraction to change.")
+
     def __and__(self, other: Constraint) -> Intersection:
         if not isinstance(other, Constraint):
             return NotImplemented
@@ -147,6 +155,9 @@ class _KeepFraction(Constraint):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(keep={self.keep:g})"
+
+    def with_keep(self, fn: Callable[[float], float]) -> Constraint:
+        return type(self)(min(1.0, fn(self.keep)))
 
     def __eq__(self, other: object) -> bool:
         return type(other) is type(self) and other.keep == self.keep
@@ -254,6 +265,9 @@ class Intersection(Constraint):
     def check(self, W: torch.Tensor, layer: str, groups: int = 1) -> None:
         for part in self.parts:
             part.check(W, layer, groups)
+
+    def with_keep(self, fn: Callable[[float], float]) -> Constraint:
+        return Intersection(*(p.with_keep(fn) for p in self.parts))
 
     def _in_turn(self, W: torch.Tensor, order: tuple[Constraint, ...], groups: int) -> Projection:
         Z, support = W, torch.ones_like(W, dtype=torch.bool)

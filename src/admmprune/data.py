@@ -38,16 +38,35 @@ class TensorImages(Dataset):
         return len(self.y)
 
     def __getitem__(self, i: int):
-        img = self.x[i]
+        x, y = self.batch(torch.tensor([i]))
+        return x[0], y[0]
+
+    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images ``idx`` as one normalised (and, if asked, augmented) batch.
+
+        The train loop calls this directly: whole-batch indexing avoids a Python call per image.
+        """
+        img = self.x[idx]
         img = img.float() / 255.0 if img.dtype == torch.uint8 else img.float()
         if self.augment:
-            h, w = img.shape[-2:]
+            n, _, h, w = img.shape
             padded = torch.nn.functional.pad(img, (4, 4, 4, 4))
-            dy, dx = torch.randint(0, 9, (2,)).tolist()
-            img = padded[:, dy : dy + h, dx : dx + w]
-            if torch.rand(()) < 0.5:
-                img = img.flip(-1)
-        return (img - self.mean) / self.std, self.y[i]
+            dy, dx = torch.randint(0, 9, (2, n)).tolist()
+            flip = (torch.rand(n) < 0.5).tolist()
+            img = torch.stack(
+                [
+                    p[:, a : a + h, b : b + w].flip(-1) if f else p[:, a : a + h, b : b + w]
+                    for p, a, b, f in zip(padded, dy, dx, flip)
+                ]
+            )
+        return (img - self.mean) / self.std, self.y[idx]
+
+    def subset(self, idx: torch.Tensor) -> TensorImages:
+        """The images ``idx`` as a dataset of their own (same normalisation)."""
+        out = TensorImages.__new__(TensorImages)
+        out.__dict__.update(self.__dict__)
+        out.x, out.y = self.x[idx], self.y[idx]
+        return out
 
 
 @dataclass

@@ -23,7 +23,7 @@ import yaml
 from torch import nn
 
 from ._io import atomic_save, safe_load
-from .admm import ADMM
+from .baselines import make_method
 from .config import Recipe, RecipeError
 from .data import DataBundle, load_data
 from .masks import Masks, prune
@@ -168,7 +168,7 @@ class _Run:
         self.p, self.r, self.log = p, p.recipe, log
         self.dir = p.run_dir
         self.model = p.model
-        self.admm: ADMM | None = None
+        self.method = None  # the compression stage's method (ADMM or a heuristic)
         self.masks: Masks | None = None
         self.info: dict = {"times": {}}
         self.metrics_lines = 0
@@ -200,7 +200,7 @@ class _Run:
                 "model": self.model.state_dict(),
                 "optimizer": opt.state_dict() if opt is not None else None,
                 "scheduler": sched.state_dict() if sched is not None else None,
-                "admm": self.admm.state_dict() if self.admm is not None else None,
+                "method": self.method.state_dict() if self.method is not None else None,
                 "masks": self.masks.state_dict() if self.masks is not None else None,
                 "rng": rng,
                 "metrics_lines": self.metrics_lines,
@@ -232,19 +232,42 @@ class _Run:
         """Build the stage's optimizer, scheduler, ADMM or masks; from ``state`` when resuming."""
         cfg = getattr(self.r, stage)
         opt, sched = self._stage_objects(stage, cfg)
-        if stage == "admm" and self.admm is None:
+        if stage == "admm" and self.method is None:
             a = self.r.admm
-            self.admm = ADMM(
+            options = (
+                {
+                    "rounds": a.rounds,
+                    "update_every": a.update_every,
+                    "admm_kwargs": {
+                        "rho": a.rho,
+                        "rho_growth": a.rho_growth,
+                        "rho_max": a.rho_max,
+                        "mode": a.mode,
+                    },
+                }
+                if self.r.method == "admm"
+                else {
+                    k: v
+                    for k, v in self.r.heuristic.model_dump().items()
+                    if k
+                    in {"iterative": ("cycles",), "gradual": ("prune_every", "end")}.get(
+                        self.r.method, ()
+                    )
+                }
+            )
+            self.method = make_method(
+                self.r.method,
                 self.model,
                 self.p.spec,
-                default=self.p.default,
-                rho=a.rho,
-                rho_growth=a.rho_growth,
-                rho_max=a.rho_max,
-                mode=a.mode,
+                self.p.default,
+                opt,
+                epochs=cfg.epochs,
+                steps_per_epoch=self._steps_per_epoch(),
+                **options,
             )
-            if state is not None and state.get("admm") is not None:
-                self.admm.load_state_dict(state["admm"])
+            start = (state["epoch"], state.get("method")) if state else (0, None)
+            for row in self.method.start(*start):
+                self.metric(stage="admm", **row)
         if stage == "retrain":
             if state is not None and state.get("masks") is not None:
                 self.masks = Masks.from_state_dict(self.model, state["masks"])
@@ -258,11 +281,14 @@ class _Run:
                 self.masks.attach(opt)  # re-zero the loaded optimizer state off the support
         return opt, sched
 
+    def _steps_per_epoch(self) -> int:
+        return -(-len(self.p.data.train) // self.r.data.batch_size)
+
     def _hard_prune(self) -> Masks:
-        if self.admm is not None:
-            masks = self.admm.prune()
-            self.admm = None
-        else:  # no ADMM epochs: one-shot magnitude projection
+        if self.method is not None:
+            masks = self.method.finish()
+            self.method = None
+        else:  # no compression epochs: one-shot magnitude projection
             masks = prune(self.model, self.p.spec, self.p.default)
         kept, total = masks.total_kept()
         after = self._evaluate()
@@ -306,6 +332,14 @@ class _Run:
         batch = state["batch"] if state else 0
         t0 = time.perf_counter()
         while epoch < cfg.epochs:
+            on_step = None
+            if stage == "admm":
+                base = epoch * self._steps_per_epoch()
+
+                def on_step(b, base=base):
+                    for row in self.method.after_step(base + b):
+                        self.metric(stage="admm", **row)
+
             res = train_epoch(
                 self.model,
                 self.p.data.train,
@@ -314,12 +348,13 @@ class _Run:
                 batch_size=self.r.data.batch_size,
                 device=self.p.device,
                 start_batch=batch,
-                admm=self.admm if stage == "admm" else None,
+                admm=self.method.admm if stage == "admm" else None,
                 amp=self.r.amp,
                 num_workers=self.r.data.num_workers,
                 progress=self.r.progress,
                 desc=f"{stage} {epoch + 1}/{cfg.epochs}",
                 should_stop=lambda: flag.stop,
+                on_step=on_step,
             )
             if res.interrupted:
                 self.save(stage, epoch, res.batches, opt, sched)
@@ -339,15 +374,13 @@ class _Run:
             sched.step()
             if stage == "admm":
                 row["penalty"] = res.penalty
-                if epoch % self.r.admm.update_every == 0:
-                    layers = self.admm.update()
-                    self.metric(
-                        stage="admm", event="update", update=self.admm.num_updates, layers=layers
-                    )
-                    if self.r.admm.lr_reset:  # restart the schedule from the base lr
-                        for g in opt.param_groups:
-                            g["lr"] = self.r.admm.optimizer.lr
-                        sched = make_scheduler(opt, cfg.schedule, self.r.admm.update_every)
+                events = self.method.end_epoch(epoch)
+                for ev in events:
+                    self.metric(stage="admm", **ev)
+                if self.r.admm.lr_reset and any(e["event"] == "update" for e in events):
+                    for g in opt.param_groups:  # restart the schedule from the base lr
+                        g["lr"] = self.r.admm.optimizer.lr
+                    sched = make_scheduler(opt, cfg.schedule, self.r.admm.update_every)
             row.update(self._evaluate())
             self.metric(**row)
             self.log(

@@ -76,6 +76,16 @@ class EpochResult:
     interrupted: bool
 
 
+def _batches(dataset: Dataset, order: torch.Tensor, batch_size: int, num_workers: int = 0):
+    """Batches of ``dataset`` in ``order``: whole-batch indexing for in-memory tensor datasets,
+    a DataLoader (optionally with workers) for everything else."""
+    if num_workers == 0 and hasattr(dataset, "batch"):
+        return (dataset.batch(order[i : i + batch_size]) for i in range(0, len(order), batch_size))
+    return DataLoader(
+        dataset, batch_size=batch_size, sampler=order.tolist(), num_workers=num_workers
+    )
+
+
 def _autocast(device: torch.device, amp: bool):
     if not amp:
         return contextlib.nullcontext()
@@ -97,12 +107,13 @@ def train_epoch(
     progress: bool = False,
     desc: str = "",
     should_stop: Callable[[], bool] = lambda: False,
+    on_step: Callable[[int], None] | None = None,
 ) -> EpochResult:
     """One epoch over ``dataset`` in ``order`` from batch ``start_batch``; stops early (after a
-    whole batch) when ``should_stop()`` turns true."""
+    whole batch) when ``should_stop()`` turns true. ``on_step(b)`` runs after the optimizer step
+    of batch ``b`` (1-based within the epoch)."""
     model.train()
-    indices = order[start_batch * batch_size :].tolist()
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=indices, num_workers=num_workers)
+    loader = _batches(dataset, order[start_batch * batch_size :], batch_size, num_workers)
     total = (len(order) + batch_size - 1) // batch_size
     bar = None
     if progress:
@@ -123,6 +134,8 @@ def train_epoch(
         optimizer.zero_grad(set_to_none=True)
         total_loss.backward()
         optimizer.step()
+        if on_step is not None:
+            on_step(done + 1)
         loss_sum += float(loss.detach()) * len(y)
         correct += int((out.argmax(1) == y).sum())
         seen += len(y)
@@ -151,7 +164,7 @@ def evaluate(
     """Top-1 accuracy and mean cross-entropy on ``dataset``."""
     model.eval()
     loss_sum, correct, seen = 0.0, 0, 0
-    for x, y in DataLoader(dataset, batch_size=batch_size):
+    for x, y in _batches(dataset, torch.arange(len(dataset)), batch_size):
         x, y = x.to(device), y.to(device)
         with _autocast(device, amp):
             out = model(x).float()
