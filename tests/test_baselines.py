@@ -78,3 +78,12 @@ def test_method_is_validated(tmp_path, capsys):
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     assert main(["run", str(tmp_path / "r.yaml")]) == 2
     assert "'admm', 'magnitude', 'iterative' or 'gradual'" in capsys.readouterr().err
+
+
+def test_admm_updates_per_epoch(tmp_path):
+    recipe = tiny_recipe(tmp_path / "steps")
+    recipe["admm"].update(epochs=2, updates_per_epoch=4)
+    run(prepare(parse_recipe(recipe)), log=lambda *_: None)
+    rows = [json.loads(x) for x in (tmp_path / "steps" / "metrics.jsonl").open()]
+    updates = [r["update"] for r in rows if r.get("event") == "update"]
+    assert updates == list(range(1, 9))  # 23 batches per epoch: steps 5, 11, 17, 23

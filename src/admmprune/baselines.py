@@ -149,10 +149,21 @@ class Gradual(_Method):
 
 
 class Admm(_Method):
-    def __init__(self, *args, rounds: int = 1, update_every: int = 1, admm_kwargs: dict, **kw):
+    def __init__(
+        self,
+        *args,
+        rounds: int = 1,
+        update_every: int = 1,
+        updates_per_epoch: int = 0,
+        admm_kwargs: dict,
+        **kw,
+    ):
         super().__init__(*args, **kw)
         self.rounds = max(1, min(rounds, max(self.epochs, 1)))
         self.update_every = update_every
+        # updates_per_epoch > 0: Z/U updates every that share of an epoch, not every N epochs
+        spe, upe = self.steps_per_epoch, updates_per_epoch
+        self.update_steps = {j * spe // upe for j in range(1, upe + 1)} if upe else set()
         self.admm_kwargs = admm_kwargs
 
     def _round_of(self, epoch: int) -> int:
@@ -177,19 +188,24 @@ class Admm(_Method):
             self.admm.load_state_dict(state["admm"])
         return []
 
+    def _update(self, r: int) -> dict:
+        n = self.admm.num_updates + 1
+        return {"event": "update", "round": r, "update": n, "layers": self.admm.update()}
+
+    def after_step(self, step: int) -> list[dict]:
+        within = step % self.steps_per_epoch or self.steps_per_epoch  # 1-based in the epoch
+        if within in self.update_steps:
+            return [self._update(self._round_of((step - 1) // self.steps_per_epoch))]
+        return []
+
     def end_epoch(self, epoch: int) -> list[dict]:
         rows = []
         r = self._round_of(epoch - 1)
         since = epoch - self._round_start(r)
-        if since % self.update_every == 0 or epoch == self._round_start(r + 1):
-            rows.append(
-                {
-                    "event": "update",
-                    "round": r,
-                    "update": self.admm.num_updates + 1,
-                    "layers": self.admm.update(),
-                }
-            )
+        if not self.update_steps and (
+            since % self.update_every == 0 or epoch == self._round_start(r + 1)
+        ):
+            rows.append(self._update(r))
         if r < self.rounds - 1 and epoch == self._round_start(r + 1):
             masks = self.admm.prune()
             if self.masks is not None:

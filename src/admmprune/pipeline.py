@@ -238,6 +238,7 @@ class _Run:
                 {
                     "rounds": a.rounds,
                     "update_every": a.update_every,
+                    "updates_per_epoch": a.updates_per_epoch,
                     "admm_kwargs": {
                         "rho": a.rho,
                         "rho_growth": a.rho_growth,
