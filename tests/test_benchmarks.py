@@ -1,0 +1,51 @@
+"""Benchmark scripts run end to end on the embedded digits data (shortened)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_mnist_admmnn_benchmark_tiny_run_writes_table_json_png(tmp_path):
+    out = tmp_path / "bench"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/mnist_admmnn.py",
+            "--dataset", "digits",
+            "--rates", "10", "30",
+            "--dense-epochs", "2",
+            "--compress-epochs", "1",
+            "--retrain-epochs", "1",
+            "--updates-per-epoch", "2",
+            "--device", "cpu",
+            "--out", str(out),
+        ],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert {(r["method"], r["target_rate"]) for r in results["runs"]} == {
+        (m, r) for m in ("admm", "magnitude", "iterative", "gradual") for r in (10.0, 30.0)
+    }
+    for r in results["runs"]:
+        assert abs(r["rate"] - r["target_rate"]) / r["target_rate"] < 0.01  # rate hit
+        assert 0 <= r["accuracy"] <= 1
+    table = (out / "results.md").read_text()
+    assert "| admm |" in table and "| 30x |" in table
+    png = (out / "accuracy_vs_compression.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_overhead_benchmark_small_run(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/overhead.py", "--batch", "4", "--rounds", "2", "--big", "1",
+         "--repeats", "1", "--out", str(tmp_path / "o.json")],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads((tmp_path / "o.json").read_text())
+    assert set(res["step"]["median_s"]) == {"plain", "penalty", "grad"}
+    assert res["update"]["constrained_params"] >= 1_000_000
