@@ -70,7 +70,10 @@ def build_model(
             factory = getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError) as exc:
             raise ValueError(f"cannot import model factory {name!r}: {exc}") from None
-        model = factory(**kwargs)
+        try:
+            model = factory(**kwargs)
+        except TypeError as exc:  # most often: kwargs the factory does not take
+            raise ValueError(f"model factory {name!r} with kwargs {kwargs}: {exc}") from None
         if not isinstance(model, nn.Module):
             raise ValueError(f"{name!r} returned {type(model).__name__}, not an nn.Module.")
         return model
