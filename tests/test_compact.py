@@ -1,0 +1,112 @@
+"""Compaction: a physically smaller model computing exactly what the masked model computes."""
+
+import pytest
+import torch
+import torch_pruning as tp
+import torchvision
+from torch import nn
+
+from admmprune.compact import _output_layers, compact
+from admmprune.models import build_model
+
+
+def zero_random_group_channels(model, x, frac=0.5, seed=0):
+    """Zero every producer slice (conv/linear rows, biases, BN affine) of a random share of each
+    dependency group's channels: what a coupled structured projection leaves behind."""
+    g = torch.Generator().manual_seed(seed)
+    DG = tp.DependencyGraph().build_dependency(model, example_inputs=x)
+    roots = [nn.Conv2d, nn.Linear]
+    with torch.no_grad():
+        for group in DG.get_all_groups(
+            ignored_layers=_output_layers(model, x), root_module_types=roots
+        ):
+            n = len(group.items[0].idxs)
+            kill = torch.randperm(n, generator=g)[: int(n * frac)].tolist()
+            for item in group.items:
+                if item.dep.handler.__name__ != "prune_out_channels" or len(item.idxs) != n:
+                    continue
+                m = item.dep.target.module
+                for j in kill:
+                    i = int(item.idxs[j])
+                    if getattr(m, "weight", None) is not None:
+                        m.weight[i] = 0
+                    if getattr(m, "bias", None) is not None:
+                        m.bias[i] = 0
+
+
+def randomize_bn(model):
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+
+
+MODELS = {
+    "lenet5": (
+        lambda: build_model("lenet5", num_classes=10, in_channels=1, input_size=28),
+        (1, 28),
+    ),
+    "resnet20": (
+        lambda: build_model("resnet20", num_classes=10, in_channels=3, input_size=32),
+        (3, 32),
+    ),
+    "resnet56": (
+        lambda: build_model("resnet56", num_classes=10, in_channels=3, input_size=32),
+        (3, 32),
+    ),
+    "vgg16": (lambda: build_model("vgg16", num_classes=10, in_channels=3, input_size=32), (3, 32)),
+    "tv_resnet18": (lambda: torchvision.models.resnet18(num_classes=10), (3, 32)),
+    "tv_mobilenet_v2": (lambda: torchvision.models.mobilenet_v2(num_classes=10), (3, 32)),
+    "tv_densenet121": (lambda: torchvision.models.densenet121(num_classes=10), (3, 32)),
+}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_compacted_equals_masked(name):
+    make, (c, s) = MODELS[name]
+    torch.manual_seed(0)
+    model = make().eval()
+    randomize_bn(model)
+    x = torch.randn(2, c, s, s)
+    zero_random_group_channels(model, x)
+    small, report = compact(model, x)
+    with torch.no_grad():
+        diff = (model(x) - small(x)).abs().max().item()
+    assert diff <= 1e-5
+    assert report.params_after < 0.4 * report.params_before  # half the channels: ~1/4 params
+    assert report.total_not_removable == 0
+    assert sum(p.numel() for p in model.parameters()) == report.params_before  # original untouched
+    assert small(torch.randn(5, c, s, s)).shape == (5, 10)  # any batch size
+
+
+def test_partially_zeroed_channels_are_kept_and_counted():
+    torch.manual_seed(0)
+    model = build_model("resnet20", num_classes=10, in_channels=3, input_size=32).eval()
+    randomize_bn(model)
+    with torch.no_grad():  # zero 4 filters of a conv inside a residual stage, not the coupled BN
+        model.layer1[0].conv2.weight[:4] = 0
+        model.layer2[0].conv1.weight[:3] = 0  # a block-internal conv: zero conv + its BN
+        model.layer2[0].bn1.weight[:3] = 0
+        model.layer2[0].bn1.bias[:3] = 0
+    x = torch.randn(2, 3, 32, 32)
+    small, report = compact(model, x)
+    assert report.removed == {"layer2.0.conv1": 3}
+    assert sum(report.not_removable.values()) == 4  # BN β is not zero: channel is not zero
+    assert small.layer2[0].conv1.out_channels == 29
+    with torch.no_grad():
+        assert (model(x) - small(x)).abs().max() <= 1e-5
+
+
+def test_output_layer_is_never_shrunk():
+    model = build_model("lenet300", num_classes=10, in_channels=1, input_size=8).eval()
+    with torch.no_grad():
+        model.fc3.weight[:5] = 0
+        model.fc3.bias[:5] = 0
+        model.fc2.weight[:50] = 0
+        model.fc2.bias[:50] = 0
+    small, _ = compact(model, torch.randn(1, 1, 8, 8))
+    assert small.fc3.out_features == 10 and small.fc2.out_features == 50
+    assert small.fc3.in_features == 50
