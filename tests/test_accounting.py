@@ -1,0 +1,51 @@
+import pytest
+import torch
+from torch import nn
+
+from admmprune import Unstructured, prune
+from admmprune.accounting import count
+from admmprune.latency import measure
+from admmprune.models import build_model
+
+
+def test_lenet5_counts_match_hand_count():
+    model = build_model("lenet5", num_classes=10, in_channels=1, input_size=28)
+    c = count(model, torch.randn(3, 1, 28, 28))
+    by = {layer.name: layer for layer in c["layers"]}
+    # conv1: 20×1×5×5 weights at 24×24 positions; conv2: 50×20×5×5 at 8×8; fc: one position
+    assert by["conv1"].macs == 24 * 24 * 500
+    assert by["conv2"].macs == 8 * 8 * 25_000
+    assert by["fc1"].macs == 400_000 and by["fc2"].macs == 5_000
+    assert c["macs"] == 288_000 + 1_600_000 + 405_000
+    assert c["params"] == 430_500 + 20 + 50 + 500 + 10
+    assert c["sparse_macs"] == c["macs"]  # dense: nothing to skip
+
+
+def test_sparse_macs_follow_non_zeros():
+    model = build_model("lenet5", num_classes=10, in_channels=1, input_size=28)
+    prune(model, {"conv2": Unstructured(0.1), "fc1": Unstructured(0.01)})
+    c = count(model, torch.randn(1, 1, 28, 28))
+    by = {layer.name: layer for layer in c["layers"]}
+    assert by["conv2"].sparse_macs == 64 * 2_500
+    assert by["fc1"].sparse_macs == 4_000
+    assert c["nonzero"] == 500 + 2_500 + 4_000 + 5_000 + 20 + 50 + 500 + 10
+
+
+def test_linear_on_sequences_counts_positions():
+    model = nn.Sequential(nn.Linear(8, 4, bias=False))
+    c = count(model, torch.randn(2, 5, 8))
+    assert c["layers"][0].positions == 5 and c["macs"] == 5 * 32
+
+
+def test_latency_measure_reports_what_it_measured():
+    model = nn.Linear(16, 16)
+    r = measure(model, torch.randn(4, 16), warmup=1, repeats=5)
+    assert r["batch"] == 4 and r["repeats"] == 5 and r["threads"] >= 1
+    assert 0 < r["p10_ms"] <= r["median_ms"] <= r["p90_ms"]
+    assert model.training  # mode restored
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_latency_on_cuda():
+    r = measure(nn.Linear(16, 16).cuda(), torch.randn(4, 16, device="cuda"), repeats=3)
+    assert r["device"].startswith("cuda")
