@@ -13,6 +13,7 @@ from .constraints import (
     Projection,
     Unstructured,
 )
+from .groups import ChannelGroup, channel_groups
 from .masks import Masks, prune
 from .select import Target, select
 
@@ -20,6 +21,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ADMM",
+    "ChannelGroup",
     "Channels",
     "Columns",
     "Constraint",
@@ -29,6 +31,7 @@ __all__ = [
     "Projection",
     "Target",
     "Unstructured",
+    "channel_groups",
     "prune",
     "select",
 ]

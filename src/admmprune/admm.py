@@ -25,7 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .constraints import Constraint
+from .constraints import Constraint, Projection
+from .groups import ChannelGroup
 from .masks import Masks, check_finite, hard_prune
 from .select import Spec, Target, select
 
@@ -92,6 +93,8 @@ class ADMM:
         rho_max: with a float ``rho``, never grow rho past this.
         mode: ``"penalty"`` (add :meth:`penalty` to your loss) or ``"grad"`` (hooks add
             ``rho·(W − Z + U)`` to each gradient in backward; do not add the penalty).
+        groups: coupled channel groups (:func:`admmprune.channel_groups`), each projected
+            jointly so that every channel ADMM zeroes is physically removable.
 
     Under ``torch.amp.GradScaler`` use ``mode="penalty"``: the hooks would add an unscaled term
     to scaled gradients.
@@ -107,6 +110,7 @@ class ADMM:
         rho_growth: float = 1.0,
         rho_max: float | None = None,
         mode: str = "penalty",
+        groups: Sequence[ChannelGroup] = (),
     ) -> None:
         if mode not in ("penalty", "grad"):
             raise ValueError(
@@ -119,18 +123,54 @@ class ADMM:
         self._rho_max = None if rho_max is None else _check_rho(rho_max, "max")
         self.num_updates = 0
         self.rho = self._rho_at(0)
-        self.targets: list[Target] = select(model, spec, default)
+        self.groups = list(groups)
+        self.targets: list[Target] = (
+            select(model, spec, default) if (spec or default is not None or not self.groups) else []
+        )
+        self.targets += self._group_targets()
         self._state: dict[str, _LayerState] = {}
         with torch.no_grad():
+            W = {t.name: t.param.detach().float() for t in self.targets}
             for t in self.targets:
-                W = t.param.detach().float()
-                check_finite(W, t.name, "at ADMM start")
-                Z, _ = t.constraint.project(W, t.groups)
-                self._state[t.name] = _LayerState(Z=Z.clone(), U=torch.zeros_like(W))
+                check_finite(W[t.name], t.name, "at ADMM start")
+            projected = self._project(W)  # Z⁰ = Π_S(W⁰), U⁰ = 0
+            for t in self.targets:
+                self._state[t.name] = _LayerState(
+                    Z=projected[t.name].Z.clone(), U=torch.zeros_like(W[t.name])
+                )
         self._hooks = []
         if mode == "grad":
             for t in self.targets:
                 self._hooks.append(t.param.register_hook(self._grad_hook(t)))
+
+    # the sets S ------------------------------------------------------------------------------
+    def _group_targets(self) -> list[Target]:
+        taken = {t.name for t in self.targets}
+        modules = dict(self.model.named_modules())
+        out = []
+        for g in self.groups:
+            for pname, _ in g.members:
+                if pname in taken:
+                    raise ValueError(
+                        f"{pname!r} is in {g!r} and claimed elsewhere too (by the spec or another "
+                        "group); constrain each parameter once."
+                    )
+                taken.add(pname)
+                mname, _, attr = pname.rpartition(".")
+                out.append(Target(pname, mname, modules[mname], attr, g, 1))
+        return out
+
+    def _project(self, V: Mapping[str, torch.Tensor]) -> dict[str, Projection]:
+        """Π_S for every target: one layer at a time, or a whole channel group jointly."""
+        out = {
+            t.name: t.constraint.project(V[t.name], t.groups)
+            for t in self.targets
+            if not isinstance(t.constraint, ChannelGroup)
+        }
+        for g in self.groups:
+            Z, support = g.project({p: V[p] for p, _ in g.members})
+            out.update({p: Projection(Z[p], support[p]) for p in Z})
+        return out
 
     # rho ---------------------------------------------------------------------------------------
     def _rho_at(self, k: int) -> float:
@@ -188,17 +228,21 @@ class ADMM:
         """
         rho, rho_next = self.rho, self._rho_at(self.num_updates + 1)
         stats = {}
+        W, V = {}, {}
         for t in self.targets:
             st = self._layer(t)
-            W = t.param.detach().float()
-            check_finite(W, t.name, f"at ADMM update {self.num_updates + 1}")
+            W[t.name] = t.param.detach().float()
+            check_finite(W[t.name], t.name, f"at ADMM update {self.num_updates + 1}")
             # Large fresh buffers cost page faults: the stale T and the old Z serve as scratch.
-            V = torch.add(W, st.U, out=st.T)  # W^{k+1} + U^k
-            Z, support = t.constraint.project(V, t.groups)
-            if Z.data_ptr() == V.data_ptr():
+            V[t.name] = torch.add(W[t.name], st.U, out=st.T)  # W^{k+1} + U^k
+        projected = self._project(V)
+        for t in self.targets:
+            st = self._state[t.name]
+            Z, support = projected[t.name]
+            if Z.data_ptr() == V[t.name].data_ptr():
                 Z = Z.clone()
             dual = rho * float(torch.linalg.vector_norm(torch.sub(Z, st.Z, out=st.T)))
-            R = torch.sub(W, Z, out=st.Z)  # primal residual W^{k+1} − Z^{k+1}
+            R = torch.sub(W[t.name], Z, out=st.Z)  # primal residual W^{k+1} − Z^{k+1}
             primal = float(torch.linalg.vector_norm(R))
             st.U.add_(R)  # U^{k+1} = U^k + W^{k+1} − Z^{k+1}
             if rho_next != rho:
@@ -227,7 +271,7 @@ class ADMM:
     def prune(self) -> Masks:
         """Hard prune ``W ← Π_S(W)``, fix the supports as :class:`Masks`, and remove the hooks."""
         self.close()
-        return hard_prune(self.model, self.targets)
+        return hard_prune(self.model, self.targets, self._project)
 
     def close(self) -> None:
         """Remove the gradient hooks of ``mode="grad"`` (the penalty stops acting)."""

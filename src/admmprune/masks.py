@@ -148,17 +148,24 @@ class Masks(Mapping[str, torch.Tensor]):
 
 
 @torch.no_grad()
-def hard_prune(model: nn.Module, targets: Sequence[Target]) -> Masks:
-    """``W ← Π_S(W)`` for each target; the supports become fixed :class:`Masks`."""
+def hard_prune(model: nn.Module, targets: Sequence[Target], project=None) -> Masks:
+    """``W ← Π_S(W)`` for each target; the supports become fixed :class:`Masks`.
+
+    ``project`` maps ``{name: W}`` to ``{name: Projection}`` when targets are projected jointly
+    (coupled channel groups); by default each target's own constraint projects it.
+    """
     if not targets:
         raise ValueError("nothing to prune: no targets.")
-    model_masks = {}
     for t in targets:
         check_finite(t.param, t.name, "at hard pruning")
-        Z, support = t.constraint.project(t.param.detach(), t.groups)
-        t.param.copy_(Z)
-        model_masks[t.name] = support
-    return Masks(model, model_masks)
+    W = {t.name: t.param.detach() for t in targets}
+    if project is None:
+        projected = {t.name: t.constraint.project(W[t.name], t.groups) for t in targets}
+    else:
+        projected = project(W)
+    for t in targets:
+        t.param.copy_(projected[t.name].Z)
+    return Masks(model, {t.name: projected[t.name].support for t in targets})
 
 
 def prune(model: nn.Module, spec: Spec, default=None) -> Masks:

@@ -1,0 +1,155 @@
+"""Does structured sparsity become speed? Channel groups removed at 2x / 4x / 8x MAC reduction.
+
+For each model, every dependency group (the channels coupled by BN, residual additions,
+concatenations) keeps the same fraction f of its channels, those with the largest L2 norm over
+all producer slices; f is found by bisection so the compacted model's MACs are 1/R of the
+dense model's. Then dense and compacted are timed in alternation (paired, so the machine's noise
+hits both alike), batch 1 and batch 64, and we report speedup / MAC reduction (1.0 is the
+physical limit).
+
+Filter and channel pruning remove the same physical channels once coupling is respected (a
+producer's filter is its consumers' input channel), so one row covers both. Column (shape)
+pruning needs a column-compute layer that does not exist yet: not measured here.
+
+    python benchmarks/structured_speed.py [--models resnet20 resnet56 vgg16] [--rounds 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from admmprune.accounting import count
+from admmprune.compact import _output_layers, compact
+from admmprune.models import build_model
+
+
+def zero_weakest_channels(model: nn.Module, x: torch.Tensor, keep: float) -> None:
+    """In every group keep ``keep`` of the channels (largest producer norm), zero the rest."""
+    DG = tp.DependencyGraph().build_dependency(model, example_inputs=x)
+    groups = DG.get_all_groups(
+        ignored_layers=_output_layers(model, x), root_module_types=[nn.Conv2d, nn.Linear]
+    )
+    with torch.no_grad():
+        for group in groups:
+            n = len(group.items[0].idxs)
+            producers = [
+                (item.dep.target.module, [int(i) for i in item.idxs])
+                for item in group.items
+                if item.dep.handler.__name__ == "prune_out_channels"
+                and len(item.idxs) == n
+                and getattr(item.dep.target.module, "weight", None) is not None
+            ]
+            score = torch.zeros(n)
+            for m, idxs in producers:
+                w = m.weight.detach()
+                score += w[idxs].reshape(n, -1).pow(2).sum(1) if w.ndim > 1 else w[idxs].pow(2)
+            k = max(1, round(keep * n))
+            drop = score.argsort(descending=True)[k:].tolist()
+            for m, idxs in producers:
+                for j in drop:
+                    m.weight[idxs[j]] = 0
+                    if getattr(m, "bias", None) is not None:
+                        m.bias[idxs[j]] = 0
+
+
+def compacted_at(model: nn.Module, x: torch.Tensor, reduction: float):
+    dense_macs = count(model, x)["macs"]
+    lo, hi, best = 0.02, 1.0, None
+    for _ in range(12):
+        keep = (lo + hi) / 2
+        masked = copy.deepcopy(model)
+        zero_weakest_channels(masked, x, keep)
+        small, _ = compact(masked, x, inplace=True)
+        r = dense_macs / count(small, x)["macs"]
+        best = (
+            (small, keep, r)
+            if best is None or abs(r - reduction) < abs(best[2] - reduction)
+            else best
+        )
+        lo, hi = (lo, keep) if r < reduction else (keep, hi)
+        if abs(r - reduction) / reduction < 0.02:
+            break
+    return best
+
+
+def paired_times(a: nn.Module, b: nn.Module, x: torch.Tensor, rounds: int) -> tuple[float, float]:
+    a.eval(), b.eval()
+    ta, tb = [], []
+    with torch.no_grad():
+        for _ in range(3):
+            a(x), b(x)
+        for r in range(rounds):
+            for model, out in ((a, ta), (b, tb)) if r % 2 == 0 else ((b, tb), (a, ta)):
+                t0 = time.perf_counter()
+                model(x)
+                out.append(time.perf_counter() - t0)
+    return statistics.median(ta), statistics.median(tb)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["resnet20", "resnet56", "vgg16"])
+    p.add_argument("--reductions", type=float, nargs="+", default=[2, 4, 8])
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 64])
+    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--out", default="benchmarks/results/structured_speed.json")
+    args = p.parse_args()
+    torch.manual_seed(0)
+    rows = []
+    print(f"CPU, {torch.get_num_threads()} threads; medians of {args.rounds} paired runs\n")
+    print(
+        "| model | MAC reduction | kept channels | params | batch | dense ms | compact ms | "
+        "speedup | speedup / MAC reduction |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name in args.models:
+        model = build_model(name, num_classes=10, in_channels=3, input_size=32).eval()
+        x1 = torch.randn(1, 3, 32, 32)
+        dense = count(model, x1)
+        for reduction in args.reductions:
+            small, keep, got = compacted_at(model, x1, reduction)
+            params = count(small, x1)["params"]
+            for batch in args.batches:
+                xb = torch.randn(batch, 3, 32, 32)
+                td, ts = paired_times(model, small, xb, args.rounds)
+                row = {
+                    "model": name,
+                    "target_reduction": reduction,
+                    "mac_reduction": got,
+                    "kept_fraction": keep,
+                    "params_dense": dense["params"],
+                    "params": params,
+                    "batch": batch,
+                    "dense_ms": td * 1e3,
+                    "compact_ms": ts * 1e3,
+                    "speedup": td / ts,
+                    "speedup_per_mac_reduction": td / ts / got,
+                }
+                rows.append(row)
+                print(
+                    f"| {name} | {got:.2f}x | {keep:.2f} | {params:,} | {batch} | "
+                    f"{td * 1e3:.2f} | {ts * 1e3:.2f} | {td / ts:.2f}x | "
+                    f"{td / ts / got:.2f} |",
+                    flush=True,
+                )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(
+        json.dumps(
+            {"threads": torch.get_num_threads(), "rounds": args.rounds, "rows": rows}, indent=2
+        )
+    )
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
