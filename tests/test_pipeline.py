@@ -313,3 +313,34 @@ def test_recipe_errors_are_recipe_errors():
     with pytest.raises(RecipeError, match="mapping"):
         parse_recipe(["a"])
     assert os.path.islink(ROOT / "configs" / "demo_digits.yaml")  # one source for the demo
+
+
+def test_coupled_channels_recipe_compacts_exactly(tmp_path):
+    from test_models_data import fake_npz
+
+    recipe = {
+        "seed": 0,
+        "output_dir": str(tmp_path / "run"),
+        "device": "cpu",
+        "progress": False,
+        "model": {"name": "resnet20"},
+        "data": {"name": "npz", "path": str(fake_npz(tmp_path / "d.npz", hw=32)), "batch_size": 32},
+        "pretrain": {"epochs": 1},
+        "admm": {"epochs": 2, "updates_per_epoch": 2, "rho": 0.05, "rho_growth": 2.0},
+        "retrain": {"epochs": 1},
+        "coupled_channels": {"keep": 0.5},
+    }
+    assert main(["run", str(write(tmp_path / "r.yaml", recipe))]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    k = summary["compact"]
+    assert k["zero_channels_not_removable"] == 0
+    assert k["channels_removed"] > 200  # half of every coupled group
+    assert k["mac_reduction"] > 2.5  # conv MACs scale with in × out channels: about 4x
+    constraints = {layer["constraint"] for layer in summary["layers"]}
+    assert all(c.startswith("ChannelGroup(") for c in constraints)
+
+
+def test_coupled_channels_needs_admm(tmp_path, capsys):
+    recipe = tiny_recipe(tmp_path / "run", method="magnitude", coupled_channels={"keep": 0.5})
+    assert main(["run", str(write(tmp_path / "r.yaml", recipe))]) == 2
+    assert "coupled_channels works with method: admm" in capsys.readouterr().err

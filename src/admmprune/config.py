@@ -96,6 +96,13 @@ class HeuristicCfg(_Strict):
     end: Annotated[float, Field(gt=0, le=1)] = 0.75  # gradual: reach the target at this share
 
 
+class CoupledCfg(_Strict):
+    """Coupled channel groups (StructADMM on residual nets): each keeps ``keep`` of its channels."""
+
+    keep: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]
+    layers: str | None = None  # glob on the group's root layer name; None: every group
+
+
 class ModelCfg(_Strict):
     name: str
     kwargs: dict[str, Any] = {}
@@ -135,8 +142,10 @@ class Recipe(_Strict):
     pretrain: StageCfg = StageCfg()
     admm: AdmmCfg = AdmmCfg()
     retrain: StageCfg = StageCfg()
-    constraints: dict[str, ConstraintCfg]
+    constraints: dict[str, ConstraintCfg] = {}
     default_constraint: ConstraintCfg = None
+    coupled_channels: CoupledCfg | None = None
+    compact: bool = True  # at the end: remove zero channel groups, measure MACs and latency
 
     @field_validator("constraints")
     @classmethod
@@ -158,8 +167,16 @@ class Recipe(_Strict):
         if (
             not any(v is not None for v in self.constraints.values())
             and not self.default_constraint
+            and self.coupled_channels is None
         ):
-            raise ValueError("constraints: no layer is constrained; give at least one {type: keep}")
+            raise ValueError(
+                "constraints: no layer is constrained; give at least one {type: keep} "
+                "(or coupled_channels)"
+            )
+        if self.coupled_channels is not None and self.method != "admm":
+            raise ValueError("coupled_channels works with method: admm only (for now)")
+        if self.coupled_channels is not None and self.admm.epochs == 0:
+            raise ValueError("coupled_channels needs admm.epochs > 0")
         return self
 
     def spec(self):

@@ -23,9 +23,13 @@ import yaml
 from torch import nn
 
 from ._io import atomic_save, safe_load
+from .accounting import count
 from .baselines import make_method
+from .compact import compact
 from .config import Recipe, RecipeError
 from .data import DataBundle, load_data
+from .groups import channel_groups
+from .latency import measure
 from .masks import Masks, prune
 from .models import build_model
 from .report import layer_table, summarize
@@ -131,12 +135,29 @@ def prepare(recipe: Recipe, *, resume: bool = False, force: bool = False) -> Pre
         if recipe.model.checkpoint:
             _load_start_weights(model, recipe.model.checkpoint)
         spec, default = recipe.spec()
-        select(model, spec, default)  # unmatched / conflicting / wrong-rank keys fail here
+        constraint_names = {}
+        if spec or default is not None:  # unmatched / conflicting / wrong-rank keys fail here
+            constraint_names = {t.name: repr(t.constraint) for t in select(model, spec, default)}
+        groups = []
+        if recipe.coupled_channels is not None:
+            c = recipe.coupled_channels
+            x1 = data.test.batch(torch.arange(1))[0]
+            groups = channel_groups(model, x1, c.keep, layers=c.layers)
+            for g in groups:
+                for pname, _ in g.members:
+                    if pname in constraint_names:
+                        raise RecipeError(
+                            f"{pname!r} is in coupled_channels group {g.name!r} and in "
+                            "constraints; constrain each parameter once."
+                        )
+                    constraint_names[pname] = repr(g)
     except RecipeError:
         raise
     except ValueError as exc:
         raise RecipeError(str(exc)) from None
-    return Prepared(recipe, run_dir, data, model.to(device), device, spec, default, resume_state)
+    extra = {"groups": groups, "constraint_names": constraint_names}
+    model = model.to(device)
+    return Prepared(recipe, run_dir, data, model, device, spec, default, resume_state, extra)
 
 
 class _StopFlag:
@@ -244,6 +265,7 @@ class _Run:
                         "rho_growth": a.rho_growth,
                         "rho_max": a.rho_max,
                         "mode": a.mode,
+                        "groups": self.p.extra["groups"],
                     },
                 }
                 if self.r.method == "admm"
@@ -401,12 +423,41 @@ class _Run:
         if stage == "retrain" and cfg.epochs == 0:
             self.save(stage, 0, 0, opt, sched)
 
+    def _compact(self) -> dict:
+        """Remove the zero channel groups; MACs, parameters and measured latency before/after.
+
+        The compact model is not pickled: rebuild it from ``model.pt`` with :func:`compact`.
+        """
+        test = self.p.data.test
+        x = test.batch(torch.arange(1))[0].to(self.p.device)
+        small, report = compact(self.model, x)
+        before, after = count(self.model, x), count(small, x)
+        xb = test.batch(torch.arange(min(64, len(test))))[0].to(self.p.device)
+        t_dense = measure(self.model, xb, warmup=2, repeats=10)
+        t_small = measure(small, xb, warmup=2, repeats=10)
+        return {
+            "channels_removed": sum(report.removed.values()),
+            "zero_channels_not_removable": report.total_not_removable,
+            "macs_dense": before["macs"],
+            "macs_compact": after["macs"],
+            "mac_reduction": before["macs"] / max(after["macs"], 1),
+            "params_compact": after["params"],
+            "latency_batch": xb.shape[0],
+            "latency_threads": t_dense["threads"],
+            "latency_dense_ms": t_dense["median_ms"],
+            "latency_compact_ms": t_small["median_ms"],
+            "speedup": t_dense["median_ms"] / t_small["median_ms"],
+        }
+
     def _finish(self) -> dict:
         final = self._evaluate()
         self.masks.detach()
         torch.save(self.model.state_dict(), self.dir / "model.pt")
         self.masks.save(self.dir / "masks.pt")
-        summary = summarize(self.model, self.masks, self.r, self.info, final)
+        names = self.p.extra["constraint_names"]
+        summary = summarize(self.model, names, self.r, self.info, final)
+        if self.r.compact:
+            summary["compact"] = self._compact()
         (self.dir / "summary.json").write_text(json.dumps(summary, indent=2))
         (self.dir / "layers.md").write_text(layer_table(summary) + "\n")
         return summary

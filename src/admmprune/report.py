@@ -7,25 +7,25 @@ from pathlib import Path
 
 from torch import nn
 
-from .masks import Masks
-from .select import select
-
 __all__ = ["layer_table", "print_report", "summarize"]
 
 
-def summarize(model: nn.Module, masks: Masks, recipe, info: dict, final: dict) -> dict:
-    """Accuracy before/after, compression of the constrained layers and of the whole model."""
-    spec, default = recipe.spec()
-    constraint = {t.name: repr(t.constraint) for t in select(model, spec, default)}
+def summarize(
+    model: nn.Module, constraint: dict[str, str], recipe, info: dict, final: dict
+) -> dict:
+    """Accuracy before/after, compression of the constrained layers and of the whole model.
+
+    ``constraint`` maps each constrained parameter to its constraint's description.
+    """
     params = dict(model.named_parameters())
     layers = []
-    for name in masks:
+    for name in constraint:
         W = params[name]
         layers.append(
             {
                 "name": name,
                 "shape": list(W.shape),
-                "constraint": constraint.get(name, "?"),
+                "constraint": constraint[name],
                 "total": W.numel(),
                 "kept": int((W != 0).sum()),
             }
@@ -89,9 +89,16 @@ def format_summary(summary: dict) -> str:
         f"compression: constrained layers {c['rate']:.1f}× ({c['nonzero']:,} of {c['weights']:,} "
         f"weights kept); whole model {p['rate']:.1f}× ({p['nonzero']:,} of {p['params']:,} "
         "parameters non-zero)",
-        "",
-        layer_table(summary),
     ]
+    if "compact" in summary:
+        k = summary["compact"]
+        lines.append(
+            f"compacted: {k['channels_removed']} channels removed, {k['mac_reduction']:.2f}x fewer "
+            f"MACs, measured {k['speedup']:.2f}x faster (batch {k['latency_batch']}, "
+            f"{k['latency_threads']} threads); {k['zero_channels_not_removable']} zero channels "
+            "could not be removed"
+        )
+    lines += ["", layer_table(summary)]
     return "\n".join(lines)
 
 
