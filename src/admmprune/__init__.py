@@ -4,6 +4,7 @@ The public API is what this module re-exports; everything else is private.
 """
 
 from .admm import ADMM
+from .compact import CompactReport, compact
 from .constraints import (
     Channels,
     Columns,
@@ -24,6 +25,7 @@ __all__ = [
     "ChannelGroup",
     "Channels",
     "Columns",
+    "CompactReport",
     "Constraint",
     "Filters",
     "Intersection",
@@ -32,6 +34,7 @@ __all__ = [
     "Target",
     "Unstructured",
     "channel_groups",
+    "compact",
     "prune",
     "select",
 ]
