@@ -18,7 +18,7 @@ def test_readme_starts_with_two_setup_commands():
 
 
 def test_own_loop_example_runs_and_prunes(capsys):
-    (code,) = readme_python_blocks()
+    code = readme_python_blocks()[0]
     ns: dict = {"__name__": "readme_example"}
     exec(compile(code, str(README), "exec"), ns)
     model, masks = ns["model"], ns["masks"]
@@ -29,3 +29,17 @@ def test_own_loop_example_runs_and_prunes(capsys):
     assert ns["accuracy"]() >= ns["dense"] - 0.02
     assert "fewer weights" in capsys.readouterr().out
     assert set(masks) == {"0.weight", "2.weight"}
+
+
+def test_structured_example_runs_and_compacts_exactly(capsys):
+    code = readme_python_blocks()[1]
+    ns: dict = {"__name__": "readme_structured"}
+    exec(compile(code, str(README), "exec"), ns)
+    import torch
+
+    assert ns["report"].total_not_removable == 0
+    assert ns["report"].params_after < 0.35 * ns["report"].params_before
+    x = ns["torch"].randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert (ns["model"](x) - ns["small"](x)).abs().max() <= 1e-5
+    assert "channels removed" in capsys.readouterr().out

@@ -85,8 +85,15 @@ def channel_groups(
 
     keep = _check_keep("channel_groups", keep)
     names = {m: n for n, m in model.named_modules()}
-    ignored = ignored_layers if ignored_layers is not None else _output_layers(model, example_input)
-    DG = tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
+    was_training = model.training
+    model.eval()  # tracing runs a forward; batch-1 inputs would trip BatchNorm in train mode
+    try:
+        ignored = (
+            ignored_layers if ignored_layers is not None else _output_layers(model, example_input)
+        )
+        DG = tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
+    finally:
+        model.train(was_training)
     out = []
     for group in DG.get_all_groups(ignored_layers=ignored, root_module_types=list(_LAYERS)):
         root = names[group.items[0].dep.target.module]
