@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from admmprune import Unstructured, prune
-from admmprune.accounting import count
+from admmprune.accounting import count, fillers, storage, weight_storage
 from admmprune.latency import measure
 from admmprune.models import build_model
 
@@ -49,3 +49,48 @@ def test_latency_measure_reports_what_it_measured():
 def test_latency_on_cuda():
     r = measure(nn.Linear(16, 16).cuda(), torch.randn(4, 16, device="cuda"), repeats=3)
     assert r["device"].startswith("cuda")
+
+
+def hand_example():
+    W = torch.zeros(2, 8)
+    W.view(-1)[torch.tensor([1, 7, 15])] = torch.tensor([1.5, -1.5, 1.5])
+    return W
+
+
+def test_storage_formulas_match_a_hand_count():
+    """16 fp32 weights, non-zeros at flat 1, 7, 15 (gaps 2, 6, 8), values ±1.5."""
+    s = weight_storage(hand_example())
+    assert s["dense_raw"] == 16 * 32
+    # codebook {-1.5, 0, 1.5}: 2-bit codes, 3 fp32 entries
+    assert s["dense"]["bits"] == 16 * 2 + 3 * 32
+    # b = 3 holds every gap (<= 8), no fillers: 3 entries of 1-bit code + 3-bit gap, book {±1.5}
+    assert s["relative"] == {
+        "bits": 3 * (1 + 3) + 2 * 32,
+        "value_bits": 3,
+        "index_bits": 9,
+        "codebook_bits": 64,
+        "b": 3,
+        "fillers": 0,
+    }
+    # csr: 3 · (1-bit code + 3-bit column) + 3 row pointers of 2 bits + book
+    assert s["csr"]["bits"] == 3 * (1 + 3) + 3 * 2 + 64
+    # structured: rows {0, 1}, columns {1, 7}: a 2x2 block with a zero, 2-bit codes, bitmaps 2 + 8
+    assert s["structured"]["bits"] == 4 * 2 + 2 + 8 + 3 * 32
+    assert (s["format"], s["bits"]) == ("relative", 76)
+
+
+def test_relative_indices_need_fillers_for_long_gaps():
+    gaps = torch.tensor([2, 6, 8])
+    assert [fillers(gaps, b) for b in (1, 2, 3)] == [0 + 2 + 3, 0 + 1 + 1, 0]
+
+
+def test_storage_totals_cover_every_tensor():
+    model = nn.Sequential(nn.Linear(8, 2), nn.BatchNorm1d(2))
+    with torch.no_grad():
+        model[0].weight.copy_(hand_example())
+    s = storage(model)
+    assert set(s["layers"]) == {"0.weight"}
+    other = 2 * 32 + 4 * 2 * 32 + 64  # bias; BN weight, bias, running mean, var; batch count
+    assert s["other_bits"] == other
+    assert s["total_bits"] == 76 + other and s["total_raw"] == 16 * 32 + other
+    assert s["weights_value_bits"] == 3

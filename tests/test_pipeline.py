@@ -279,6 +279,13 @@ BAD = [
         "sparsity_type",
     ),
     ("bad_device", lambda t: {"device": "tpu"}, "device 'tpu'"),
+    ("quantize_1_bit", lambda t: {"quantize": {"layers": {"fc1": 1}}}, "quantize.layers.fc1"),
+    (
+        "quantize_unknown_layer",
+        lambda t: {"quantize": {"layers": {"conv7": 4}}},
+        "'conv7' matches no",
+    ),
+    ("quantize_without_layers", lambda t: {"quantize": {"epochs": 2}}, "quantize.layers is empty"),
 ]
 
 
@@ -344,3 +351,87 @@ def test_coupled_channels_needs_admm(tmp_path, capsys):
     recipe = tiny_recipe(tmp_path / "run", method="magnitude", coupled_channels={"keep": 0.5})
     assert main(["run", str(write(tmp_path / "r.yaml", recipe))]) == 2
     assert "coupled_channels works with method: admm" in capsys.readouterr().err
+
+
+def quantized_recipe(out):
+    return tiny_recipe(
+        out,
+        retrain={"epochs": 2, "optimizer": {"name": "adam", "lr": 0.001}},
+        quantize={
+            "epochs": 3,
+            "layers": {"fc1": 3, "fc2": "ternary", "fc3": 4},
+            "rho": 0.01,
+            "rho_growth": 2.0,
+            "updates_per_epoch": 2,
+            "optimizer": {"name": "adam", "lr": 0.0005},
+        },
+    )
+
+
+def test_prune_then_quantize_recipe_lands_on_levels_and_exports(tmp_path):
+    from admmprune import load_compressed
+
+    out = tmp_path / "q"
+    assert (
+        main(["run", str(write(tmp_path / "q.yaml", quantized_recipe(out))), "--no-progress"]) == 0
+    )
+    summary = json.loads((out / "summary.json").read_text())
+    W = torch.load(out / "model.pt", weights_only=True)
+    masks = masks_of(out)
+    for name, levels in (("fc1.weight", 7), ("fc2.weight", 3), ("fc3.weight", 15)):
+        assert W[name].unique().numel() <= levels, name  # every weight on a level (0 included)
+        assert torch.all(W[name][~masks[name]] == 0) if name in masks else True
+    assert summary["storage"]["distinct_values"]["fc2.weight"] <= 3
+    assert summary["accuracy"]["final"] >= summary["accuracy"]["dense"] - 0.05
+    # the packed file is what the accounting says, and loads back to the same model
+    st = summary["storage"]
+    assert abs(8 * st["file_bytes"] - st["total_bits"]) <= 0.05 * st["total_bits"]
+    assert st["rate"] > 20 and st["weights_rate"] > st["rate"]
+    model = load_compressed(out / "model.admmprune")
+    assert all(torch.equal(model.state_dict()[k], W[k]) for k in W)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").open()]
+    assert sum(r.get("event") == "update" and r["stage"] == "quantize" for r in rows) == 6
+
+    # `admmprune export`: the packed file again (same bytes) and ONNX of the compact model
+    assert (
+        main(
+            [
+                "export",
+                str(out),
+                "--out",
+                str(tmp_path / "again.bin"),
+                "--onnx",
+                str(tmp_path / "m.onnx"),
+            ]
+        )
+        == 0
+    )
+    assert (tmp_path / "again.bin").read_bytes() == (out / "model.admmprune").read_bytes()
+    import onnxruntime
+
+    x = torch.randn(5, 1, 8, 8)
+    sess = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"))
+    (logits,) = sess.run(None, {"input": x.numpy()})
+    with torch.no_grad():
+        expected = model.eval()(x)
+    assert (torch.from_numpy(logits) - expected).abs().max() <= 1e-4
+
+
+def test_resume_in_the_quantize_stage_is_exact(tmp_path):
+    ref = write(tmp_path / "ref.yaml", quantized_recipe(tmp_path / "ref"))
+    assert run_cli("run", str(ref)).returncode == 0
+    path = write(tmp_path / "k.yaml", quantized_recipe(tmp_path / "k"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "admmprune", "run", str(path)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    _wait_for_checkpoint(tmp_path / "k", proc, "quantize", 1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resumed = run_cli("run", str(path), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    wa = torch.load(tmp_path / "ref" / "model.pt", weights_only=True)
+    wb = torch.load(tmp_path / "k" / "model.pt", weights_only=True)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)

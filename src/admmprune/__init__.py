@@ -5,6 +5,7 @@ The public API is what this module re-exports; everything else is private.
 
 from .admm import ADMM
 from .compact import CompactReport, compact
+from .compressed import export_compressed, load_compressed
 from .constraints import (
     Channels,
     Columns,
@@ -16,12 +17,14 @@ from .constraints import (
 )
 from .groups import ChannelGroup, channel_groups
 from .masks import Masks, prune
+from .quantization import Binary, Quantized, Ternary
 from .select import Target, select
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ADMM",
+    "Binary",
     "ChannelGroup",
     "Channels",
     "Columns",
@@ -31,10 +34,14 @@ __all__ = [
     "Intersection",
     "Masks",
     "Projection",
+    "Quantized",
     "Target",
+    "Ternary",
     "Unstructured",
     "channel_groups",
     "compact",
+    "export_compressed",
+    "load_compressed",
     "prune",
     "select",
 ]

@@ -15,10 +15,19 @@ def atomic_save(obj: object, path: str | os.PathLike) -> None:
 
     A crash mid-write leaves the previous file intact, never a truncated one.
     """
+    _atomic(path, lambda tmp: torch.save(obj, tmp))
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically, like :func:`atomic_save`."""
+    _atomic(path, lambda tmp: tmp.write_bytes(data))
+
+
+def _atomic(path: str | os.PathLike, write) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        torch.save(obj, tmp)
+        write(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

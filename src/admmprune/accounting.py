@@ -1,4 +1,4 @@
-"""Parameters, non-zeros and multiply-accumulates (MACs), per layer and in total.
+"""Parameters, non-zeros, multiply-accumulates (MACs) and storage bits, per layer and in total.
 
 For a layer whose weight is used at ``P`` output positions per sample (``P = H_out·W_out`` for a
 2-D conv, the number of rows for a Linear: 1 on ``[B, F]`` inputs):
@@ -12,12 +12,13 @@ get the MAC reduction that structured pruning turned into smaller layers.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
-__all__ = ["LayerCount", "count"]
+__all__ = ["LayerCount", "count", "storage", "weight_storage"]
 
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
@@ -83,4 +84,172 @@ def count(model: nn.Module, example_input: torch.Tensor) -> dict:
         "nonzero": sum(int(torch.count_nonzero(p)) for p in params),
         "macs": sum(layer.macs for layer in layers),
         "sparse_macs": sum(layer.sparse_macs for layer in layers),
+    }
+
+
+# Storage ---------------------------------------------------------------------------------------
+#
+# Bits to store one Conv/Linear weight W (n entries, GEMM view rows × cols, nnz non-zeros):
+#
+#   values      raw (the dtype's bits per value), or codes of c = ceil(log2 #distinct) bits into a
+#               codebook of the distinct values (#distinct · dtype bits), whichever is smaller;
+#               quantized weights have few distinct values, so c is their bit width
+#   dense       n · c + codebook
+#   relative    (nnz + fillers) · (c + b) + codebook: each entry stores its gap to the previous
+#               non-zero (1 … 2^b) in b bits; a longer gap takes filler zeros, one per 2^b
+#               positions skipped; b minimises the total (ADMM-NN-S's relative indexing)
+#   csr         nnz · (c + ceil(log2 cols)) + (rows + 1) · ceil(log2(nnz + 1)) + codebook
+#   structured  the dense block of kept rows × kept columns · c + rows + cols (bitmaps of the
+#               kept ones) + codebook
+#
+# Every other tensor (biases, BatchNorm, buffers) is stored raw. The packed file of
+# :mod:`admmprune.compressed` writes each weight in its smallest format of dense, relative and
+# structured, with exactly these payload sizes.
+
+
+def _bits_for(count: int) -> int:
+    """Bits of a code that tells ``count`` values apart (at least 1)."""
+    return max(1, math.ceil(math.log2(count))) if count > 1 else 1
+
+
+@dataclass
+class ValueCode:
+    """How the values of a tensor are coded: raw, or ``bits``-bit codes into ``codebook``."""
+
+    raw_bits: int  # bits per raw value of the dtype
+    codebook: torch.Tensor | None  # sorted distinct values, or None for raw values
+
+    @property
+    def bits(self) -> int:
+        return self.raw_bits if self.codebook is None else _bits_for(self.codebook.numel())
+
+    @property
+    def table_bits(self) -> int:
+        return 0 if self.codebook is None else self.codebook.numel() * self.raw_bits
+
+
+def value_code(values: torch.Tensor, raw_bits: int, with_zero: bool = False) -> ValueCode:
+    """The cheaper of raw values and a codebook for ``values`` (plus 0 when ``with_zero``)."""
+    distinct = values.unique()
+    if with_zero and not bool((distinct == 0).any()):
+        distinct = torch.cat([distinct, distinct.new_zeros(1)]).sort().values
+    book = ValueCode(raw_bits, distinct)
+    if (
+        distinct.numel()
+        and book.bits * values.numel() + book.table_bits < raw_bits * values.numel()
+    ):
+        return book
+    return ValueCode(raw_bits, None)
+
+
+def relative_gaps(W: torch.Tensor) -> torch.Tensor:
+    """Gaps between consecutive non-zeros of the flattened ``W`` (the first from position −1)."""
+    pos = W.detach().flatten().nonzero().flatten()
+    return torch.diff(pos, prepend=pos.new_full((1,), -1))
+
+
+def fillers(gaps: torch.Tensor, b: int) -> int:
+    """Filler zeros that relative indices of ``b`` bits need for these gaps."""
+    return int(((gaps - 1) >> b).sum()) if gaps.numel() else 0
+
+
+def _gemm(W: torch.Tensor) -> torch.Tensor:
+    return W.detach().reshape(W.shape[0], -1) if W.ndim >= 2 else W.detach().reshape(1, -1)
+
+
+def weight_storage(W: torch.Tensor) -> dict:
+    """Bits of ``W`` in every format (see above), the best one, and its split into value bits,
+    index bits and codebook bits."""
+    raw = W.element_size() * 8
+    M = _gemm(W)
+    rows, cols = M.shape
+    n = W.numel()
+    nz = W.detach().flatten()[W.detach().flatten() != 0]
+    nnz = nz.numel()
+    out: dict = {"n": n, "nnz": nnz, "dense_raw": n * raw}
+
+    dense_code = value_code(W.detach().flatten(), raw)
+    out["dense"] = {
+        "bits": n * dense_code.bits + dense_code.table_bits,
+        "value_bits": n * dense_code.bits,
+        "index_bits": 0,
+        "codebook_bits": dense_code.table_bits,
+    }
+
+    gaps = relative_gaps(W)
+    best_rel = None
+    for b in range(1, max(2, math.ceil(math.log2(n + 1))) + 1):
+        f = fillers(gaps, b)
+        code = value_code(nz, raw, with_zero=f > 0)
+        entries = nnz + f
+        bits = entries * (code.bits + b) + code.table_bits
+        if best_rel is None or bits < best_rel["bits"]:
+            best_rel = {
+                "bits": bits,
+                "value_bits": entries * code.bits,
+                "index_bits": entries * b,
+                "codebook_bits": code.table_bits,
+                "b": b,
+                "fillers": f,
+            }
+    out["relative"] = best_rel
+
+    nz_code = value_code(nz, raw)
+    col_bits, ptr_bits = _bits_for(cols), _bits_for(nnz + 1)
+    out["csr"] = {
+        "bits": nnz * (nz_code.bits + col_bits) + (rows + 1) * ptr_bits + nz_code.table_bits,
+        "value_bits": nnz * nz_code.bits,
+        "index_bits": nnz * col_bits + (rows + 1) * ptr_bits,
+        "codebook_bits": nz_code.table_bits,
+    }
+
+    keep_r, keep_c = M.ne(0).any(dim=1), M.ne(0).any(dim=0)
+    block = M[keep_r][:, keep_c]
+    block_code = value_code(block.flatten(), raw)
+    out["structured"] = {
+        "bits": block.numel() * block_code.bits + rows + cols + block_code.table_bits,
+        "value_bits": block.numel() * block_code.bits,
+        "index_bits": rows + cols,
+        "codebook_bits": block_code.table_bits,
+        "rows": int(keep_r.sum()),
+        "cols": int(keep_c.sum()),
+    }
+    out["format"] = min(("dense", "relative", "structured"), key=lambda f: out[f]["bits"])
+    out["bits"] = out[out["format"]]["bits"]
+    return out
+
+
+def layer_weights(model: nn.Module) -> set[str]:
+    """State-dict names of every Conv/Linear weight: the tensors stored in a sparse format."""
+    return {
+        f"{n}.weight" if n else "weight" for n, m in model.named_modules() if isinstance(m, _LAYERS)
+    }
+
+
+@torch.no_grad()
+def storage(model: nn.Module) -> dict:
+    """Storage in bits of every tensor of ``model.state_dict()``.
+
+    Returns ``{"layers": {weight name: weight_storage(W)}, "other_bits", "weights_raw",
+    "weights_bits", "weights_value_bits", "total_raw", "total_bits"}``: Conv/Linear weights in
+    their best format (``weights_value_bits`` leaves the index and codebook out, the way the
+    papers count), everything else raw. ``total_raw / total_bits`` is the compression rate.
+    """
+    weights = layer_weights(model)
+    layers, other = {}, 0
+    for name, t in model.state_dict().items():
+        if name in weights:
+            layers[name] = weight_storage(t)
+        else:
+            other += t.numel() * t.element_size() * 8
+    weights_raw = sum(s["dense_raw"] for s in layers.values())
+    weights_bits = sum(s["bits"] for s in layers.values())
+    return {
+        "layers": layers,
+        "other_bits": other,
+        "weights_raw": weights_raw,
+        "weights_bits": weights_bits,
+        "weights_value_bits": sum(s[s["format"]]["value_bits"] for s in layers.values()),
+        "total_raw": weights_raw + other,
+        "total_bits": weights_bits + other,
     }

@@ -95,6 +95,9 @@ class ADMM:
             ``rho·(W − Z + U)`` to each gradient in backward; do not add the penalty).
         groups: coupled channel groups (:func:`admmprune.channel_groups`), each projected
             jointly so that every channel ADMM zeroes is physically removable.
+        support: a fixed support per constrained parameter (e.g. the :class:`Masks` of an
+            earlier pruning): ``Z = Π_S`` of the kept entries, zero elsewhere. This is how a
+            pruned model is quantized (ADMM-NN-S); it needs element-wise constraints.
 
     Under ``torch.amp.GradScaler`` use ``mode="penalty"``: the hooks would add an unscaled term
     to scaled gradients.
@@ -111,6 +114,7 @@ class ADMM:
         rho_max: float | None = None,
         mode: str = "penalty",
         groups: Sequence[ChannelGroup] = (),
+        support: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
         if mode not in ("penalty", "grad"):
             raise ValueError(
@@ -128,6 +132,7 @@ class ADMM:
             select(model, spec, default) if (spec or default is not None or not self.groups) else []
         )
         self.targets += self._group_targets()
+        self.support = self._check_support(support)
         self._state: dict[str, _LayerState] = {}
         with torch.no_grad():
             W = {t.name: t.param.detach().float() for t in self.targets}
@@ -160,10 +165,45 @@ class ADMM:
                 out.append(Target(pname, mname, modules[mname], attr, g, 1))
         return out
 
+    def _check_support(self, support: Mapping[str, torch.Tensor] | None) -> dict:
+        if support is None:
+            return {}
+        out = {}
+        for t in self.targets:
+            if not getattr(t.constraint, "elementwise", False):
+                raise ValueError(
+                    f"{t.name!r}: support= needs an element-wise constraint (Unstructured, "
+                    f"Quantized, Ternary, Binary), not {t.constraint!r}; structured sets choose "
+                    "their own support, so leave support= out for them."
+                )
+            if t.name not in support:
+                raise ValueError(
+                    f"{t.name!r} is constrained but has no support mask (masks cover "
+                    f"{sorted(support)}); pass the masks of every constrained layer."
+                )
+            mask = support[t.name]
+            if tuple(mask.shape) != tuple(t.param.shape):
+                raise ValueError(
+                    f"{t.name!r}: support mask of shape {tuple(mask.shape)} does not fit the "
+                    f"weight {tuple(t.param.shape)}."
+                )
+            out[t.name] = mask.to(torch.bool)
+        return out
+
+    def _project_one(self, t: Target, V: torch.Tensor) -> Projection:
+        mask = self.support.get(t.name)
+        if mask is None:
+            return t.constraint.project(V, t.groups)
+        mask = mask.to(V.device)
+        kept = t.constraint.project(V[mask], t.groups)  # only the kept entries
+        Z = torch.zeros_like(V).masked_scatter_(mask, kept.Z)
+        support = torch.zeros_like(mask).masked_scatter_(mask, kept.support)
+        return Projection(Z, support)
+
     def _project(self, V: Mapping[str, torch.Tensor]) -> dict[str, Projection]:
         """Π_S for every target: one layer at a time, or a whole channel group jointly."""
         out = {
-            t.name: t.constraint.project(V[t.name], t.groups)
+            t.name: self._project_one(t, V[t.name])
             for t in self.targets
             if not isinstance(t.constraint, ChannelGroup)
         }

@@ -1,4 +1,4 @@
-"""The command line: ``admmprune run RECIPE``, ``admmprune demo``, ``admmprune report RUN_DIR``."""
+"""The command line: ``admmprune run RECIPE``, ``demo``, ``report RUN_DIR``, ``export RUN_DIR``."""
 
 from __future__ import annotations
 
@@ -75,7 +75,22 @@ def main(argv: list[str] | None = None) -> int:
     p_rep = sub.add_parser("report", help="print the summary of a finished run")
     p_rep.add_argument("run_dir")
 
+    p_exp = sub.add_parser("export", help="write a finished run's model packed (and as ONNX)")
+    p_exp.add_argument("run_dir")
+    p_exp.add_argument("--out", help="packed file to write (default RUN_DIR/model.admmprune)")
+    p_exp.add_argument("--onnx", metavar="FILE", help="also write the compacted model as ONNX")
+
     args = parser.parse_args(argv)
+    if args.command == "export":
+        from .export import export_run
+
+        try:
+            for line in export_run(args.run_dir, args.out, args.onnx):
+                print(line)
+        except ValueError as exc:
+            print(f"admmprune: error: {exc}", file=sys.stderr)
+            return 2
+        return 0
     if args.command == "report":
         from .report import print_report
 

@@ -88,6 +88,23 @@ class AdmmCfg(StageCfg):
     updates_per_epoch: Annotated[int, Field(ge=0)] = 0
 
 
+Bits = Annotated[int, Field(ge=2, le=16)] | Literal["binary", "ternary"]
+
+
+class QuantizeCfg(StageCfg):
+    """ADMM quantization of the kept weights after masked retraining (ADMM-NN-S).
+
+    ``layers`` maps layer names/globs (as in ``constraints``) to bits, ``binary`` or ``ternary``;
+    empty: no quantization. ``epochs: 0`` quantizes in one shot (nearest levels, no ADMM).
+    """
+
+    layers: dict[str, Bits] = {}
+    levels: Literal["uniform", "pow2"] = "uniform"
+    rho: PosFloat = 1e-2
+    rho_growth: PosFloat = 1.0
+    updates_per_epoch: Annotated[int, Field(gt=0)] = 1
+
+
 class HeuristicCfg(_Strict):
     """Settings of the baseline methods (see :mod:`admmprune.baselines`)."""
 
@@ -142,6 +159,7 @@ class Recipe(_Strict):
     pretrain: StageCfg = StageCfg()
     admm: AdmmCfg = AdmmCfg()
     retrain: StageCfg = StageCfg()
+    quantize: QuantizeCfg = QuantizeCfg()
     constraints: dict[str, ConstraintCfg] = {}
     default_constraint: ConstraintCfg = None
     coupled_channels: CoupledCfg | None = None
@@ -177,24 +195,47 @@ class Recipe(_Strict):
             raise ValueError("coupled_channels works with method: admm only (for now)")
         if self.coupled_channels is not None and self.admm.epochs == 0:
             raise ValueError("coupled_channels needs admm.epochs > 0")
+        if self.quantize.epochs > 0 and not self.quantize.layers:
+            raise ValueError(
+                "quantize.epochs > 0 but quantize.layers is empty; name the layers to quantize, "
+                "e.g. quantize: {layers: {'*': 4}}"
+            )
         return self
 
     def spec(self):
         """The constraint spec for :class:`admmprune.ADMM` (keys ``type:Name`` become types)."""
-        import torch.nn as nn
+        spec = {key: to_constraint(value) for key, value in self.constraints.items()}
+        return _module_types("constraints", spec), to_constraint(self.default_constraint)
 
-        out = {}
-        for key, value in self.constraints.items():
-            if key.startswith("type:"):
-                cls = getattr(nn, key[5:], None)
-                if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-                    raise RecipeError(
-                        f"constraints[{key!r}]: torch.nn has no module type {key[5:]!r}"
-                    )
-                out[cls] = to_constraint(value)
-            else:
-                out[key] = to_constraint(value)
-        return out, to_constraint(self.default_constraint)
+    def quantize_spec(self):
+        """The quantization spec for :class:`admmprune.ADMM` (empty when ``quantize`` is off)."""
+        from .quantization import Binary, Quantized, Ternary
+
+        q = self.quantize
+
+        def make(bits):
+            if bits == "binary":
+                return Binary()
+            if bits == "ternary":
+                return Ternary()
+            return Quantized(bits, q.levels)
+
+        return _module_types("quantize.layers", {k: make(b) for k, b in q.layers.items()})
+
+
+def _module_types(section: str, spec: dict) -> dict:
+    """Keys ``type:Name`` become the module type ``torch.nn.Name``; other keys stay names/globs."""
+    import torch.nn as nn
+
+    out = {}
+    for key, value in spec.items():
+        if key.startswith("type:"):
+            cls = getattr(nn, key[5:], None)
+            if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+                raise RecipeError(f"{section}[{key!r}]: torch.nn has no module type {key[5:]!r}")
+            key = cls
+        out[key] = value
+    return out
 
 
 def to_constraint(pairs: dict[str, float] | None) -> constraints.Constraint | None:

@@ -120,6 +120,9 @@ class Constraint:
 
     #: smallest tensor rank the constraint applies to (2 for the structured GEMM-view sets)
     min_ndim: int = 1
+    #: whether the set constrains each entry on its own, so it can act on any subset of entries
+    #: (``ADMM(..., support=masks)`` projects only the kept weights)
+    elementwise: bool = False
 
     def project(self, W: torch.Tensor, groups: int = 1) -> Projection:
         """Return ``Π_S(W)`` and its support. ``groups`` is the conv's ``groups`` attribute."""
@@ -176,6 +179,8 @@ class Unstructured(_KeepFraction):
 
     Π_S(W) keeps the ``k = keep·n`` entries of largest ``|w|`` and zeros the rest.
     """
+
+    elementwise = True
 
     def project(self, W: torch.Tensor, groups: int = 1) -> Projection:
         scores = _scores_dtype(W).detach().abs().flatten()
@@ -261,6 +266,7 @@ class Intersection(Constraint):
             raise ValueError("Intersection needs at least two constraints.")
         self.parts = tuple(flat)
         self.min_ndim = max(p.min_ndim for p in flat)
+        self.elementwise = all(p.elementwise for p in flat)
 
     def check(self, W: torch.Tensor, layer: str, groups: int = 1) -> None:
         for part in self.parts:

@@ -1,4 +1,5 @@
-"""A recipe's run: pretrain → ADMM → hard prune → masked retrain → report, resumable.
+"""A recipe's run: pretrain → ADMM → hard prune → masked retrain (→ ADMM quantization → hard
+quantize) → compact → report, resumable.
 
 Everything that can be wrong with a recipe (model, data, checkpoint, constraint spec) is checked
 in :func:`prepare`, before the run dir is created, so a bad recipe leaves nothing behind.
@@ -23,9 +24,11 @@ import yaml
 from torch import nn
 
 from ._io import atomic_save, safe_load
-from .accounting import count
+from .accounting import count, storage
+from .admm import ADMM
 from .baselines import make_method
 from .compact import compact
+from .compressed import export_compressed
 from .config import Recipe, RecipeError
 from .data import DataBundle, load_data
 from .groups import channel_groups
@@ -45,7 +48,7 @@ from .train import (
 
 __all__ = ["Interrupted", "Prepared", "prepare", "run"]
 
-STAGES = ("pretrain", "admm", "retrain")
+STAGES = ("pretrain", "admm", "retrain", "quantize")
 _CKPT = "checkpoint.pt"
 _FORMAT = "admmprune.checkpoint"
 
@@ -151,11 +154,12 @@ def prepare(recipe: Recipe, *, resume: bool = False, force: bool = False) -> Pre
                             "constraints; constrain each parameter once."
                         )
                     constraint_names[pname] = repr(g)
+        quant_names = {t.name: repr(t.constraint) for t in select(model, recipe.quantize_spec())}
     except RecipeError:
         raise
     except ValueError as exc:
         raise RecipeError(str(exc)) from None
-    extra = {"groups": groups, "constraint_names": constraint_names}
+    extra = {"groups": groups, "constraint_names": constraint_names, "quant_names": quant_names}
     model = model.to(device)
     return Prepared(recipe, run_dir, data, model, device, spec, default, resume_state, extra)
 
@@ -191,6 +195,7 @@ class _Run:
         self.model = p.model
         self.method = None  # the compression stage's method (ADMM or a heuristic)
         self.masks: Masks | None = None
+        self.quant: ADMM | None = None  # the quantize stage's ADMM
         self.info: dict = {"times": {}}
         self.metrics_lines = 0
 
@@ -223,6 +228,7 @@ class _Run:
                 "scheduler": sched.state_dict() if sched is not None else None,
                 "method": self.method.state_dict() if self.method is not None else None,
                 "masks": self.masks.state_dict() if self.masks is not None else None,
+                "quant": self.quant.state_dict() if self.quant is not None else None,
                 "rng": rng,
                 "metrics_lines": self.metrics_lines,
                 "info": self.info,
@@ -297,12 +303,43 @@ class _Run:
             elif self.masks is None:
                 self.masks = self._hard_prune()
             self.masks.attach(opt)
+        if stage == "quantize":
+            if state is not None and state.get("masks") is not None:
+                self.masks = Masks.from_state_dict(self.model, state["masks"])
+            self.masks.attach(opt)
+            self.quant = self._quant_admm()
+            if state is not None and state.get("quant") is not None:
+                self.quant.load_state_dict(state["quant"])
         if state is not None and state.get("optimizer") is not None:
             opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["scheduler"])
             if self.masks is not None:
                 self.masks.attach(opt)  # re-zero the loaded optimizer state off the support
         return opt, sched
+
+    def _quant_admm(self) -> ADMM:
+        """ADMM on the quantization sets, projecting only the weights the masks keep."""
+        q = self.r.quantize
+        spec = self.r.quantize_spec()
+        support = {
+            t.name: self.masks[t.name]
+            if t.name in self.masks
+            else torch.ones_like(t.param, dtype=torch.bool)
+            for t in select(self.model, spec)
+        }
+        return ADMM(self.model, spec, support=support, rho=q.rho, rho_growth=q.rho_growth)
+
+    def _hard_quantize(self) -> None:
+        """``W ← Π_S(W)`` on the quantization sets: every kept weight lands on a level."""
+        if self.quant is None:  # no quantize epochs: one-shot nearest levels
+            self.masks.detach()
+            self.quant = self._quant_admm()
+        self.quant.prune()
+        self.quant = None
+        after = self._evaluate()
+        self.info["quantized_acc"] = after["test_acc"]
+        self.metric(stage="quantize", event="hard_quantize", **after)
+        self.log(f"[quantize] weights on their levels, test acc {after['test_acc']:.4f}")
 
     def _steps_per_epoch(self) -> int:
         return -(-len(self.p.data.train) // self.r.data.batch_size)
@@ -347,6 +384,8 @@ class _Run:
 
     def _run_stage(self, si: int, stage: str, state: dict | None, flag: _StopFlag) -> None:
         cfg = getattr(self.r, stage)
+        if stage == "quantize" and not self.r.quantize.layers:
+            return
         if stage == "retrain" or cfg.epochs > 0:
             opt, sched = self._begin_stage(stage, state)
         else:
@@ -363,6 +402,14 @@ class _Run:
                     for row in self.method.after_step(base + b):
                         self.metric(stage="admm", **row)
 
+            elif stage == "quantize":
+                every = max(1, self._steps_per_epoch() // self.r.quantize.updates_per_epoch)
+
+                def on_step(b, every=every):
+                    if b % every == 0:
+                        layers = self.quant.update()
+                        self.metric(stage="quantize", event="update", layers=layers)
+
             res = train_epoch(
                 self.model,
                 self.p.data.train,
@@ -371,7 +418,9 @@ class _Run:
                 batch_size=self.r.data.batch_size,
                 device=self.p.device,
                 start_batch=batch,
-                admm=self.method.admm if stage == "admm" else None,
+                admm={"admm": getattr(self.method, "admm", None), "quantize": self.quant}.get(
+                    stage
+                ),
                 amp=self.r.amp,
                 num_workers=self.r.data.num_workers,
                 progress=self.r.progress,
@@ -422,6 +471,8 @@ class _Run:
             self.info.setdefault("dense_acc", self._evaluate()["test_acc"])
         if stage == "retrain" and cfg.epochs == 0:
             self.save(stage, 0, 0, opt, sched)
+        if stage == "quantize":
+            self._hard_quantize()
 
     def _compact(self) -> dict:
         """Remove the zero channel groups; MACs, parameters and measured latency before/after.
@@ -449,6 +500,36 @@ class _Run:
             "speedup": t_dense["median_ms"] / t_small["median_ms"],
         }
 
+    def _storage(self) -> dict:
+        """Storage accounting, and the packed file (``model.admmprune``) with its real size."""
+        s = storage(self.model)
+        d = self.p.data
+        spec = {
+            "name": self.r.model.name,
+            "num_classes": d.num_classes,
+            "in_channels": d.in_channels,
+            "input_size": d.input_size,
+            "kwargs": self.r.model.kwargs,
+        }
+        nbytes = export_compressed(self.model, self.dir / "model.admmprune", spec)
+        return {
+            "model_spec": spec,
+            "total_raw_bits": s["total_raw"],
+            "total_bits": s["total_bits"],
+            "rate": s["total_raw"] / s["total_bits"],
+            "weights_raw_bits": s["weights_raw"],
+            "weights_bits": s["weights_bits"],
+            "weights_rate": s["weights_raw"] / s["weights_bits"],
+            "weights_rate_without_index": s["weights_raw"] / max(s["weights_value_bits"], 1),
+            "file_bytes": nbytes,
+            "formats": {k: v["format"] for k, v in s["layers"].items()},
+            "distinct_values": {
+                name: int(p.detach().unique().numel())
+                for name, p in self.model.named_parameters()
+                if name in self.p.extra["quant_names"]
+            },
+        }
+
     def _finish(self) -> dict:
         final = self._evaluate()
         self.masks.detach()
@@ -458,6 +539,7 @@ class _Run:
         summary = summarize(self.model, names, self.r, self.info, final)
         if self.r.compact:
             summary["compact"] = self._compact()
+        summary["storage"] = self._storage()
         (self.dir / "summary.json").write_text(json.dumps(summary, indent=2))
         (self.dir / "layers.md").write_text(layer_table(summary) + "\n")
         return summary

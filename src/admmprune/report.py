@@ -42,6 +42,7 @@ def summarize(
             "start": info.get("start_acc"),
             "dense": info.get("dense_acc"),
             "pruned_before_retrain": info.get("pruned_acc"),
+            "quantized": info.get("quantized_acc"),
             "final": final["test_acc"],
             **({"final_val": final["val_acc"]} if "val_acc" in final else {}),
         },
@@ -85,7 +86,11 @@ def format_summary(summary: dict) -> str:
     lines = [
         f"model {summary['model']} on {summary['dataset']} (seed {summary['seed']})",
         f"test accuracy: dense {_fmt(a['dense'])} → pruned {_fmt(a['pruned_before_retrain'])} "
-        f"→ retrained {_fmt(a['final'])}",
+        + (
+            f"→ retrained and quantized {_fmt(a['final'])}"
+            if a.get("quantized") is not None
+            else f"→ retrained {_fmt(a['final'])}"
+        ),
         f"compression: constrained layers {c['rate']:.1f}× ({c['nonzero']:,} of {c['weights']:,} "
         f"weights kept); whole model {p['rate']:.1f}× ({p['nonzero']:,} of {p['params']:,} "
         "parameters non-zero)",
@@ -97,6 +102,13 @@ def format_summary(summary: dict) -> str:
             f"MACs, measured {k['speedup']:.2f}x faster (batch {k['latency_batch']}, "
             f"{k['latency_threads']} threads); {k['zero_channels_not_removable']} zero channels "
             "could not be removed"
+        )
+    if "storage" in summary:
+        st = summary["storage"]
+        lines.append(
+            f"storage: {st['file_bytes']:,} bytes packed (model.admmprune), {st['rate']:.1f}x "
+            f"smaller than fp32; Conv/Linear weights {st['weights_rate']:.1f}x "
+            f"({st['weights_rate_without_index']:.1f}x not counting index bits)"
         )
     lines += ["", layer_table(summary)]
     return "\n".join(lines)
@@ -113,6 +125,8 @@ def print_report(run_dir: str | Path) -> str:
         )
     text = format_summary(json.loads(path.read_text()))
     files = ", ".join(
-        n for n in ("metrics.jsonl", "model.pt", "masks.pt", "layers.md") if (run_dir / n).exists()
+        n
+        for n in ("metrics.jsonl", "model.pt", "masks.pt", "model.admmprune", "layers.md")
+        if (run_dir / n).exists()
     )
     return text + f"\n\nfiles in {run_dir}: summary.json, {files}"

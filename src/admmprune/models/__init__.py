@@ -41,6 +41,11 @@ def _torchvision_names() -> list[str]:
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
+def is_import_path(name: str) -> bool:
+    """Whether building ``name`` would import user code (``package.module:factory``)."""
+    return ":" in name and not name.startswith("torchvision:")
+
+
 def build_model(
     name: str, *, num_classes: int, in_channels: int, input_size: int, kwargs: dict | None = None
 ) -> nn.Module:
@@ -64,7 +69,7 @@ def build_model(
                 f"torchvision's {tv} expects 3-channel images, the data has {in_channels}."
             )
         return torchvision.models.get_model(tv, num_classes=num_classes, **kwargs)
-    if ":" in name:
+    if is_import_path(name):
         module_name, _, attr = name.partition(":")
         try:
             factory = getattr(importlib.import_module(module_name), attr)

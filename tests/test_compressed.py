@@ -1,0 +1,120 @@
+"""The packed file: identical model back, size within 5 % of the accounting, bad files refused."""
+
+import struct
+import zlib
+
+import pytest
+import torch
+from torch import nn
+
+import admmprune as ap
+from admmprune.accounting import storage
+from admmprune.models import build_model
+
+SPEC = {"name": "lenet5", "num_classes": 10, "in_channels": 1, "input_size": 28}
+
+
+def pruned_quantized_lenet5():
+    torch.manual_seed(0)
+    model = build_model(**SPEC)
+    masks = ap.prune(
+        model,
+        {
+            "conv1": ap.Filters(0.5),  # structured: a smaller dense block
+            "conv2": ap.Unstructured(0.08),
+            "fc1": ap.Unstructured(0.01),
+            "fc2": ap.Unstructured(0.1),
+        },
+    )
+    admm = ap.ADMM(
+        model,
+        {"conv2": ap.Quantized(4), "fc1": ap.Ternary(), "fc2": ap.Binary()},
+        support={k: masks[k] for k in ("conv2.weight", "fc1.weight", "fc2.weight")},
+    )
+    admm.prune()  # hard-quantize the kept weights
+    return model.eval()
+
+
+def test_round_trip_is_identical_and_sized_like_the_accounting(tmp_path):
+    model = pruned_quantized_lenet5()
+    path = tmp_path / "m.admmprune"
+    written = ap.export_compressed(model, path, SPEC)
+    assert path.stat().st_size == written
+    back = ap.load_compressed(path)  # builds LeNet-5 from the stored spec
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, back.state_dict()[k]), k
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(model(x), back.eval()(x))
+    s = storage(model)
+    formats = {k: v["format"] for k, v in s["layers"].items()}
+    assert formats["conv1.weight"] == "structured" and formats["fc1.weight"] == "relative"
+    assert abs(written * 8 - s["total_bits"]) <= 0.05 * s["total_bits"]
+    assert s["total_raw"] / s["total_bits"] > 20
+
+
+def test_dense_float_model_round_trips_into_a_given_instance(tmp_path):
+    torch.manual_seed(1)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, groups=1), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 2)
+    )
+    model[1].running_mean.uniform_()
+    path = tmp_path / "dense.bin"
+    ap.export_compressed(model, path)
+    other = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 2))
+    back = ap.load_compressed(path, other)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, back.state_dict()[k]), k
+    with pytest.raises(ValueError, match="pass model="):
+        ap.load_compressed(path)  # no spec stored, no model given
+    with pytest.raises(ValueError, match="does not fit"):
+        ap.load_compressed(path, nn.Sequential(nn.Linear(4, 2)))
+
+
+def corrupt(data: bytes, how: str) -> bytes:
+    hlen = struct.unpack("<I", data[8:12])[0]
+    if how == "magic":
+        return b"PK\x03\x04" + data[4:]
+    if how == "version":
+        return data[:7] + b"\x09" + data[8:]
+    if how == "truncated":
+        return data[:-3]
+    if how == "appended":
+        return data + b"\x00"
+    if how == "header":
+        return data[:12] + b"\xff" * hlen + data[12 + hlen :]
+    if how == "format":
+        import json
+
+        header = json.loads(zlib.decompress(data[12 : 12 + hlen]))
+        header["tensors"][0][3] = "zip"
+        h = zlib.compress(json.dumps(header).encode())
+        return data[:8] + struct.pack("<I", len(h)) + h + data[12 + hlen :]
+    if how == "sizes":  # a header that lies about one tensor's sections
+        import json
+
+        header = json.loads(zlib.decompress(data[12 : 12 + hlen]))
+        header["tensors"][0][2] = [1, 1]  # [name, dtype, shape, format, ...]
+        h = zlib.compress(json.dumps(header).encode())
+        return data[:8] + struct.pack("<I", len(h)) + h + data[12 + hlen :]
+    raise AssertionError(how)
+
+
+@pytest.mark.parametrize(
+    "how,match",
+    [
+        ("magic", "bad magic"),
+        ("version", "version 9"),
+        ("truncated", "truncated"),
+        ("appended", "truncated or appended"),
+        ("header", "unreadable header"),
+        ("sizes", "truncated or appended"),
+        ("format", "bad tensor entry"),
+    ],
+)
+def test_malformed_files_are_refused(tmp_path, how, match):
+    path = tmp_path / "m.bin"
+    ap.export_compressed(pruned_quantized_lenet5(), path, SPEC)
+    path.write_bytes(corrupt(path.read_bytes(), how))
+    with pytest.raises(ValueError, match=match):
+        ap.load_compressed(path)
