@@ -435,3 +435,14 @@ def test_resume_in_the_quantize_stage_is_exact(tmp_path):
     wa = torch.load(tmp_path / "ref" / "model.pt", weights_only=True)
     wb = torch.load(tmp_path / "k" / "model.pt", weights_only=True)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_masked_mapping_recipe_lands_on_levels(tmp_path):
+    r = quantized_recipe(tmp_path / "mm")
+    r["quantize"] = {**r["quantize"], "method": "masked_mapping", "mapping_share": 0.4}
+    assert main(["run", str(write(tmp_path / "mm.yaml", r)), "--no-progress"]) == 0
+    W = torch.load(tmp_path / "mm" / "model.pt", weights_only=True)
+    assert W["fc1.weight"].unique().numel() <= 7 and W["fc2.weight"].unique().numel() <= 3
+    rows = [json.loads(x) for x in (tmp_path / "mm" / "metrics.jsonl").open()]
+    shares = [r["frozen"]["fc1.weight"] for r in rows if r.get("event") == "freeze"]
+    assert shares == pytest.approx([0.4, 0.8, 1.0], abs=0.01)

@@ -136,3 +136,36 @@ def test_support_needs_an_elementwise_constraint():
         ap.ADMM(model, {"0": ap.Filters(0.5)}, support=masks)
     with pytest.raises(ValueError, match="no support mask"):
         ap.ADMM(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)), {"*": ap.Ternary()}, support={})
+
+
+@pytest.mark.parametrize("constraint", [ap.Quantized(3), ap.Ternary()])
+def test_masked_mapping_freezes_a_growing_share_on_its_levels(constraint):
+    from admmprune.quantization import MaskedMapping
+
+    torch.manual_seed(5)
+    X = torch.randn(256, 12)
+    y = (X[:, :3].sum(1) > 0).long()
+    model = nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 2))
+    masks = ap.prune(model, {"0": ap.Unstructured(0.4)})
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    masks.attach(opt)
+    mm = MaskedMapping(model, {"0": constraint}, support=masks, share=0.3).attach(opt)
+    W = model[0].weight
+    levels = mm.levels["0.weight"]
+    kept = masks["0.weight"]
+    for round_ in range(1, 4):
+        frozen_share = mm.step()["0.weight"]
+        assert frozen_share == pytest.approx(min(1.0, 0.3 * round_), abs=1 / int(kept.sum()))
+        frozen = mm.frozen["0.weight"].clone()
+        before = W.detach()[frozen].clone()
+        for _ in range(10):
+            loss = nn.functional.cross_entropy(model(X), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        assert torch.equal(W.detach()[frozen], before)  # frozen weights never move
+        assert torch.isin(W.detach()[frozen], levels).all()
+        assert not (frozen & ~kept).any()
+    mm.finish()
+    assert torch.isin(W.detach()[kept], levels).all()
+    assert torch.all(W.detach()[~kept] == 0)

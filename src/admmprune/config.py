@@ -95,11 +95,15 @@ class QuantizeCfg(StageCfg):
     """ADMM quantization of the kept weights after masked retraining (ADMM-NN-S).
 
     ``layers`` maps layer names/globs (as in ``constraints``) to bits, ``binary`` or ``ternary``;
-    empty: no quantization. ``epochs: 0`` quantizes in one shot (nearest levels, no ADMM).
+    empty: no quantization. ``epochs: 0`` quantizes in one shot (nearest levels, no training).
     """
 
     layers: dict[str, Bits] = {}
     levels: Literal["uniform", "pow2"] = "uniform"
+    # admm: ADMM towards the levels, then snap; masked_mapping: the authors' retraining that
+    # freezes mapping_share more of the weights on their levels every epoch
+    method: Literal["admm", "masked_mapping"] = "admm"
+    mapping_share: Annotated[float, Field(gt=0, le=1)] = 0.3
     rho: PosFloat = 1e-2
     rho_growth: PosFloat = 1.0
     updates_per_epoch: Annotated[int, Field(gt=0)] = 1

@@ -1,4 +1,4 @@
-"""Export a finished run: the packed file (:mod:`admmprune.compressed`) and ONNX of the compact model.
+"""Export a finished run: the packed file (:mod:`admmprune.compressed`), ONNX of the compact model.
 
 The run's model is rebuilt from ``summary.json``'s model description and ``model.pt`` (loaded
 ``weights_only``); the compact model is rebuilt by :func:`admmprune.compact`, which is

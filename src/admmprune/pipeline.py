@@ -35,6 +35,7 @@ from .groups import channel_groups
 from .latency import measure
 from .masks import Masks, prune
 from .models import build_model
+from .quantization import MaskedMapping
 from .report import layer_table, summarize
 from .select import select
 from .train import (
@@ -195,7 +196,7 @@ class _Run:
         self.model = p.model
         self.method = None  # the compression stage's method (ADMM or a heuristic)
         self.masks: Masks | None = None
-        self.quant: ADMM | None = None  # the quantize stage's ADMM
+        self.quant: ADMM | MaskedMapping | None = None  # the quantize stage's method
         self.info: dict = {"times": {}}
         self.metrics_lines = 0
 
@@ -307,7 +308,9 @@ class _Run:
             if state is not None and state.get("masks") is not None:
                 self.masks = Masks.from_state_dict(self.model, state["masks"])
             self.masks.attach(opt)
-            self.quant = self._quant_admm()
+            self.quant = self._quantizer()
+            if isinstance(self.quant, MaskedMapping):
+                self.quant.attach(opt)
             if state is not None and state.get("quant") is not None:
                 self.quant.load_state_dict(state["quant"])
         if state is not None and state.get("optimizer") is not None:
@@ -317,8 +320,9 @@ class _Run:
                 self.masks.attach(opt)  # re-zero the loaded optimizer state off the support
         return opt, sched
 
-    def _quant_admm(self) -> ADMM:
-        """ADMM on the quantization sets, projecting only the weights the masks keep."""
+    def _quantizer(self) -> ADMM | MaskedMapping:
+        """ADMM on the quantization sets, projecting only the weights the masks keep (or the
+        authors' masked mapping)."""
         q = self.r.quantize
         spec = self.r.quantize_spec()
         support = {
@@ -327,19 +331,30 @@ class _Run:
             else torch.ones_like(t.param, dtype=torch.bool)
             for t in select(self.model, spec)
         }
+        if q.method == "masked_mapping":
+            return MaskedMapping(self.model, spec, support=support, share=q.mapping_share)
         return ADMM(self.model, spec, support=support, rho=q.rho, rho_growth=q.rho_growth)
 
     def _hard_quantize(self) -> None:
         """``W ← Π_S(W)`` on the quantization sets: every kept weight lands on a level."""
         if self.quant is None:  # no quantize epochs: one-shot nearest levels
             self.masks.detach()
-            self.quant = self._quant_admm()
-        self.quant.prune()
+            self.quant = self._quantizer()
+        if isinstance(self.quant, MaskedMapping):
+            self.quant.finish()
+        else:
+            self.quant.prune()
         self.quant = None
         after = self._evaluate()
         self.info["quantized_acc"] = after["test_acc"]
         self.metric(stage="quantize", event="hard_quantize", **after)
         self.log(f"[quantize] weights on their levels, test acc {after['test_acc']:.4f}")
+
+    def _admm_of(self, stage: str) -> ADMM | None:
+        """The ADMM whose penalty joins the loss in ``stage`` (None: plain training)."""
+        if stage == "admm":
+            return self.method.admm
+        return self.quant if stage == "quantize" and isinstance(self.quant, ADMM) else None
 
     def _steps_per_epoch(self) -> int:
         return -(-len(self.p.data.train) // self.r.data.batch_size)
@@ -402,6 +417,9 @@ class _Run:
                     for row in self.method.after_step(base + b):
                         self.metric(stage="admm", **row)
 
+            elif stage == "quantize" and isinstance(self.quant, MaskedMapping):
+                while self.quant.steps < epoch + 1:  # idempotent when resuming mid-epoch
+                    self.metric(stage="quantize", event="freeze", frozen=self.quant.step())
             elif stage == "quantize":
                 every = max(1, self._steps_per_epoch() // self.r.quantize.updates_per_epoch)
 
@@ -418,9 +436,7 @@ class _Run:
                 batch_size=self.r.data.batch_size,
                 device=self.p.device,
                 start_batch=batch,
-                admm={"admm": getattr(self.method, "admm", None), "quantize": self.quant}.get(
-                    stage
-                ),
+                admm=self._admm_of(stage),
                 amp=self.r.amp,
                 num_workers=self.r.data.num_workers,
                 progress=self.r.progress,
