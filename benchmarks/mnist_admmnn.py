@@ -51,6 +51,13 @@ def allocate(model: torch.nn.Module, pattern: dict[str, float], rate: float) -> 
     return {n: round(min(1.0, s * pattern[n]), 6) for n in pattern}
 
 
+def run_recipe(recipe: dict, data) -> dict:
+    """Run one recipe (its run dir replaced) on already loaded ``data``: every run of a
+    benchmark sees the very same tensors."""
+    shutil.rmtree(recipe["output_dir"], ignore_errors=True)
+    return run(prepare(parse_recipe(recipe), data=data), log=lambda *_: None)
+
+
 def train_dense(args, data, device, epochs: int, start_state=None, stage: int = 0):
     torch.manual_seed(args.seed)
     model = build_model(
@@ -245,44 +252,32 @@ def main() -> None:
         },
         "runs": [],
     }
-    import admmprune.pipeline as pipeline_module
-
-    original_load = pipeline_module.load_data
-    pipeline_module.load_data = lambda *a, **k: data  # every run sees the exact same data
-    try:
-        for rate in args.rates:
-            keeps = allocate(dense, PATTERNS[args.model], rate)
-            for method in args.methods:
-                run_dir = out / "runs" / f"{method}_{rate:g}x"
-                shutil.rmtree(run_dir, ignore_errors=True)
-                t0 = time.perf_counter()
-                summary = run(
-                    prepare(parse_recipe(recipe_for(args, method, keeps, dense_path, run_dir))),
-                    log=lambda *_: None,
-                )
-                kept = {
-                    layer["name"].removesuffix(".weight"): layer["kept"]
-                    for layer in summary["layers"]
-                }
-                row = {
-                    "method": method,
-                    "target_rate": rate,
-                    "rate": summary["constrained_layers"]["rate"],
-                    "accuracy": summary["accuracy"]["final"],
-                    "pruned_before_retrain": summary["accuracy"]["pruned_before_retrain"],
-                    "kept": kept,
-                    "keep_fractions": keeps,
-                    "seconds": time.perf_counter() - t0,
-                }
-                results["runs"].append(row)
-                print(
-                    f"{method:>9} {rate:>6g}x: {100 * row['accuracy']:.2f} % "
-                    f"(before retrain {100 * row['pruned_before_retrain']:.2f} %), "
-                    f"measured {row['rate']:.1f}x, {row['seconds']:.0f} s",
-                    flush=True,
-                )
-    finally:
-        pipeline_module.load_data = original_load
+    for rate in args.rates:
+        keeps = allocate(dense, PATTERNS[args.model], rate)
+        for method in args.methods:
+            t0 = time.perf_counter()
+            run_dir = out / "runs" / f"{method}_{rate:g}x"
+            summary = run_recipe(recipe_for(args, method, keeps, dense_path, run_dir), data)
+            kept = {
+                layer["name"].removesuffix(".weight"): layer["kept"] for layer in summary["layers"]
+            }
+            row = {
+                "method": method,
+                "target_rate": rate,
+                "rate": summary["constrained_layers"]["rate"],
+                "accuracy": summary["accuracy"]["final"],
+                "pruned_before_retrain": summary["accuracy"]["pruned_before_retrain"],
+                "kept": kept,
+                "keep_fractions": keeps,
+                "seconds": time.perf_counter() - t0,
+            }
+            results["runs"].append(row)
+            print(
+                f"{method:>9} {rate:>6g}x: {100 * row['accuracy']:.2f} % "
+                f"(before retrain {100 * row['pruned_before_retrain']:.2f} %), "
+                f"measured {row['rate']:.1f}x, {row['seconds']:.0f} s",
+                flush=True,
+            )
     results["seconds"] = time.perf_counter() - t_start
     (out / "results.json").write_text(json.dumps(results, indent=2))
     table = markdown(results)

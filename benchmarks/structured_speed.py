@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -29,6 +27,7 @@ from torch import nn
 
 from admmprune.accounting import count
 from admmprune.compact import _output_layers, compact
+from admmprune.latency import measure_paired
 from admmprune.models import build_model
 
 
@@ -81,20 +80,6 @@ def compacted_at(model: nn.Module, x: torch.Tensor, reduction: float):
     return best
 
 
-def paired_times(a: nn.Module, b: nn.Module, x: torch.Tensor, rounds: int) -> tuple[float, float]:
-    a.eval(), b.eval()
-    ta, tb = [], []
-    with torch.no_grad():
-        for _ in range(3):
-            a(x), b(x)
-        for r in range(rounds):
-            for model, out in ((a, ta), (b, tb)) if r % 2 == 0 else ((b, tb), (a, ta)):
-                t0 = time.perf_counter()
-                model(x)
-                out.append(time.perf_counter() - t0)
-    return statistics.median(ta), statistics.median(tb)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--models", nargs="+", default=["resnet20", "resnet56", "vgg16"])
@@ -120,7 +105,8 @@ def main() -> None:
             params = count(small, x1)["params"]
             for batch in args.batches:
                 xb = torch.randn(batch, 3, 32, 32)
-                td, ts = paired_times(model, small, xb, args.rounds)
+                t = measure_paired({"dense": model, "compact": small}, xb, args.rounds)
+                td, ts = t["dense"], t["compact"]
                 row = {
                     "model": name,
                     "target_reduction": reduction,
@@ -129,8 +115,8 @@ def main() -> None:
                     "params_dense": dense["params"],
                     "params": params,
                     "batch": batch,
-                    "dense_ms": td * 1e3,
-                    "compact_ms": ts * 1e3,
+                    "dense_ms": td,
+                    "compact_ms": ts,
                     "speedup": td / ts,
                     "speedup_per_mac_reduction": td / ts / got,
                 }

@@ -49,3 +49,25 @@ def test_overhead_benchmark_small_run(tmp_path):
     res = json.loads((tmp_path / "o.json").read_text())
     assert set(res["step"]["median_s"]) == {"plain", "penalty", "grad"}
     assert res["update"]["constrained_params"] >= 1_000_000
+
+
+def test_admmnns_compare_tiny_run_writes_table_and_json(tmp_path):
+    out = tmp_path / "cmp"
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/admmnns_compare.py", "--dataset", "digits", "--quick",
+         "--rates", "10", "--rounds", "2", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads((out / "results.json").read_text())
+    rows = {r["config"]: r for r in res["rows"]}
+    assert {"non-structured 10x", "structured", "structured + binary"} <= set(rows)
+    for r in res["rows"]:  # indices cost bits: the with-index rate is never the higher one
+        assert r["weights_rate"] <= r["weights_rate_without_index"] + 1e-9
+        assert set(r["latency"]) == {"b1", "b64"}
+    assert rows["structured"]["mac_reduction"] > 2  # compaction really removed filters
+    assert (
+        rows["non-structured 10x + mixed 5/4/3/4 bits"]["weights_rate"]
+        > 3 * rows["non-structured 10x"]["weights_rate"]
+    )
+    assert "| structured + ternary |" in (out / "results.md").read_text()

@@ -347,6 +347,32 @@ def test_coupled_channels_recipe_compacts_exactly(tmp_path):
     assert all(c.startswith("ChannelGroup(") for c in constraints)
 
 
+def test_coupled_channels_list_one_shot_then_compact(tmp_path):
+    recipe = {
+        "seed": 0,
+        "output_dir": str(tmp_path / "run"),
+        "device": "cpu",
+        "progress": False,
+        "model": {"name": "lenet5"},
+        "data": {"name": "digits", "batch_size": 64},
+        "pretrain": {"epochs": 1},
+        "retrain": {"epochs": 1},
+        "coupled_channels": [{"layers": "conv1", "keep": 0.5}, {"layers": "fc1", "keep": 0.2}],
+    }
+    assert main(["run", str(write(tmp_path / "r.yaml", recipe))]) == 0  # no ADMM epochs
+    k = json.loads((tmp_path / "run" / "summary.json").read_text())["compact"]
+    assert k["zero_channels_not_removable"] == 0
+    assert k["channels_removed"] == 10 + 400  # conv1 20 → 10 filters, fc1 500 → 100 neurons
+
+
+def test_coupled_channels_entries_must_not_overlap(tmp_path, capsys):
+    recipe = tiny_recipe(tmp_path / "run", coupled_channels=[{"keep": 0.5}, {"keep": 0.3}])
+    recipe["constraints"] = {}
+    assert main(["run", str(write(tmp_path / "r.yaml", recipe))]) == 2
+    assert "constrain each parameter once" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_coupled_channels_needs_admm(tmp_path, capsys):
     recipe = tiny_recipe(tmp_path / "run", method="magnitude", coupled_channels={"keep": 0.5})
     assert main(["run", str(write(tmp_path / "r.yaml", recipe))]) == 2

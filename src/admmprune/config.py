@@ -166,7 +166,8 @@ class Recipe(_Strict):
     quantize: QuantizeCfg = QuantizeCfg()
     constraints: dict[str, ConstraintCfg] = {}
     default_constraint: ConstraintCfg = None
-    coupled_channels: CoupledCfg | None = None
+    # one entry, or a list (different keeps for different layers; their layers must not overlap)
+    coupled_channels: CoupledCfg | list[CoupledCfg] | None = None
     compact: bool = True  # at the end: remove zero channel groups, measure MACs and latency
 
     @field_validator("constraints")
@@ -197,14 +198,17 @@ class Recipe(_Strict):
             )
         if self.coupled_channels is not None and self.method != "admm":
             raise ValueError("coupled_channels works with method: admm only (for now)")
-        if self.coupled_channels is not None and self.admm.epochs == 0:
-            raise ValueError("coupled_channels needs admm.epochs > 0")
         if self.quantize.epochs > 0 and not self.quantize.layers:
             raise ValueError(
                 "quantize.epochs > 0 but quantize.layers is empty; name the layers to quantize, "
                 "e.g. quantize: {layers: {'*': 4}}"
             )
         return self
+
+    def coupled(self) -> list[CoupledCfg]:
+        """``coupled_channels`` as a list (empty when off)."""
+        c = self.coupled_channels
+        return [] if c is None else list(c) if isinstance(c, list) else [c]
 
     def spec(self):
         """The constraint spec for :class:`admmprune.ADMM` (keys ``type:Name`` become types)."""

@@ -12,7 +12,7 @@ import time
 import torch
 from torch import nn
 
-__all__ = ["measure"]
+__all__ = ["measure", "measure_paired"]
 
 
 @torch.no_grad()
@@ -49,3 +49,27 @@ def measure(
         "device": str(example_input.device),
         "threads": torch.get_num_threads(),
     }
+
+
+@torch.no_grad()
+def measure_paired(models: dict[str, nn.Module], example_input: torch.Tensor, rounds: int = 20):
+    """Median milliseconds of each model, timed in alternation (the order rotates every round)
+    so that the machine's noise hits all of them alike: compare ratios, not absolute times."""
+    for m in models.values():
+        m.eval()
+    names = list(models)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    cuda = example_input.is_cuda
+    for _ in range(3):
+        for n in names:
+            models[n](example_input)
+    for r in range(rounds):
+        for n in names[r % len(names) :] + names[: r % len(names)]:
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            models[n](example_input)
+            if cuda:
+                torch.cuda.synchronize()
+            times[n].append((time.perf_counter() - t0) * 1e3)
+    return {n: statistics.median(t) for n, t in times.items()}

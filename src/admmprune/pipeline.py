@@ -88,8 +88,14 @@ def _load_start_weights(model: nn.Module, path: str) -> None:
         raise RecipeError(f"model.checkpoint {path!r} does not fit the model: {first}") from None
 
 
-def prepare(recipe: Recipe, *, resume: bool = False, force: bool = False) -> Prepared:
-    """Check everything and build model and data; creates nothing on disk."""
+def prepare(
+    recipe: Recipe, *, resume: bool = False, force: bool = False, data: DataBundle | None = None
+) -> Prepared:
+    """Check everything and build model and data; creates nothing on disk.
+
+    ``data``: an already loaded bundle to use instead of the recipe's ``data`` section (runs
+    side by side on the very same tensors; the recipe's batch sizes still apply).
+    """
     run_dir = Path(recipe.output_dir)
     if resume and force:
         raise RecipeError("--resume and --force contradict each other; choose one.")
@@ -118,7 +124,7 @@ def prepare(recipe: Recipe, *, resume: bool = False, force: bool = False) -> Pre
     try:
         device = resolve_device(recipe.device)
         d = recipe.data
-        data = load_data(
+        data = data or load_data(
             d.name,
             data_dir=d.dir,
             path=d.path,
@@ -143,19 +149,29 @@ def prepare(recipe: Recipe, *, resume: bool = False, force: bool = False) -> Pre
         if spec or default is not None:  # unmatched / conflicting / wrong-rank keys fail here
             constraint_names = {t.name: repr(t.constraint) for t in select(model, spec, default)}
         groups = []
-        if recipe.coupled_channels is not None:
-            c = recipe.coupled_channels
+        for c in recipe.coupled():
             x1 = data.test.batch(torch.arange(1))[0]
-            groups = channel_groups(model, x1, c.keep, layers=c.layers)
-            for g in groups:
+            new = channel_groups(model, x1, c.keep, layers=c.layers)
+            if not new:
+                raise RecipeError(
+                    f"coupled_channels layers {c.layers!r} matches no channel group; use a glob "
+                    "on layer names, e.g. 'layer3*' (the output layer is never pruned)."
+                )
+            groups += new
+            for g in new:
                 for pname, _ in g.members:
                     if pname in constraint_names:
                         raise RecipeError(
-                            f"{pname!r} is in coupled_channels group {g.name!r} and in "
-                            "constraints; constrain each parameter once."
+                            f"{pname!r} is in coupled_channels group {g.name!r} and also in "
+                            "constraints or an earlier coupled_channels entry; constrain each "
+                            "parameter once."
                         )
                     constraint_names[pname] = repr(g)
-        quant_names = {t.name: repr(t.constraint) for t in select(model, recipe.quantize_spec())}
+        quant_names = {}
+        if recipe.quantize.layers:
+            quant_names = {
+                t.name: repr(t.constraint) for t in select(model, recipe.quantize_spec())
+            }
     except RecipeError:
         raise
     except ValueError as exc:
@@ -363,7 +379,10 @@ class _Run:
         if self.method is not None:
             masks = self.method.finish()
             self.method = None
-        else:  # no compression epochs: one-shot magnitude projection
+        elif self.p.extra["groups"]:  # no compression epochs: one-shot (joint) projection
+            groups = self.p.extra["groups"]
+            masks = ADMM(self.model, self.p.spec, default=self.p.default, groups=groups).prune()
+        else:
             masks = prune(self.model, self.p.spec, self.p.default)
         kept, total = masks.total_kept()
         after = self._evaluate()

@@ -1,0 +1,261 @@
+"""ADMM-NN-S's question: is non-structured pruning worth it once indices and irregular compute
+are paid for? Structured vs non-structured LeNet-5 on MNIST, pruned and quantized.
+
+1. One dense LeNet-5 (reused from ``--dense`` when given, e.g. mnist_admmnn.py's dense.pt).
+2. Pruning runs with ADMM, same budget each (``--prune-epochs`` + ``--retrain-epochs``):
+   non-structured at each of ``--rates`` (ADMM-NN's per-layer pattern), and structured
+   (filters / columns, removed physically by compaction).
+3. Quantization of every pruned model (``--quant-epochs`` of ADMM on the levels, zeros fixed):
+   mixed bits (conv1 5, conv2 4, fc1 3, fc2 4 by default), ternary, binary; and the same mixed
+   bits with the authors' masked mapping instead of ADMM.
+4. For each: accuracy; storage in bits (Conv/Linear weights with their indices and codebooks,
+   and without indices the way the papers count; whole file with biases); MACs (skipping zeros
+   for non-structured, of the compact model for structured); latency at batch 1 and 64 of the
+   dense model, the non-structured model on CSR kernels, and the compact model, timed in
+   alternation (2 threads on this machine: compare ratios).
+
+    python benchmarks/admmnns_compare.py --data-dir ../shared/data \\
+        --dense benchmarks/results/mnist_admmnn/dense.pt          # about 20 minutes on 2 cores
+
+Writes ``results.md`` and ``results.json`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from admmprune.accounting import count
+from admmprune.compact import compact
+from admmprune.data import load_data
+from admmprune.latency import measure_paired
+from admmprune.models import build_model
+from admmprune.sparse import to_sparse
+from mnist_admmnn import PATTERNS, allocate, run_recipe, train_dense
+
+# Structured: filters removed with their biases (coupled channel groups), so compaction makes
+# every layer smaller; fc1's inputs and fc2's columns shrink with the channels they read.
+STRUCTURED = [
+    {"layers": "conv1", "keep": 0.5},
+    {"layers": "conv2", "keep": 0.4},
+    {"layers": "fc1", "keep": 0.1},
+]
+MIXED = {"conv1": 5, "conv2": 4, "fc1": 3, "fc2": 4}
+
+
+def base_recipe(args, out: Path, start: Path, constraints) -> dict:
+    """``constraints``: a constraints dict, or a coupled_channels list (structured)."""
+    coupled = isinstance(constraints, list)
+    return {
+        "seed": args.seed,
+        "device": "cpu",
+        "progress": False,
+        "output_dir": str(out),
+        "model": {"name": "lenet5", "checkpoint": str(start)},
+        "data": {"name": args.dataset, "dir": args.data_dir, "batch_size": args.batch_size},
+        "constraints": {} if coupled else constraints,
+        "coupled_channels": constraints if coupled else None,
+    }
+
+
+def prune_recipe(args, out: Path, dense: Path, constraints: dict) -> dict:
+    r = base_recipe(args, out, dense, constraints)
+    r.update(
+        admm={
+            "epochs": args.prune_epochs,
+            "optimizer": {"name": "adam", "lr": 1e-3},
+            "updates_per_epoch": 4,
+            "rho": 0.01,
+            "rho_growth": (1.0 / 0.01) ** (1 / max(1, 4 * args.prune_epochs - 1)),
+        },
+        retrain={
+            "epochs": args.retrain_epochs,
+            "optimizer": {"name": "adam", "lr": 1e-3},
+            "schedule": {"name": "cosine"},
+        },
+    )
+    return r
+
+
+def quant_recipe(args, out: Path, pruned: Path, constraints: dict, layers, method: str) -> dict:
+    """Start from the pruned model; the same constraints re-derive its exact support (its
+    non-zeros are the top-k), then only the quantize stage trains."""
+    r = base_recipe(args, out, pruned, constraints)
+    r["retrain"] = {"epochs": 0}
+    r["quantize"] = {
+        "epochs": args.quant_epochs,
+        "layers": layers,
+        "method": method,
+        "rho": 1e-3,
+        "rho_growth": 10 ** (3 / max(1, 2 * args.quant_epochs - 1)),  # 1e-3 → 1 at the end
+        "updates_per_epoch": 2,
+        "optimizer": {"name": "adam", "lr": 5e-4},
+        "schedule": {"name": "cosine"},
+    }
+    return r
+
+
+def row_for(name: str, kind: str, summary: dict, run_dir: Path, dense_model, x1, xb, rounds):
+    st = summary["storage"]
+    spec = dict(st["model_spec"])
+    model = build_model(spec.pop("name"), **spec)
+    model.load_state_dict(torch.load(run_dir / "model.pt", weights_only=True))
+    model.eval()
+    c = count(model, x1)
+    if kind == "structured":
+        fast, _ = compact(model, x1)
+        macs = count(fast, x1)["macs"]
+    else:
+        fast, macs = to_sparse(model), c["sparse_macs"]
+    lat = {}
+    for x in (x1, xb):
+        t = measure_paired({"dense": dense_model, "pruned": fast}, x, rounds)
+        lat[f"b{x.shape[0]}"] = {"dense_ms": t["dense"], "ms": t["pruned"]}
+    return {
+        "config": name,
+        "kind": kind,
+        "accuracy": summary["accuracy"]["final"],
+        "accuracy_before_quantization": summary["accuracy"].get("dense"),
+        "nonzero_weights": sum(layer["kept"] for layer in summary["layers"]),
+        "weights_bits": st["weights_bits"],
+        "weights_rate": st["weights_rate"],
+        "weights_rate_without_index": st["weights_rate_without_index"],
+        "file_bytes": st["file_bytes"],
+        "total_rate": st["rate"],
+        "formats": st["formats"],
+        "macs": macs,
+        "mac_reduction": c["macs"] / max(macs, 1),
+        "latency": lat,
+    }
+
+
+def markdown(res: dict) -> str:
+    lines = [
+        f"Dense LeNet-5: {100 * res['dense_acc']:.2f} %, "
+        f"{res['dense_weights_bits'] / 8 / 1024:.0f} KiB of fp32 Conv/Linear weights. "
+        f"Latency: CPU, {res['threads']} threads, medians of {res['rounds']} paired runs.",
+        "",
+        "| config | kind | acc. | non-zeros | weights storage (bits) | × vs fp32 | × without "
+        "index | file bytes | MACs × fewer | b1: dense → ms | b64: dense → ms |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in res["rows"]:
+        b1, b64 = r["latency"]["b1"], r["latency"]["b64"]
+        lines.append(
+            f"| {r['config']} | {r['kind']} | {100 * r['accuracy']:.2f} % | "
+            f"{r['nonzero_weights']:,} | {r['weights_bits']:,} | {r['weights_rate']:.0f}× | "
+            f"{r['weights_rate_without_index']:.0f}× | {r['file_bytes']:,} | "
+            f"{r['mac_reduction']:.1f}× | {b1['dense_ms']:.3f} → {b1['ms']:.3f} | "
+            f"{b64['dense_ms']:.2f} → {b64['ms']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--dataset", default="mnist", choices=("mnist", "digits"))
+    p.add_argument("--dense", default=None, help="dense LeNet-5 state_dict to start from")
+    p.add_argument("--dense-epochs", type=int, default=10)
+    p.add_argument("--rates", type=float, nargs="+", default=[100, 200])
+    p.add_argument("--prune-epochs", type=int, default=5)
+    p.add_argument("--retrain-epochs", type=int, default=2)
+    p.add_argument("--quant-epochs", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=30)
+    p.add_argument("--quick", action="store_true", help="one rate, 1-epoch stages, 10k images")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="benchmarks/results/admmnns_compare")
+    args = p.parse_args()
+    if args.quick:
+        args.rates = args.rates[:1]
+        args.prune_epochs = args.retrain_epochs = args.quant_epochs = 1
+        args.dense_epochs = min(args.dense_epochs, 2)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    data = load_data(args.dataset, data_dir=args.data_dir, seed=args.seed)
+    if args.quick:
+        data.train = data.train.subset(torch.arange(min(10000, len(data.train))))
+    size = data.input_size
+    if args.dense:
+        dense_path = Path(args.dense)
+        dense = build_model("lenet5", num_classes=10, in_channels=1, input_size=size)
+        dense.load_state_dict(torch.load(dense_path, weights_only=True))
+    else:
+        ns = argparse.Namespace(
+            **vars(args), model="lenet5", device="cpu"
+        )  # what train_dense reads: seed, model, dataset, data_dir, device, batch_size
+        dense = train_dense(ns, data, torch.device("cpu"), args.dense_epochs)
+        dense_path = out / "dense.pt"
+        torch.save(dense.state_dict(), dense_path)
+    dense.eval()
+    x1 = data.test.batch(torch.arange(1))[0]
+    xb = data.test.batch(torch.arange(64))[0]
+    from admmprune.train import evaluate
+
+    dense_acc = evaluate(dense, data.test, torch.device("cpu"))[0]
+    print(f"dense: {100 * dense_acc:.2f} %", flush=True)
+
+    pruned = {}
+    for rate in args.rates:
+        keeps = allocate(dense, PATTERNS["lenet5"], rate)
+        pruned[f"non-structured {rate:g}x"] = (
+            "non-structured",
+            {n: {"unstructured": k} for n, k in keeps.items()},
+        )
+    pruned["structured"] = ("structured", STRUCTURED)
+    quant = {
+        "mixed 5/4/3/4 bits": (MIXED, "admm"),
+        "mixed, masked mapping": (MIXED, "masked_mapping"),
+        "ternary": ({"*": "ternary"}, "admm"),
+        "binary": ({"*": "binary"}, "admm"),
+    }
+    rows = []
+    for i, (pname, (kind, constraints)) in enumerate(pruned.items()):
+        t0 = time.perf_counter()
+        pdir = out / "runs" / f"prune{i}"
+        summary = run_recipe(prune_recipe(args, pdir, dense_path, constraints), data)
+        rows.append(row_for(pname, kind, summary, pdir, dense, x1, xb, args.rounds))
+        print(f"{pname}: {100 * summary['accuracy']['final']:.2f} %, "
+              f"{time.perf_counter() - t0:.0f} s", flush=True)  # fmt: skip
+        for j, (qname, (layers, method)) in enumerate(quant.items()):
+            if kind == "structured" and method == "masked_mapping":
+                continue  # one comparison of the two quantizers is enough
+            t0 = time.perf_counter()
+            qdir = out / "runs" / f"prune{i}_quant{j}"
+            recipe = quant_recipe(args, qdir, pdir / "model.pt", constraints, layers, method)
+            s = run_recipe(recipe, data)
+            rows.append(row_for(f"{pname} + {qname}", kind, s, qdir, dense, x1, xb, args.rounds))
+            print(f"{pname} + {qname}: {100 * s['accuracy']['final']:.2f} %, "
+                  f"weights {s['storage']['weights_rate']:.0f}x "
+                  f"({s['storage']['weights_rate_without_index']:.0f}x without index), "
+                  f"{time.perf_counter() - t0:.0f} s", flush=True)  # fmt: skip
+    res = {
+        "settings": vars(args),
+        "dense_acc": dense_acc,
+        "dense_weights_bits": sum(
+            32 * m.weight.numel()
+            for m in dense.modules()
+            if hasattr(m, "weight") and isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))
+        ),
+        "threads": torch.get_num_threads(),
+        "rounds": args.rounds,
+        "rows": rows,
+        "seconds": time.perf_counter() - t_start,
+    }
+    (out / "results.json").write_text(json.dumps(res, indent=2))
+    table = markdown(res)
+    (out / "results.md").write_text(table + "\n")
+    print("\n" + table)
+    print(f"\nwrote {out}/results.md, results.json in {res['seconds'] / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()

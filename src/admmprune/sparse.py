@@ -1,0 +1,81 @@
+"""Sparse-kernel inference for non-structured pruning: Conv2d and Linear on ``torch.sparse`` CSR.
+
+A non-structured layer keeps its shape; its speed depends on a kernel that skips the zeros. Here
+``W`` (GEMM view, rows = filters) is stored in CSR and multiplied with the dense input: a Linear
+computes ``y = W x``; a Conv2d (``groups = 1``) computes ``W · unfold(x)`` (im2col). This is
+what the storage/compute comparison of ADMM-NN-S measures against the compacted dense model.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+__all__ = ["SparseConv2d", "SparseLinear", "to_sparse"]
+
+
+class SparseLinear(nn.Module):
+    """``y = x Wᵀ + b`` with ``W`` in CSR."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.register_buffer("W", linear.weight.detach().to_sparse_csr())
+        self.register_buffer("b", None if linear.bias is None else linear.bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        y = torch.sparse.mm(self.W, x.reshape(-1, x.shape[-1]).t()).t()
+        if self.b is not None:
+            y = y + self.b
+        return y.reshape(*lead, -1)
+
+
+class SparseConv2d(nn.Module):
+    """A ``groups = 1`` Conv2d as ``W_csr · im2col(x)``."""
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise ValueError("SparseConv2d takes groups=1, zero, numeric padding convs only.")
+        self.out_channels = conv.out_channels
+        self.kernel_size, self.stride = conv.kernel_size, conv.stride
+        self.padding, self.dilation = conv.padding, conv.dilation
+        self.register_buffer(
+            "W", conv.weight.detach().reshape(conv.out_channels, -1).to_sparse_csr()
+        )
+        self.register_buffer("b", None if conv.bias is None else conv.bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, _, H, Wd = x.shape
+        cols = nn.functional.unfold(
+            x, self.kernel_size, self.dilation, self.padding, self.stride
+        )  # B, CKK, L
+        Ho = H + 2 * self.padding[0] - self.dilation[0] * (self.kernel_size[0] - 1) - 1
+        Wo = Wd + 2 * self.padding[1] - self.dilation[1] * (self.kernel_size[1] - 1) - 1
+        Ho, Wo = Ho // self.stride[0] + 1, Wo // self.stride[1] + 1
+        L = cols.shape[-1]
+        y = torch.sparse.mm(self.W, cols.transpose(0, 1).reshape(cols.shape[1], B * L))
+        y = y.reshape(self.out_channels, B, L).transpose(0, 1)
+        if self.b is not None:
+            y = y + self.b.view(1, -1, 1)
+        return y.reshape(B, self.out_channels, Ho, Wo)
+
+
+@torch.no_grad()
+def to_sparse(model: nn.Module, min_sparsity: float = 0.5) -> nn.Module:
+    """A copy of ``model`` (eval mode) whose Linear and groups=1 Conv2d layers with at least
+    ``min_sparsity`` zeros run on CSR kernels; the others stay dense."""
+    out = copy.deepcopy(model).eval()
+    for name, m in list(out.named_modules()):
+        if not isinstance(m, (nn.Linear, nn.Conv2d)):
+            continue
+        if float((m.weight == 0).float().mean()) < min_sparsity:
+            continue
+        if isinstance(m, nn.Conv2d) and (m.groups != 1 or isinstance(m.padding, str)):
+            continue
+        new = SparseLinear(m) if isinstance(m, nn.Linear) else SparseConv2d(m)
+        parent_name, _, attr = name.rpartition(".")
+        setattr(out.get_submodule(parent_name) if parent_name else out, attr, new)
+    return out
