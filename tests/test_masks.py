@@ -2,6 +2,7 @@ import pytest
 import torch
 from torch import nn
 
+import admmprune as ap
 from admmprune import ADMM, Channels, Filters, Masks, Unstructured, prune
 from conftest import make_blobs
 
@@ -104,3 +105,45 @@ def test_admm_prune_uses_projection_of_w():
     Z, support = Unstructured(0.25).project(W)
     assert torch.equal(masks["0.weight"], support)
     assert torch.equal(model[0].weight.detach(), Z)
+
+
+def test_torch_prune_round_trip_is_identity():
+    from torch.nn.utils import prune as torch_prune
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 5))
+    masks = ap.prune(model, {"0": ap.Filters(0.5), "3": ap.Unstructured(0.1)})
+    x = torch.randn(2, 3, 6, 6)
+    before = model(x).detach()
+    ours = {k: v.clone() for k, v in masks.items()}
+    masks.to_torch_prune()
+    assert torch_prune.is_pruned(model)
+    assert torch.equal(model[0].weight_mask.bool(), ours["0.weight"])
+    assert torch.equal(model(x), before)
+    back = ap.Masks.from_torch_prune(model)
+    assert not torch_prune.is_pruned(model)
+    assert set(back) == set(ours) and all(torch.equal(back[k], ours[k]) for k in ours)
+    assert torch.equal(model(x), before)
+
+
+def test_masks_made_by_torch_prune_are_imported_and_kept_in_retraining():
+    from torch.nn.utils import prune as torch_prune
+
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 2))
+    torch_prune.l1_unstructured(model[0], "weight", amount=0.7)
+    torch_prune.random_structured(model[2], "weight", amount=0.5, dim=1)  # a second method
+    torch_prune.l1_unstructured(model[2], "weight", amount=0.2)  # stacked on the same tensor
+    expected = {"0.weight": model[0].weight_mask.bool(), "2.weight": model[2].weight_mask.bool()}
+    masks = ap.Masks.from_torch_prune(model)
+    assert all(torch.equal(masks[k], expected[k]) for k in expected)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    masks.attach(opt)
+    for _ in range(5):
+        loss = model(torch.randn(8, 10)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert torch.all(model[0].weight[~expected["0.weight"]] == 0)
+    with pytest.raises(ValueError, match=r"no torch\.nn\.utils\.prune"):
+        ap.Masks.from_torch_prune(nn.Linear(2, 2))

@@ -74,6 +74,9 @@ def test_demo_end_to_end_in_process(tmp_path, capsys):
     assert summary["accuracy"]["final"] >= summary["accuracy"]["dense"] - 0.01
     for name in ("metrics.jsonl", "model.pt", "masks.pt", "layers.md", "recipe.yaml"):
         assert (tmp_path / "demo" / name).is_file()
+    for name in ("kept.png", "residuals.png", "training.png"):  # plots in every run dir
+        png = (tmp_path / "demo" / name).read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000, name
     rows = [json.loads(line) for line in (tmp_path / "demo" / "metrics.jsonl").open()]
     assert {r["stage"] for r in rows} == {"pretrain", "admm", "prune", "retrain"}
     updates = [r for r in rows if r.get("event") == "update"]

@@ -120,6 +120,47 @@ class Masks(Mapping[str, torch.Tensor]):
             sum(m.numel() for m in self._masks.values()),
         )
 
+    # torch.nn.utils.prune interop ------------------------------------------------------------
+    def to_torch_prune(self) -> None:
+        """Hand the masks to ``torch.nn.utils.prune``: each masked ``weight`` becomes its
+        ``weight_orig`` parameter + ``weight_mask`` buffer reparametrization. Our hooks come
+        off; the masks stay readable, and :meth:`from_torch_prune` brings them back.
+        """
+        from torch.nn.utils import prune as torch_prune
+
+        self.detach()
+        for name, mask in self._masks.items():
+            module_name, _, attr = name.rpartition(".")
+            module = self._model.get_submodule(module_name)
+            torch_prune.custom_from_mask(module, attr, mask)
+
+    @classmethod
+    def from_torch_prune(cls, model: nn.Module) -> Masks:
+        """Masks of every parameter ``torch.nn.utils.prune`` masks in ``model``.
+
+        The reparametrization is made permanent (``prune.remove``: ``weight = weight_orig *
+        weight_mask``), so the model has plain parameters again and the masks can
+        :meth:`attach` to its optimizer.
+        """
+        from torch.nn.utils import prune as torch_prune
+
+        found = {}
+        for module_name, module in model.named_modules():
+            for hook in list(module._forward_pre_hooks.values()):
+                methods = getattr(hook, "_pruning_methods", [hook])
+                if not all(isinstance(h, torch_prune.BasePruningMethod) for h in methods):
+                    continue
+                attr = hook._tensor_name
+                mask = getattr(module, f"{attr}_mask").detach().bool().clone()
+                torch_prune.remove(module, attr)
+                found[f"{module_name}.{attr}" if module_name else attr] = mask
+        if not found:
+            raise ValueError(
+                "no torch.nn.utils.prune reparametrization found in the model (no *_mask "
+                "buffers); prune it with torch.nn.utils.prune first."
+            )
+        return cls(model, found)
+
     # Persistence ------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Plain tensors and strings only, so ``torch.load(weights_only=True)`` reads it."""

@@ -35,6 +35,7 @@ from .groups import channel_groups
 from .latency import measure
 from .masks import Masks, prune
 from .models import build_model
+from .plots import write_plots
 from .quantization import MaskedMapping
 from .report import layer_table, summarize
 from .select import select
@@ -577,6 +578,7 @@ class _Run:
         summary["storage"] = self._storage()
         (self.dir / "summary.json").write_text(json.dumps(summary, indent=2))
         (self.dir / "layers.md").write_text(layer_table(summary) + "\n")
+        write_plots(self.dir, summary)
         return summary
 
 

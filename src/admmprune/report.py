@@ -7,6 +7,8 @@ from pathlib import Path
 
 from torch import nn
 
+from .plots import PLOTS
+
 __all__ = ["layer_table", "print_report", "summarize"]
 
 
@@ -126,7 +128,7 @@ def print_report(run_dir: str | Path) -> str:
     text = format_summary(json.loads(path.read_text()))
     files = ", ".join(
         n
-        for n in ("metrics.jsonl", "model.pt", "masks.pt", "model.admmprune", "layers.md")
+        for n in ("metrics.jsonl", "model.pt", "masks.pt", "model.admmprune", "layers.md", *PLOTS)
         if (run_dir / n).exists()
     )
     return text + f"\n\nfiles in {run_dir}: summary.json, {files}"
