@@ -475,3 +475,35 @@ def test_masked_mapping_recipe_lands_on_levels(tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "mm" / "metrics.jsonl").open()]
     shares = [r["frozen"]["fc1.weight"] for r in rows if r.get("event") == "freeze"]
     assert shares == pytest.approx([0.4, 0.8, 1.0], abs=0.01)
+
+
+def test_ssauto_recipe_meets_the_mac_target_with_its_own_rates(tmp_path):
+    recipe = {
+        "seed": 0,
+        "output_dir": str(tmp_path / "run"),
+        "device": "cpu",
+        "progress": False,
+        "model": {"name": "lenet5"},
+        "data": {"name": "digits", "batch_size": 64},
+        "pretrain": {"epochs": 2, "optimizer": {"name": "adam", "lr": 0.003}},
+        "method": "ssauto",
+        "ssauto": {"layers": ["conv2", "fc1"], "target": 0.3, "by": "macs", "updates_per_epoch": 2},
+        "admm": {"epochs": 2, "optimizer": {"name": "adam", "lr": 0.001}},
+        "retrain": {"epochs": 1},
+    }
+    assert main(["run", str(write(tmp_path / "r.yaml", recipe))]) == 0
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").open()]
+    updates = [r for r in rows if r.get("event") == "update"]
+    assert len(updates) == 4 and all("lambda" in r for r in updates)
+    assert updates[-1]["kept"] == pytest.approx(0.3, abs=0.02)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    kept = {x["name"]: x["kept"] / x["total"] for x in summary["layers"]}
+    assert (
+        set(kept) == {"conv2.weight", "fc1.weight"} and kept["conv2.weight"] != kept["fc1.weight"]
+    )
+
+
+def test_ssauto_recipe_refuses_constraints(tmp_path, capsys):
+    recipe = tiny_recipe(tmp_path / "run", method="ssauto", ssauto={"layers": ["fc1"]})
+    assert main(["run", str(write(tmp_path / "r.yaml", recipe))]) == 2
+    assert "ssauto.layers" in capsys.readouterr().err

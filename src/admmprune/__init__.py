@@ -17,7 +17,8 @@ from .constraints import (
 )
 from .groups import ChannelGroup, channel_groups
 from .masks import Masks, prune
-from .quantization import Binary, Quantized, Ternary
+from .proximal import SSAuto
+from .quantization import Binary, MaskedMapping, Quantized, Ternary
 from .select import Target, select
 
 __version__ = "0.1.0"
@@ -32,9 +33,11 @@ __all__ = [
     "Constraint",
     "Filters",
     "Intersection",
+    "MaskedMapping",
     "Masks",
     "Projection",
     "Quantized",
+    "SSAuto",
     "Target",
     "Ternary",
     "Unstructured",

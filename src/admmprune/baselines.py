@@ -17,6 +17,9 @@ The heuristics, all on the same masks and retraining machinery:
 - ``gradual`` (Zhu & Gupta 2017): the pruned share follows ``s_t = s_f·(1 − (1 − t/T)^3)``,
   re-pruned every ``prune_every`` steps until ``T = end`` × the stage's steps.
 
+``ssauto`` (SS-Auto) has no per-layer rates: soft row + column penalties with one global λ
+(:class:`admmprune.proximal.SSAuto`); its ``admm`` is the SSAuto object (same penalty interface).
+
 ``admm`` with ``rounds = R > 1`` is progressive ADMM: round ``r`` runs ADMM towards
 ``keep^{(r+1)/R}``, hard-prunes, and the next round starts from that pruned model with its
 zeros held by masks.
@@ -32,10 +35,11 @@ from torch import nn
 from .admm import ADMM
 from .constraints import Constraint
 from .masks import Masks, prune
+from .proximal import SSAuto
 
 __all__ = ["METHODS", "cubic_keep", "geometric_keep", "make_method"]
 
-METHODS = ("admm", "magnitude", "iterative", "gradual")
+METHODS = ("admm", "magnitude", "iterative", "gradual", "ssauto")
 
 
 def geometric_keep(keep: float, fraction: float) -> float:
@@ -227,6 +231,35 @@ class Admm(_Method):
         return {**super().state_dict(), "admm": self.admm.state_dict() if self.admm else None}
 
 
+class SsAuto(_Method):
+    def __init__(self, *args, updates_per_epoch: int = 1, ssauto_kwargs: dict, **kw):
+        super().__init__(*args, **kw)
+        spe, upe = self.steps_per_epoch, max(1, updates_per_epoch)
+        self.update_steps = {j * spe // upe for j in range(1, upe + 1)}
+        self.ssauto_kwargs = ssauto_kwargs
+
+    def start(self, epoch: int, state: dict | None) -> list[dict]:
+        self.admm = SSAuto(self.model, self.spec, **self.ssauto_kwargs)
+        if state and state.get("ssauto") is not None:
+            self.admm.load_state_dict(state["ssauto"])
+        return []
+
+    def after_step(self, step: int) -> list[dict]:
+        within = step % self.steps_per_epoch or self.steps_per_epoch
+        if within in self.update_steps:
+            n = self.admm.num_updates + 1
+            return [{"event": "update", "round": 0, "update": n, **self.admm.update()}]
+        return []
+
+    def finish(self) -> Masks:
+        masks = self.admm.prune()
+        self.admm = None
+        return masks
+
+    def state_dict(self) -> dict:
+        return {"ssauto": self.admm.state_dict() if self.admm else None}
+
+
 def make_method(
     name: str, model, spec, default, optimizer, *, epochs: int, steps_per_epoch: int, **options
 ) -> _Method:
@@ -241,6 +274,8 @@ def make_method(
         return Iterative(*common, **kw, **options)
     if name == "gradual":
         return Gradual(*common, **kw, **options)
+    if name == "ssauto":
+        return SsAuto(*common, **kw, **options)
     raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}.")
 
 

@@ -109,6 +109,19 @@ class QuantizeCfg(StageCfg):
     updates_per_epoch: Annotated[int, Field(gt=0)] = 1
 
 
+class SsAutoCfg(_Strict):
+    """SS-Auto (``method: ssauto``): soft row + column penalties on ``layers``, one global target;
+    the per-layer rates come out of the solver (see :mod:`admmprune.proximal`)."""
+
+    layers: list[str] = []  # names, globs or type:Name of the layers to prune
+    target: Annotated[float, Field(gt=0, le=1)] = 0.5  # fraction kept (of weights or MACs)
+    by: Literal["weights", "macs"] = "macs"
+    rho: PosFloat = 1e-2
+    rho_growth: PosFloat = 1.0
+    reweight: bool = False
+    updates_per_epoch: Annotated[int, Field(gt=0)] = 1
+
+
 class HeuristicCfg(_Strict):
     """Settings of the baseline methods (see :mod:`admmprune.baselines`)."""
 
@@ -157,8 +170,9 @@ class Recipe(_Strict):
     progress: bool = True
     model: ModelCfg
     # How the compression stage (the `admm` section's epochs) induces sparsity.
-    method: Literal["admm", "magnitude", "iterative", "gradual"] = "admm"
+    method: Literal["admm", "magnitude", "iterative", "gradual", "ssauto"] = "admm"
     heuristic: HeuristicCfg = HeuristicCfg()
+    ssauto: SsAutoCfg = SsAutoCfg()
     data: DataCfg = DataCfg()
     pretrain: StageCfg = StageCfg()
     admm: AdmmCfg = AdmmCfg()
@@ -187,6 +201,18 @@ class Recipe(_Strict):
 
     @model_validator(mode="after")
     def _something_to_constrain(self):
+        if self.method == "ssauto":
+            if any(v is not None for v in self.constraints.values()) or self.coupled_channels:
+                raise ValueError(
+                    "method: ssauto chooses the per-layer rates itself; list its layers in "
+                    "ssauto.layers (and the global target in ssauto.target) instead of "
+                    "constraints / coupled_channels"
+                )
+            if not self.ssauto.layers:
+                raise ValueError("method: ssauto needs ssauto.layers, e.g. ['type:Conv2d']")
+            if self.admm.epochs == 0:
+                raise ValueError("method: ssauto needs admm.epochs > 0 (its training stage)")
+            return self
         if (
             not any(v is not None for v in self.constraints.values())
             and not self.default_constraint
@@ -212,6 +238,11 @@ class Recipe(_Strict):
 
     def spec(self):
         """The constraint spec for :class:`admmprune.ADMM` (keys ``type:Name`` become types)."""
+        if self.method == "ssauto":
+            from .proximal import SoftRowsColumns
+
+            soft = {key: SoftRowsColumns() for key in self.ssauto.layers}
+            return _module_types("ssauto.layers", soft), None
         spec = {key: to_constraint(value) for key, value in self.constraints.items()}
         return _module_types("constraints", spec), to_constraint(self.default_constraint)
 

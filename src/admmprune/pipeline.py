@@ -280,27 +280,31 @@ class _Run:
         if stage == "admm" and self.method is None:
             a = self.r.admm
             options = (
-                {
-                    "rounds": a.rounds,
-                    "update_every": a.update_every,
-                    "updates_per_epoch": a.updates_per_epoch,
-                    "admm_kwargs": {
-                        "rho": a.rho,
-                        "rho_growth": a.rho_growth,
-                        "rho_max": a.rho_max,
-                        "mode": a.mode,
-                        "groups": self.p.extra["groups"],
-                    },
-                }
-                if self.r.method == "admm"
-                else {
-                    k: v
-                    for k, v in self.r.heuristic.model_dump().items()
-                    if k
-                    in {"iterative": ("cycles",), "gradual": ("prune_every", "end")}.get(
-                        self.r.method, ()
-                    )
-                }
+                self._method_options()
+                if self.r.method == "ssauto"
+                else (
+                    {
+                        "rounds": a.rounds,
+                        "update_every": a.update_every,
+                        "updates_per_epoch": a.updates_per_epoch,
+                        "admm_kwargs": {
+                            "rho": a.rho,
+                            "rho_growth": a.rho_growth,
+                            "rho_max": a.rho_max,
+                            "mode": a.mode,
+                            "groups": self.p.extra["groups"],
+                        },
+                    }
+                    if self.r.method == "admm"
+                    else {
+                        k: v
+                        for k, v in self.r.heuristic.model_dump().items()
+                        if k
+                        in {"iterative": ("cycles",), "gradual": ("prune_every", "end")}.get(
+                            self.r.method, ()
+                        )
+                    }
+                )
             )
             self.method = make_method(
                 self.r.method,
@@ -336,6 +340,22 @@ class _Run:
             if self.masks is not None:
                 self.masks.attach(opt)  # re-zero the loaded optimizer state off the support
         return opt, sched
+
+    def _method_options(self) -> dict:
+        """SS-Auto's settings; MACs are counted on one test image."""
+        c = self.r.ssauto
+        x1 = self.p.data.test.batch(torch.arange(1))[0].to(self.p.device)
+        return {
+            "updates_per_epoch": c.updates_per_epoch,
+            "ssauto_kwargs": {
+                "target": c.target,
+                "by": c.by,
+                "example_input": x1,
+                "rho": c.rho,
+                "rho_growth": c.rho_growth,
+                "reweight": c.reweight,
+            },
+        }
 
     def _quantizer(self) -> ADMM | MaskedMapping:
         """ADMM on the quantization sets, projecting only the weights the masks keep (or the

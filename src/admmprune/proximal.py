@@ -1,0 +1,366 @@
+r"""SS-Auto: soft row + column group sparsity by a primal–proximal split, with one global λ.
+
+Instead of a hard budget per layer, penalise the group norms of an auxiliary ``Z`` on the GEMM
+view (rows = filters / output neurons, columns = ``(in, kh, kw)`` positions / input neurons)::
+
+    W^{k+1} = argmin_W f(W) + Σ_i rho/2 · ||W_i − Z_i^k||²          (your SGD steps)
+    Z^{k+1} = prox_{(λ/rho)·R}(W^{k+1})                             (update())
+    R(Z)    = Σ_rows c_r·||Z_r||₂ + Σ_cols c_c·||Z_c||₂
+
+with group weights ``c = sqrt(group size)`` (so rows and columns, and layers of different
+shapes, are penalised on one scale), or with ``reweight=True`` additionally divided by the
+group's norm at the previous update (reweighted group lasso). There is no dual variable: ``W``
+itself is never shrunk, only pulled towards the sparse ``Z``.
+
+**One group set** has a closed-form prox, group soft-thresholding:
+``Z_g = max(0, 1 − τ_g/||V_g||)·V_g`` (:func:`group_soft_threshold`). **Rows and columns
+overlap**, and the prox of their sum has no closed form; :func:`prox_rows_columns` computes it
+with the Dykstra-like proximal splitting of Bauschke & Combettes (iterate the row prox and the
+column prox with two correction terms; converges to the exact prox of the sum). Its last row
+step's zero rows and last column step's zero columns are both applied, so every group the prox
+kills is exactly zero.
+
+**Automatic rates**: the user gives one global target, the fraction of constrained weights
+(``by="weights"``) or of their MACs (``by="macs"``, positions × kept weights per layer) to keep.
+At every :meth:`SSAuto.update` λ is found by bisection (in log scale): the largest λ whose prox
+of the current weights keeps at least that fraction; the per-layer rates are whatever the single
+λ leaves. Since groups of nearly equal norm die at the same λ (at initialisation, whole layers
+do), the kept fraction can jump past the target; the survivors closest to dying (smallest
+``||Z_g||/τ_g``) are then zeroed one at a time, so the target is met to within one group.
+:meth:`SSAuto.prune` keeps exactly the rows × columns the last ``Z`` kept.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+
+import torch
+from torch import nn
+
+from .admm import _ProximalPenalty
+from .constraints import Constraint, Projection
+from .masks import Masks, check_finite, hard_prune
+from .select import Key, Spec, select
+
+__all__ = [
+    "RowsColumns",
+    "SSAuto",
+    "SoftRowsColumns",
+    "group_soft_threshold",
+    "prox_rows_columns",
+]
+
+_FORMAT = "admmprune.SSAuto"
+
+
+def group_soft_threshold(V: torch.Tensor, tau: torch.Tensor | float, dim: int) -> torch.Tensor:
+    """``argmin_Z Σ_g τ_g·||Z_g|| + ½||Z − V||²`` for the groups along ``dim`` of a matrix
+    (``dim=1``: each row is a group; ``dim=0``: each column). ``tau``: scalar or one per group."""
+    norms = V.norm(dim=dim, keepdim=True)
+    tau = torch.as_tensor(tau, dtype=V.dtype, device=V.device)
+    if tau.ndim:
+        tau = tau.reshape(norms.shape)
+    scale = torch.clamp(1 - tau / norms.clamp_min(torch.finfo(V.dtype).tiny), min=0)
+    return V * scale
+
+
+def prox_rows_columns(
+    V: torch.Tensor, tau_rows, tau_cols, iters: int = 50
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``argmin_Z Σ_r τ_r||Z_r|| + Σ_c τ_c||Z_c|| + ½||Z − V||²`` for a matrix ``V``.
+
+    Returns ``(Z, kept_rows, kept_cols)``; ``Z`` is exactly zero outside kept rows × columns.
+    """
+    x = V
+    p = torch.zeros_like(V)
+    q = torch.zeros_like(V)
+    for _ in range(iters):
+        y = group_soft_threshold(x + p, tau_rows, dim=1)
+        p = x + p - y
+        x_new = group_soft_threshold(y + q, tau_cols, dim=0)
+        q = y + q - x_new
+        done = torch.allclose(x_new, x, rtol=0, atol=1e-7 * float(V.abs().max() + 1e-30))
+        x = x_new
+        if done:
+            break
+    rows = y.ne(0).any(dim=1)
+    cols = x.ne(0).any(dim=0)
+    return x * rows[:, None] * cols[None, :], rows, cols
+
+
+class RowsColumns(Constraint):
+    """The support an :class:`SSAuto` run chose for one layer: given rows × columns of the GEMM
+    view. Its projection keeps exactly those entries (used by the final hard prune)."""
+
+    min_ndim = 2
+
+    def __init__(self, rows: torch.Tensor, cols: torch.Tensor) -> None:
+        self.rows, self.cols = rows.bool(), cols.bool()
+
+    def project(self, W: torch.Tensor, groups: int = 1) -> Projection:
+        mask = self.rows.to(W.device)[:, None] & self.cols.to(W.device)[None, :]
+        support = mask.reshape(W.shape)
+        return Projection(W * support, support)
+
+    def __repr__(self) -> str:
+        return f"RowsColumns(rows={int(self.rows.sum())}, cols={int(self.cols.sum())})"
+
+
+class SSAuto:
+    """SS-Auto's primal–proximal solver for the layers ``spec`` selects (the constraint values in
+    ``spec`` are ignored: every selected Conv/Linear weight gets the row + column penalty).
+
+    Args:
+        model: the network, trained by your own loop (add :meth:`penalty` to the loss).
+        spec: which weights: a list of names, globs and module types, or a spec dict as for
+            :class:`admmprune.ADMM` (its values are ignored, ``None`` still leaves a layer out).
+        target: the fraction of constrained weights (or MACs) to keep, in (0, 1].
+        by: ``"weights"`` or ``"macs"`` (needs ``example_input`` to count positions).
+        rho: the proximal weight; ``rho_growth`` multiplies it at every update.
+        reweight: divide each group's weight by its norm at the previous update.
+        iters: Dykstra iterations per prox.
+    """
+
+    mode = "penalty"  # the training loop adds penalty() to the loss
+
+    def __init__(
+        self,
+        model: nn.Module,
+        spec: Spec | Sequence[Key],
+        *,
+        target: float,
+        by: str = "weights",
+        example_input: torch.Tensor | None = None,
+        rho: float = 1e-2,
+        rho_growth: float = 1.0,
+        reweight: bool = False,
+        iters: int = 50,
+    ) -> None:
+        if not (isinstance(target, (int, float)) and 0 < target <= 1):
+            raise ValueError(
+                f"SSAuto(target={target!r}): the fraction KEPT, in (0, 1]; e.g. 0.25 keeps 25 %."
+            )
+        if by not in ("weights", "macs"):
+            raise ValueError(f"SSAuto(by={by!r}): use 'weights' or 'macs'.")
+        if by == "macs" and example_input is None:
+            raise ValueError("SSAuto(by='macs') needs example_input to count MACs per layer.")
+        if not (rho > 0 and rho_growth > 0):
+            raise ValueError("SSAuto: rho and rho_growth must be positive.")
+        self.model, self.target, self.by = model, float(target), by
+        self.rho, self.rho_growth, self.reweight, self.iters = rho, rho_growth, reweight, iters
+        if not isinstance(iters, int) or iters < 1:
+            raise ValueError(f"SSAuto(iters={iters!r}): at least 1 Dykstra iteration.")
+        keys = spec.items() if isinstance(spec, Mapping) else ((k, True) for k in spec)
+        self.targets = select(model, {k: None if v is None else SoftRowsColumns() for k, v in keys})
+        for t in self.targets:
+            if t.param.ndim < 2:
+                raise ValueError(
+                    f"SSAuto: {t.name!r} has shape {tuple(t.param.shape)}; rows and columns need "
+                    "a Conv or Linear weight. Leave it out of the spec."
+                )
+        self.positions = {t.name: 1 for t in self.targets}
+        if by == "macs":
+            from .accounting import count
+
+            per_layer = {c.name: c.positions for c in count(model, example_input)["layers"]}
+            self.positions = {t.name: per_layer[t.module_name] for t in self.targets}
+        self.lam = 0.0
+        self.num_updates = 0
+        self.Z: dict[str, torch.Tensor] = {}
+        self.kept: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._prev_norms: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        with torch.no_grad():
+            for t in self.targets:
+                check_finite(t.param, t.name, "at SSAuto start")
+                self.Z[t.name] = t.param.detach().float().clone()  # Z⁰ = W⁰: no pull at first
+
+    # the W-step ------------------------------------------------------------------------------
+    def penalty(self) -> torch.Tensor:
+        """``Σ_i rho/2 · ||W_i − Z_i||²`` in fp32, differentiable in W; add it to the loss."""
+        return sum(
+            _ProximalPenalty.apply(t.param, self.Z[t.name].to(t.param.device), self.rho)
+            for t in self.targets
+        )
+
+    # the Z-step ------------------------------------------------------------------------------
+    def _taus(self, t, M: torch.Tensor, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+        rows, cols = M.shape
+        c_r = torch.full((rows,), math.sqrt(cols), device=M.device)
+        c_c = torch.full((cols,), math.sqrt(rows), device=M.device)
+        if self.reweight and t.name in self._prev_norms:
+            nr, nc = self._prev_norms[t.name]
+            c_r = c_r / (nr + 1e-3 * float(nr.max() + 1e-12))
+            c_c = c_c / (nc + 1e-3 * float(nc.max() + 1e-12))
+        return lam / self.rho * c_r, lam / self.rho * c_c
+
+    def _prox_all(self, lam: float) -> dict:
+        out = {}
+        for t in self.targets:
+            M = t.param.detach().float().reshape(t.param.shape[0], -1)
+            tr, tc = self._taus(t, M, lam)
+            out[t.name] = prox_rows_columns(M, tr, tc, self.iters)
+        return out
+
+    def _kept_fraction(self, proxed: Mapping) -> float:
+        kept = total = 0
+        for t in self.targets:
+            _, rows, cols = proxed[t.name]
+            w = self.positions[t.name]
+            kept += w * int(rows.sum()) * int(cols.sum())
+            total += w * t.param.numel()
+        return kept / total
+
+    def search(self, iters: int = 30) -> float:
+        """The largest λ whose prox of the current weights still keeps at least ``target``
+        (bisection in log λ)."""
+        lo, hi = 0.0, 1e-6
+        while self._kept_fraction(self._prox_all(hi)) >= self.target:
+            lo, hi = hi, hi * 10
+            if hi > 1e12:
+                raise RuntimeError("SSAuto: no λ reaches the target; is every weight zero?")
+        for _ in range(iters):
+            mid = math.sqrt(lo * hi) if lo > 0 else hi / 10
+            if self._kept_fraction(self._prox_all(mid)) >= self.target:
+                lo = mid
+            else:
+                hi = mid
+            if lo > 0 and hi / lo < 1 + 1e-4:
+                break
+        return lo
+
+    def _trim(self, proxed: dict, lam: float) -> dict:
+        """Zero the surviving groups closest to dying (smallest ``||Z_g|| / τ_g``), one at a time,
+        while that brings the kept fraction closer to the target."""
+        weight = {t.name: self.positions[t.name] for t in self.targets}
+        total = sum(weight[t.name] * t.param.numel() for t in self.targets)
+        rows_n = {n: int(r.sum()) for n, (_, r, _) in proxed.items()}
+        cols_n = {n: int(c.sum()) for n, (_, _, c) in proxed.items()}
+        kept = sum(weight[n] * rows_n[n] * cols_n[n] for n in proxed)
+        candidates = []
+        for t in self.targets:
+            Z, rows, cols = proxed[t.name]
+            M = t.param.detach().float().reshape(t.param.shape[0], -1)
+            tr, tc = self._taus(t, M, lam)
+            for axis, alive, norms, tau in (
+                (0, rows, Z.norm(dim=1), tr),
+                (1, cols, Z.norm(dim=0), tc),
+            ):
+                for i in alive.nonzero().flatten().tolist():
+                    candidates.append((float(norms[i] / tau[i]), t.name, axis, i))
+        candidates.sort()
+        dead: dict = {}
+        for _, name, axis, i in candidates:
+            lose = weight[name] * (cols_n[name] if axis == 0 else rows_n[name])
+            if abs(kept - lose - self.target * total) >= abs(kept - self.target * total):
+                break
+            if (rows_n, cols_n)[axis][name] <= 1:
+                continue  # never empty a layer
+            kept -= lose
+            (rows_n, cols_n)[axis][name] -= 1
+            dead.setdefault(name, []).append((axis, i))
+        out = dict(proxed)
+        for name, items in dead.items():
+            Z, rows, cols = (x.clone() for x in proxed[name])
+            for axis, i in items:
+                (rows if axis == 0 else cols)[i] = False
+            out[name] = (Z * rows[:, None] * cols[None, :], rows, cols)
+        return out
+
+    @torch.no_grad()
+    def update(self) -> dict:
+        """Find λ for the target, then ``Z ← prox(W)``; returns λ, rho, kept, per-layer rates."""
+        for t in self.targets:
+            check_finite(t.param, t.name, f"at SSAuto update {self.num_updates + 1}")
+        self.lam = self.search()
+        # kept(λ) moves in steps, and groups of nearly equal norm die together; trimming the
+        # weakest survivors meets the target to within one group.
+        proxed = self._trim(self._prox_all(self.lam), self.lam)
+        layers = {}
+        for t in self.targets:
+            Z, rows, cols = proxed[t.name]
+            Z = Z.reshape(t.param.shape)
+            dual = self.rho * float((Z - self.Z[t.name].to(Z.device)).norm())
+            self.Z[t.name] = Z
+            self.kept[t.name] = (rows, cols)
+            if self.reweight:
+                M = t.param.detach().float().reshape(t.param.shape[0], -1)
+                self._prev_norms[t.name] = (M.norm(dim=1), M.norm(dim=0))
+            layers[t.name] = {
+                "rows": int(rows.sum()) / rows.numel(),
+                "cols": int(cols.sum()) / cols.numel(),
+                "kept": int(rows.sum()) * int(cols.sum()) / t.param.numel(),
+                "primal": float((t.param.detach().float() - self.Z[t.name]).norm()),
+                "dual": dual,
+            }
+        stats = {
+            "lambda": self.lam,
+            "rho": self.rho,
+            "kept": self._kept_fraction(proxed),
+            "layers": layers,
+        }
+        self.rho *= self.rho_growth
+        self.num_updates += 1
+        return stats
+
+    def rates(self) -> dict[str, float]:
+        """Kept fraction per layer that the last update chose."""
+        return {
+            n: int(r.sum()) * int(c.sum()) / (r.numel() * c.numel())
+            for n, (r, c) in self.kept.items()
+        }
+
+    @torch.no_grad()
+    def prune(self) -> Masks:
+        """Hard prune to the rows × columns the last ``Z`` kept (an update first if none ran)."""
+        if not self.kept:
+            self.update()
+        chosen = [replace(t, constraint=RowsColumns(*self.kept[t.name])) for t in self.targets]
+        return hard_prune(self.model, chosen)
+
+    def close(self) -> None:
+        """Nothing to remove (no hooks); for the same interface as :class:`admmprune.ADMM`."""
+
+    # persistence -----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "format": _FORMAT,
+            "lam": self.lam,
+            "rho": self.rho,
+            "num_updates": self.num_updates,
+            "Z": {k: v.cpu() for k, v in self.Z.items()},
+            "kept": {k: [r.cpu(), c.cpu()] for k, (r, c) in self.kept.items()},
+            "prev_norms": {k: [r.cpu(), c.cpu()] for k, (r, c) in self._prev_norms.items()},
+        }
+
+    def load_state_dict(self, state: Mapping) -> None:
+        if not isinstance(state, Mapping) or state.get("format") != _FORMAT:
+            raise ValueError("not an SSAuto state; save it with SSAuto.state_dict().")
+        if set(state["Z"]) != set(self.Z):
+            raise ValueError(
+                f"SSAuto state is for {sorted(state['Z'])}, this spec selects {sorted(self.Z)}."
+            )
+        self.lam, self.rho = float(state["lam"]), float(state["rho"])
+        self.num_updates = int(state["num_updates"])
+        self.Z = {k: v.clone() for k, v in state["Z"].items()}
+        self.kept = {k: (r.clone(), c.clone()) for k, (r, c) in state["kept"].items()}
+        self._prev_norms = {k: (r.clone(), c.clone()) for k, (r, c) in state["prev_norms"].items()}
+
+
+class SoftRowsColumns(Constraint):
+    """Marks a layer for :class:`SSAuto` in a spec: soft row + column penalties, no hard set."""
+
+    min_ndim = 2
+
+    def project(self, W: torch.Tensor, groups: int = 1) -> Projection:
+        raise TypeError("SoftRowsColumns is a soft constraint: SSAuto.update() handles it.")
+
+    def __repr__(self) -> str:
+        return "SoftRowsColumns()"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SoftRowsColumns)
+
+    def __hash__(self) -> int:
+        return hash("SoftRowsColumns")

@@ -1,0 +1,135 @@
+"""SS-Auto: group soft-thresholding and the row+column prox are true minimisers; λ = 0 changes
+nothing; the λ search hits a requested rate; the pruned support is rows × columns."""
+
+import pytest
+import torch
+from torch import nn
+
+import admmprune as ap
+from admmprune.proximal import SSAuto, group_soft_threshold, prox_rows_columns
+from conftest import make_blobs
+
+
+def objective(Z, V, tau_r, tau_c):
+    return (
+        (tau_r * Z.norm(dim=1)).sum() + (tau_c * Z.norm(dim=0)).sum() + 0.5 * (Z - V).pow(2).sum()
+    )
+
+
+def test_group_soft_threshold_is_the_minimiser_and_kills_small_groups():
+    torch.manual_seed(0)
+    V = torch.randn(6, 5, dtype=torch.float64)
+    tau = torch.tensor([0.1, 0.5, 1.0, 3.0, 5.0, 0.0], dtype=torch.float64)
+    Z = group_soft_threshold(V, tau, dim=1)
+    norms = V.norm(dim=1)
+    assert torch.all(Z[norms <= tau] == 0) and (norms <= tau).any()  # exactly zero
+    f = lambda Z: (tau * Z.norm(dim=1)).sum() + 0.5 * (Z - V).pow(2).sum()  # noqa: E731
+    for _ in range(300):  # no nearby point does better
+        assert f(Z) <= f(Z + 1e-3 * torch.randn_like(Z)) + 1e-12
+    # numerically: a long subgradient descent from V lands on the same point
+    X = V.clone().requires_grad_(True)
+    opt = torch.optim.SGD([X], lr=0.01)
+    for i in range(5000):
+        opt.param_groups[0]["lr"] = 0.05 / (1 + i) ** 0.5
+        opt.zero_grad()
+        f(X).backward()
+        opt.step()
+    assert float(f(X)) >= float(f(Z)) - 1e-6
+    assert (X.detach() - Z).abs().max() < 0.02
+
+
+def test_rows_and_columns_prox_is_the_minimiser_of_the_sum():
+    torch.manual_seed(1)
+    V = torch.randn(7, 9, dtype=torch.float64)
+    tr = torch.linspace(0.5, 3.0, 7, dtype=torch.float64)
+    tc = torch.linspace(0.3, 2.5, 9, dtype=torch.float64)
+    Z, rows, cols = prox_rows_columns(V, tr, tc, iters=500)
+    assert not rows.all() or not cols.all()  # something died at these thresholds
+    assert torch.all(Z[~rows] == 0) and torch.all(Z[:, ~cols] == 0)
+    best = objective(Z, V, tr, tc)
+    for _ in range(500):
+        assert best <= objective(Z + 1e-3 * torch.randn_like(Z), V, tr, tc) + 1e-10
+    # better than the naive composition (rows then columns), which is not the prox of the sum
+    naive = group_soft_threshold(group_soft_threshold(V, tr, 1), tc, 0)
+    assert best <= objective(naive, V, tr, tc) + 1e-12
+
+
+def test_lambda_zero_changes_nothing():
+    torch.manual_seed(2)
+    V = torch.randn(4, 6)
+    Z, rows, cols = prox_rows_columns(V, 0.0, 0.0)
+    assert torch.equal(Z, V) and rows.all() and cols.all()
+
+
+def small_model():
+    torch.manual_seed(3)
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+        nn.Flatten(), nn.Linear(16 * 8 * 8, 32), nn.ReLU(), nn.Linear(32, 4),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("by", ["weights", "macs"])
+def test_lambda_search_hits_the_target_and_rates_are_non_uniform(by):
+    torch.manual_seed(3)
+    model = nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
+        nn.Flatten(), nn.Linear(64 * 8 * 8, 64), nn.ReLU(), nn.Linear(64, 4),
+    )  # fmt: skip
+    with torch.no_grad():  # trained weights have spread group norms (fresh ones are all alike,
+        for m in (model[2], model[5]):  # and a whole layer's columns would die at one λ)
+            M = m.weight.view(m.weight.shape[0], -1)
+            M.mul_(torch.randn(M.shape[0], 1).mul(0.5).exp() * torch.randn(1, M.shape[1]).exp())
+    x = torch.randn(1, 3, 8, 8)  # one conv2 row is ~1.3 % of the MACs: ±2 % is reachable
+    s = SSAuto(model, {"0": None, "2": True, "5": True}, target=0.3, by=by, example_input=x)
+    stats = s.update()
+    assert stats["kept"] == pytest.approx(0.3, abs=0.02)
+    rates = s.rates()
+    assert set(rates) == {"2.weight", "5.weight"}
+    assert max(rates.values()) - min(rates.values()) > 0.05  # per-layer rates emerge
+
+
+def test_ssauto_trains_prunes_rows_times_columns_and_keeps_them():
+    X, y = make_blobs(n=400, d=3 * 8 * 8, classes=4, seed=4)
+    X = X.view(-1, 3, 8, 8)
+    model = small_model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    s = SSAuto(model, [nn.Conv2d, "5"], target=0.25, rho=1e-2)
+    for _epoch in range(4):
+        for i in range(0, 400, 50):
+            loss = nn.functional.cross_entropy(model(X[i : i + 50]), y[i : i + 50]) + s.penalty()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        stats = s.update()
+    assert stats["kept"] == pytest.approx(0.25, abs=0.02)
+    state = s.state_dict()
+    masks = s.prune()
+    total = sum(m.numel() for m in masks.values())
+    assert sum(int(m.sum()) for m in masks.values()) / total == pytest.approx(0.25, abs=0.02)
+    for name, m in masks.items():  # the support is a rows × columns block
+        M = m.reshape(m.shape[0], -1)
+        rows, cols = M.any(dim=1), M.any(dim=0)
+        assert torch.equal(M, rows[:, None] & cols[None, :]), name
+    masks.attach(opt)
+    for _ in range(3):
+        loss = nn.functional.cross_entropy(model(X), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    W = dict(model.named_parameters())
+    assert all(torch.all(W[n][~m] == 0) for n, m in masks.items())
+    other = SSAuto(small_model(), {nn.Conv2d: True, "5": True}, target=0.25)
+    other.load_state_dict(state)
+    assert other.lam == s.lam and all(torch.equal(other.Z[k], s.Z[k]) for k in s.Z)
+
+
+def test_bad_ssauto_input():
+    model = small_model()
+    with pytest.raises(ValueError, match="KEPT"):
+        SSAuto(model, {"2": True}, target=1.5)
+    with pytest.raises(ValueError, match="example_input"):
+        SSAuto(model, {"2": True}, target=0.5, by="macs")
+    with pytest.raises(ValueError, match="matches no"):
+        SSAuto(model, {"conv9": True}, target=0.5)
+    assert isinstance(ap.ADMM, type)
