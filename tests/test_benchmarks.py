@@ -71,3 +71,20 @@ def test_admmnns_compare_tiny_run_writes_table_and_json(tmp_path):
         > 3 * rows["non-structured 10x"]["weights_rate"]
     )
     assert "| structured + ternary |" in (out / "results.md").read_text()
+
+
+def test_ssauto_vs_admm_tiny_run(tmp_path):
+    out = tmp_path / "ss"
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/ssauto_vs_admm.py", "--dataset", "digits", "--quick",
+         "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["runs"]) == {"ssauto", "admm uniform", "admm ssauto-rates"}
+    for r in res["runs"].values():  # every method meets the MAC target (±2 % + one group)
+        assert abs(r["kept_macs"] - 0.5) < 0.05
+    uniform = res["runs"]["admm uniform"]["rates"].values()
+    assert max(uniform) - min(uniform) < 0.05  # uniform is uniform; SS-Auto's are its own
+    assert (out / "rates.png").read_bytes()[:4] == b"\x89PNG"

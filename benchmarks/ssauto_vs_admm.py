@@ -1,0 +1,215 @@
+"""SS-Auto vs hard ADMM on CIFAR ResNet-20 at one global MAC target and one epoch budget.
+
+1. One dense ResNet-20 (``--dense`` to reuse one), trained on the first 45,000 CIFAR-10 training
+   images; accuracy on the last 5,000 (held out, never trained on) and on the 1,000 official test
+   images in the shared .npz.
+2. Three ways to keep ``--target`` of the MACs of the block convs (``layer*.conv*``) with row +
+   column sparsity, each ``--prune-epochs`` of compression + ``--retrain-epochs`` of masked
+   retraining from the same dense model:
+   - ``ssauto``: soft row/column penalties, one global λ; the per-layer rates emerge;
+   - ``admm uniform``: hard ADMM, every layer keeps sqrt(target) of its rows and of its columns;
+   - ``admm ssauto-rates``: hard ADMM with the rows/columns fractions SS-Auto chose per layer.
+3. Accuracy, kept MACs (positions × kept weights over the block convs) and per-layer rates;
+   a PNG bar chart of the per-layer kept fractions.
+
+    python benchmarks/ssauto_vs_admm.py --data-dir ../shared/data          # CPU: short schedule
+    python benchmarks/ssauto_vs_admm.py --data-dir ../shared/data --quick  # minutes
+
+Writes ``results.md``, ``results.json`` and ``rates.png`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from admmprune.accounting import count
+from admmprune.data import load_data
+from admmprune.models import build_model
+from admmprune.proximal import SoftRowsColumns
+from admmprune.select import select
+from mnist_admmnn import run_recipe, train_dense
+
+LAYERS = "layer*.conv*"
+
+
+def recipe(args, out: Path, dense: Path, method: str, **extra) -> dict:
+    r = {
+        "seed": args.seed,
+        "device": args.device,
+        "progress": False,
+        "output_dir": str(out),
+        "model": {"name": args.model, "checkpoint": str(dense)},
+        "data": {"name": args.dataset, "dir": args.data_dir, "batch_size": args.batch_size},
+        "pretrain": {"epochs": 0},
+        "method": method,
+        "admm": {
+            "epochs": args.prune_epochs,
+            "optimizer": {"name": "sgd", "lr": 0.01, "momentum": 0.9},
+            "schedule": {"name": "cosine"},
+            "lr_reset": False,
+            "updates_per_epoch": args.updates_per_epoch,
+            "rho": args.rho,
+            "rho_growth": args.rho_growth,
+        },
+        "retrain": {
+            "epochs": args.retrain_epochs,
+            "optimizer": {"name": "sgd", "lr": 0.01, "momentum": 0.9},
+            "schedule": {"name": "cosine"},
+        },
+        "compact": False,
+    }
+    r.update(extra)
+    return r
+
+
+def kept_macs(model: torch.nn.Module, x: torch.Tensor, names: list[str]) -> float:
+    """Kept fraction of the MACs of ``names``: positions × non-zero weights over positions ×
+    weights (what a row/column-compacted GEMM computes)."""
+    layers = {c.name: c for c in count(model, x)["layers"]}
+    mods = [n.removesuffix(".weight") for n in names]
+    return sum(layers[m].sparse_macs for m in mods) / sum(layers[m].macs for m in mods)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--data-dir", default=None, help="folder with the CIFAR-10 .npz")
+    p.add_argument("--dataset", default="npz", choices=("npz", "digits"))
+    p.add_argument("--model", default="resnet20")
+    p.add_argument("--dense", default=None, help="dense state_dict to start from")
+    p.add_argument("--dense-epochs", type=int, default=10)
+    p.add_argument("--target", type=float, default=0.5, help="fraction of block-conv MACs kept")
+    p.add_argument("--prune-epochs", type=int, default=3)
+    p.add_argument("--retrain-epochs", type=int, default=2)
+    p.add_argument("--updates-per-epoch", type=int, default=2)
+    p.add_argument("--rho", type=float, default=0.01)
+    p.add_argument("--rho-growth", type=float, default=1.5)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--train-subset", type=int, default=0, help="train on the first N images")
+    p.add_argument("--quick", action="store_true", help="1-epoch stages on 5k images")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="benchmarks/results/ssauto_vs_admm")
+    args = p.parse_args()
+    if args.quick:
+        args.dense_epochs, args.prune_epochs, args.retrain_epochs = 2, 1, 1
+        args.train_subset = args.train_subset or 5000
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    val = 5000 if args.dataset == "npz" else 0  # train on the first 45k, validate on the rest
+    data = load_data(args.dataset, data_dir=args.data_dir, val_size=val, seed=args.seed)
+    if args.train_subset:
+        data.train = data.train.subset(torch.arange(min(args.train_subset, len(data.train))))
+    device = torch.device(args.device)
+    model_kw = {"num_classes": data.num_classes, "in_channels": data.in_channels,
+                "input_size": data.input_size}  # fmt: skip
+    if args.dense:
+        dense_path = Path(args.dense)
+    else:
+        t0 = time.perf_counter()
+        dense = train_dense(args, data, device, args.dense_epochs)
+        dense_path = out / "dense.pt"
+        torch.save(dense.state_dict(), dense_path)
+        print(f"dense: {args.dense_epochs} epochs, {time.perf_counter() - t0:.0f} s", flush=True)
+    model = build_model(args.model, **model_kw)
+    names = [t.name for t in select(model, {LAYERS: SoftRowsColumns()})]
+    x1 = data.test.batch(torch.arange(1))[0]
+
+    runs = {}
+
+    def go(label: str, method: str, **extra) -> dict:
+        t0 = time.perf_counter()
+        run_dir = out / "runs" / label.replace(" ", "_")
+        s = run_recipe(recipe(args, run_dir, dense_path, method, **extra), data)
+        m = build_model(args.model, **model_kw)
+        m.load_state_dict(torch.load(run_dir / "model.pt", weights_only=True))
+        rows_cols = {}
+        for n in names:
+            W = dict(m.named_parameters())[n].detach()
+            M = W.reshape(W.shape[0], -1)
+            rows_cols[n] = (
+                float(M.ne(0).any(1).float().mean()),
+                float(M.ne(0).any(0).float().mean()),
+            )
+        runs[label] = {
+            "accuracy_test": s["accuracy"]["final"],
+            "accuracy_val": s["accuracy"].get("final_val"),
+            "dense_test": s["accuracy"]["start"],
+            "kept_macs": kept_macs(m, x1, names),
+            "rates": {x["name"]: x["kept"] / x["total"] for x in s["layers"]},
+            "rows_cols": rows_cols,
+            "epochs": args.prune_epochs + args.retrain_epochs,
+            "seconds": time.perf_counter() - t0,
+        }
+        r = runs[label]
+        print(f"{label}: val {100 * (r['accuracy_val'] or 0):.2f} %, test "
+              f"{100 * r['accuracy_test']:.2f} %, kept MACs {100 * r['kept_macs']:.1f} %, "
+              f"{r['seconds']:.0f} s", flush=True)  # fmt: skip
+        return r
+
+    soft = {"layers": [LAYERS], "target": args.target, "by": "macs", "rho": args.rho,
+            "updates_per_epoch": args.updates_per_epoch}  # fmt: skip
+    go("ssauto", "ssauto", ssauto=soft)
+    u = math.sqrt(args.target)
+    go("admm uniform", "admm", constraints={LAYERS: {"filters": u, "columns": u}})
+    chosen = runs["ssauto"]["rows_cols"]
+    go("admm ssauto-rates", "admm", constraints={
+        n.removesuffix(".weight"): {"filters": max(r, 1e-3), "columns": max(c, 1e-3)}
+        for n, (r, c) in chosen.items()
+    })  # fmt: skip
+
+    res = {"settings": vars(args), "layers": names, "runs": runs,
+           "seconds": time.perf_counter() - t_start}  # fmt: skip
+    (out / "results.json").write_text(json.dumps(res, indent=2))
+    lines = [
+        f"ResNet-20, target: keep {100 * args.target:g} % of the block-conv MACs; "
+        f"{args.prune_epochs} + {args.retrain_epochs} epochs after a {args.dense_epochs}-epoch "
+        "dense model.",
+        "",
+        "| method | val acc. | test acc. (1k) | kept MACs | per-layer kept (min–max) |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for label, r in runs.items():
+        rates = list(r["rates"].values())
+        lines.append(
+            f"| {label} | {100 * (r['accuracy_val'] or 0):.2f} % | "
+            f"{100 * r['accuracy_test']:.2f} % "
+            f"| {100 * r['kept_macs']:.1f} % | {100 * min(rates):.0f}–{100 * max(rates):.0f} % |"
+        )
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    plot(runs, names, out / "rates.png")
+    print("\n" + "\n".join(lines))
+    print(f"\nwrote {out}/results.md, results.json, rates.png in {res['seconds'] / 60:.1f} min")
+
+
+def plot(runs: dict, names: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(names) + 2), 3.8))
+    width = 0.8 / len(runs)
+    for i, (label, r) in enumerate(runs.items()):
+        xs = [j + i * width for j in range(len(names))]
+        ax.bar(xs, [100 * r["rates"].get(n, 1.0) for n in names], width, label=label)
+    ticks = [j + 0.4 - width / 2 for j in range(len(names))]
+    labels = [n.removesuffix(".weight") for n in names]
+    ax.set_xticks(ticks, labels, rotation=70, ha="right", fontsize=7)
+    ax.set_ylabel("kept weights (%)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
