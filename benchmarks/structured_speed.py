@@ -1,15 +1,16 @@
-"""Does structured sparsity become speed? Channel groups removed at 2x / 4x / 8x MAC reduction.
+"""Does structured sparsity become speed? At 2x / 4x / 8x MAC reduction, three kinds:
 
-For each model, every dependency group (the channels coupled by BN, residual additions,
-concatenations) keeps the same fraction f of its channels, those with the largest L2 norm over
-all producer slices; f is found by bisection so the compacted model's MACs are 1/R of the
-dense model's. Then dense and compacted are timed in alternation (paired, so the machine's noise
-hits both alike), batch 1 and batch 64, and we report speedup / MAC reduction (1.0 is the
-physical limit).
+- ``channels`` (filter = channel pruning once coupling is respected: a producer's filter is its
+  consumers' input channel): every dependency group (channels coupled by BN, residual additions,
+  concatenations) keeps the same fraction f of its channels, those with the largest L2 norm over
+  all producer slices, and the model is compacted;
+- ``columns`` (shape-wise): every conv keeps the same fraction of its GEMM columns, computed by
+  :class:`admmprune.sparse.ColumnConv2d` (im2col + gather + smaller GEMM);
+- ``filters+columns``: channels compacted to sqrt(R), then columns to the rest.
 
-Filter and channel pruning remove the same physical channels once coupling is respected (a
-producer's filter is its consumers' input channel), so one row covers both. Column (shape)
-pruning needs a column-compute layer that does not exist yet: not measured here.
+The fraction is found by bisection so the MACs are 1/R of the dense model's. Dense and pruned are
+timed in alternation (paired, so the machine's noise hits both alike) at batch 1 and 64, and we
+report speedup / MAC reduction (1.0 is the physical limit).
 
     python benchmarks/structured_speed.py [--models resnet20 resnet56 vgg16] [--rounds 20]
 """
@@ -25,10 +26,12 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from admmprune import Columns, prune
 from admmprune.accounting import count
 from admmprune.compact import _output_layers, compact
 from admmprune.latency import measure_paired
 from admmprune.models import build_model
+from admmprune.sparse import to_columns
 
 
 def zero_weakest_channels(model: nn.Module, x: torch.Tensor, keep: float) -> None:
@@ -60,24 +63,48 @@ def zero_weakest_channels(model: nn.Module, x: torch.Tensor, keep: float) -> Non
                         m.bias[idxs[j]] = 0
 
 
-def compacted_at(model: nn.Module, x: torch.Tensor, reduction: float):
-    dense_macs = count(model, x)["macs"]
+def _bisect(make, dense_macs: float, reduction: float):
+    """``make(keep) -> (model, macs)``; the keep whose MAC reduction is closest to ``reduction``."""
     lo, hi, best = 0.02, 1.0, None
     for _ in range(12):
         keep = (lo + hi) / 2
-        masked = copy.deepcopy(model)
-        zero_weakest_channels(masked, x, keep)
-        small, _ = compact(masked, x, inplace=True)
-        r = dense_macs / count(small, x)["macs"]
-        best = (
-            (small, keep, r)
-            if best is None or abs(r - reduction) < abs(best[2] - reduction)
-            else best
-        )
+        model, macs = make(keep)
+        r = dense_macs / macs
+        if best is None or abs(r - reduction) < abs(best[2] - reduction):
+            best = (model, keep, r)
         lo, hi = (lo, keep) if r < reduction else (keep, hi)
         if abs(r - reduction) / reduction < 0.02:
             break
     return best
+
+
+def compacted_at(model: nn.Module, x: torch.Tensor, reduction: float):
+    def make(keep):
+        masked = copy.deepcopy(model)
+        zero_weakest_channels(masked, x, keep)
+        small, _ = compact(masked, x, inplace=True)
+        return small, count(small, x)["macs"]
+
+    return _bisect(make, count(model, x)["macs"], reduction)
+
+
+def columns_at(model: nn.Module, x: torch.Tensor, reduction: float):
+    def make(keep):
+        masked = copy.deepcopy(model)
+        prune(masked, {nn.Conv2d: Columns(keep)})
+        return to_columns(masked), count(masked, x)["sparse_macs"]
+
+    return _bisect(make, count(model, x)["macs"], reduction)
+
+
+def pruned_at(kind: str, model: nn.Module, x: torch.Tensor, reduction: float):
+    if kind == "channels":
+        return compacted_at(model, x, reduction)
+    if kind == "columns":
+        return columns_at(model, x, reduction)
+    small, keep_c, r_c = compacted_at(model, x, reduction**0.5)
+    fast, keep_k, r_k = columns_at(small, x, reduction / r_c)
+    return fast, keep_c * keep_k, count(model, x)["macs"] / (count(small, x)["macs"] / r_k)
 
 
 def main() -> None:
@@ -86,29 +113,34 @@ def main() -> None:
     p.add_argument("--reductions", type=float, nargs="+", default=[2, 4, 8])
     p.add_argument("--batches", type=int, nargs="+", default=[1, 64])
     p.add_argument("--rounds", type=int, default=20)
+    p.add_argument(
+        "--kinds", nargs="+", default=["channels", "columns", "filters+columns"],
+        choices=["channels", "columns", "filters+columns"],
+    )  # fmt: skip
     p.add_argument("--out", default="benchmarks/results/structured_speed.json")
     args = p.parse_args()
     torch.manual_seed(0)
     rows = []
     print(f"CPU, {torch.get_num_threads()} threads; medians of {args.rounds} paired runs\n")
     print(
-        "| model | MAC reduction | kept channels | params | batch | dense ms | compact ms | "
+        "| model | kind | MAC reduction | kept | stored non-zeros | batch | dense ms | pruned ms | "
         "speedup | speedup / MAC reduction |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name in args.models:
         model = build_model(name, num_classes=10, in_channels=3, input_size=32).eval()
         x1 = torch.randn(1, 3, 32, 32)
         dense = count(model, x1)
-        for reduction in args.reductions:
-            small, keep, got = compacted_at(model, x1, reduction)
-            params = count(small, x1)["params"]
+        for kind, reduction in [(k, r) for k in args.kinds for r in args.reductions]:
+            small, keep, got = pruned_at(kind, model, x1, reduction)
+            params = sum(int(torch.count_nonzero(t)) for t in small.state_dict().values())
             for batch in args.batches:
                 xb = torch.randn(batch, 3, 32, 32)
                 t = measure_paired({"dense": model, "compact": small}, xb, args.rounds)
                 td, ts = t["dense"], t["compact"]
                 row = {
                     "model": name,
+                    "kind": kind,
                     "target_reduction": reduction,
                     "mac_reduction": got,
                     "kept_fraction": keep,
@@ -122,8 +154,8 @@ def main() -> None:
                 }
                 rows.append(row)
                 print(
-                    f"| {name} | {got:.2f}x | {keep:.2f} | {params:,} | {batch} | "
-                    f"{td * 1e3:.2f} | {ts * 1e3:.2f} | {td / ts:.2f}x | "
+                    f"| {name} | {kind} | {got:.2f}x | {keep:.2f} | {params:,} | {batch} | "
+                    f"{td:.2f} | {ts:.2f} | {td / ts:.2f}x | "
                     f"{td / ts / got:.2f} |",
                     flush=True,
                 )

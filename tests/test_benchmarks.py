@@ -88,3 +88,17 @@ def test_ssauto_vs_admm_tiny_run(tmp_path):
     uniform = res["runs"]["admm uniform"]["rates"].values()
     assert max(uniform) - min(uniform) < 0.05  # uniform is uniform; SS-Auto's are its own
     assert (out / "rates.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_structured_speed_small_run(tmp_path):
+    out = tmp_path / "s.json"
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/structured_speed.py", "--models", "resnet20",
+         "--reductions", "4", "--rounds", "1", "--batches", "2", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["kind"] for r in rows} == {"channels", "columns", "filters+columns"}
+    for r in rows:  # each kind hits the MAC reduction it was asked for
+        assert abs(r["mac_reduction"] - 4) / 4 < 0.05, r

@@ -37,3 +37,22 @@ def test_strided_padded_conv_and_dense_layers_left_alone():
     assert isinstance(sparse[4], nn.Linear)  # dense: below min_sparsity
     with torch.no_grad():
         assert (sparse(x) - model.eval()(x)).abs().max() <= 1e-5
+
+
+def test_column_convs_match_the_masked_conv():
+    from admmprune.sparse import ColumnConv2d, to_columns
+
+    torch.manual_seed(2)
+    model = nn.Sequential(
+        nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 6, 3, stride=2, padding=1)
+    )
+    ap.prune(model, {"0": ap.Columns(0.3)})  # scattered columns: im2col + gather
+    with torch.no_grad():
+        model[2].weight[:, [1, 5]] = 0  # whole input channels dead: a smaller dense conv
+    fast = to_columns(model)
+    assert isinstance(fast[0], ColumnConv2d) and not fast[0].by_channel
+    assert isinstance(fast[2], ColumnConv2d) and fast[2].by_channel
+    assert fast[2].W.shape[1] == 6
+    x = torch.randn(3, 4, 9, 9)
+    with torch.no_grad():
+        assert (fast(x) - model.eval()(x)).abs().max() <= 1e-5

@@ -1,9 +1,12 @@
-"""Sparse-kernel inference for non-structured pruning: Conv2d and Linear on ``torch.sparse`` CSR.
+"""Layers that compute only with what pruning left, for the sparsity compaction cannot remove.
 
-A non-structured layer keeps its shape; its speed depends on a kernel that skips the zeros. Here
-``W`` (GEMM view, rows = filters) is stored in CSR and multiplied with the dense input: a Linear
-computes ``y = W x``; a Conv2d (``groups = 1``) computes ``W · unfold(x)`` (im2col). This is
-what the storage/compute comparison of ADMM-NN-S measures against the compacted dense model.
+- Non-structured: ``W`` (GEMM view, rows = filters) in ``torch.sparse`` CSR times the dense
+  input: a Linear computes ``y = W x``, a Conv2d (``groups = 1``) ``W · unfold(x)`` (im2col).
+  What ADMM-NN-S's storage/compute comparison measures against the compact dense model.
+- Column (shape) sparsity: a conv whose zero GEMM columns are whole input channels just reads
+  fewer channels (``x[:, alive]`` into a smaller dense conv); otherwise it gathers the kept rows
+  of ``unfold(x)`` and multiplies them with the kept columns of ``W`` (im2col + gather + a
+  smaller GEMM).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import copy
 import torch
 from torch import nn
 
-__all__ = ["SparseConv2d", "SparseLinear", "to_sparse"]
+__all__ = ["ColumnConv2d", "SparseConv2d", "SparseLinear", "to_columns", "to_sparse"]
 
 
 class SparseLinear(nn.Module):
@@ -78,4 +81,62 @@ def to_sparse(model: nn.Module, min_sparsity: float = 0.5) -> nn.Module:
         new = SparseLinear(m) if isinstance(m, nn.Linear) else SparseConv2d(m)
         parent_name, _, attr = name.rpartition(".")
         setattr(out.get_submodule(parent_name) if parent_name else out, attr, new)
+    return out
+
+
+class ColumnConv2d(nn.Module):
+    """A ``groups = 1`` Conv2d computing with its kept GEMM columns only.
+
+    If every zero column belongs to an input channel whose columns are all zero, the layer is a
+    smaller dense conv on the alive input channels; else ``y = W[:, K] · unfold(x)[K]``.
+    """
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise ValueError("ColumnConv2d takes groups=1, zero, numeric padding convs only.")
+        W = conv.weight.detach()
+        out, cin, kh, kw = W.shape
+        cols = W.reshape(out, -1).ne(0).any(dim=0)
+        alive = cols.view(cin, kh * kw).any(dim=1)
+        self.by_channel = bool(torch.equal(cols.view(cin, -1), alive[:, None].expand(cin, kh * kw)))
+        self.conv_args = (conv.stride, conv.padding, conv.dilation)
+        self.kernel_size, self.out_channels = conv.kernel_size, out
+        self.register_buffer("b", None if conv.bias is None else conv.bias.detach().clone())
+        if self.by_channel:
+            self.register_buffer("idx", alive.nonzero().flatten())
+            self.register_buffer("W", W[:, alive].contiguous())
+        else:
+            self.register_buffer("idx", cols.nonzero().flatten())
+            self.register_buffer("W", W.reshape(out, -1)[:, cols].contiguous())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        stride, padding, dilation = self.conv_args
+        if self.by_channel:
+            return nn.functional.conv2d(
+                x.index_select(1, self.idx), self.W, self.b, stride, padding, dilation
+            )
+        B, _, H, Wd = x.shape
+        cols = nn.functional.unfold(x, self.kernel_size, dilation, padding, stride)
+        y = torch.matmul(self.W, cols.index_select(1, self.idx))  # [B, out, L]
+        if self.b is not None:
+            y = y + self.b.view(1, -1, 1)
+        Ho = (H + 2 * padding[0] - dilation[0] * (self.kernel_size[0] - 1) - 1) // stride[0] + 1
+        Wo = (Wd + 2 * padding[1] - dilation[1] * (self.kernel_size[1] - 1) - 1) // stride[1] + 1
+        return y.view(B, self.out_channels, Ho, Wo)
+
+
+@torch.no_grad()
+def to_columns(model: nn.Module, min_pruned: float = 0.0) -> nn.Module:
+    """A copy of ``model`` (eval mode) whose groups=1 Conv2d layers with more than
+    ``min_pruned`` of their GEMM columns zero become :class:`ColumnConv2d`."""
+    out = copy.deepcopy(model).eval()
+    for name, m in list(out.named_modules()):
+        if not isinstance(m, nn.Conv2d) or m.groups != 1 or isinstance(m.padding, str):
+            continue
+        cols = m.weight.reshape(m.weight.shape[0], -1).ne(0).any(dim=0)
+        if float((~cols).float().mean()) <= min_pruned:
+            continue
+        parent_name, _, attr = name.rpartition(".")
+        setattr(out.get_submodule(parent_name) if parent_name else out, attr, ColumnConv2d(m))
     return out
