@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from importlib import resources
 
@@ -16,6 +17,7 @@ def _demo_recipe_text() -> str:
 
 
 def _execute(recipe, args) -> int:
+    from .distributed import World
     from .pipeline import Interrupted, prepare, run
     from .report import format_summary
 
@@ -24,14 +26,19 @@ def _execute(recipe, args) -> int:
     except RecipeError as exc:
         print(f"admmprune: error: {exc}", file=sys.stderr)
         return 2
+    world = World()
     try:
         summary = run(prepared)
     except Interrupted as exc:
-        print(f"admmprune: {exc}", file=sys.stderr)
+        if world.main:
+            print(f"admmprune: {exc}", file=sys.stderr)
         return 130
-    print()
-    print(format_summary(summary))
-    print(f"\nrun dir: {prepared.run_dir}")
+    finally:
+        world.close()
+    if world.main:
+        print()
+        print(format_summary(summary))
+        print(f"\nrun dir: {prepared.run_dir}")
     return 0
 
 
@@ -64,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     p_run = sub.add_parser("run", help="run a YAML recipe")
     p_run.add_argument("recipe", help="path to the recipe YAML")
     p_run.add_argument("--data-dir", help="dataset folder (overrides data.dir)")
+    p_run.add_argument(
+        "--nproc", type=int, default=1, help="train data-parallel on N processes (torchrun, DDP)"
+    )
     common(p_run)
 
     p_demo = sub.add_parser("demo", help="prune a small network on the embedded digits data")
@@ -81,6 +91,15 @@ def main(argv: list[str] | None = None) -> int:
     p_exp.add_argument("--onnx", metavar="FILE", help="also write the compacted model as ONNX")
 
     args = parser.parse_args(argv)
+    if getattr(args, "nproc", 1) > 1 and "WORLD_SIZE" not in os.environ:
+        import subprocess
+
+        from .distributed import launch_args
+
+        argv = list(sys.argv[1:] if argv is None else argv)
+        rest = [a for i, a in enumerate(argv) if a != "--nproc" and argv[i - 1 : i] != ["--nproc"]]
+        rest = [a for a in rest if not a.startswith("--nproc=")]
+        return subprocess.call(launch_args(args.nproc, rest))
     if args.command == "export":
         from .export import export_run
 

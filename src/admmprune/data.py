@@ -229,15 +229,28 @@ def load_data(
     image_size: int = 224,
     seed: int = 0,
 ) -> DataBundle:
-    """Load dataset ``name`` (one of :data:`DATASETS`); errors say what is missing and where."""
-    if name == "digits":
-        return _digits(seed)
-    if name == "mnist":
-        return _mnist(data_dir, download)
-    if name in ("cifar10", "cifar100"):
-        return _cifar(name, data_dir, download, augment)
+    """Load dataset ``name`` (one of :data:`DATASETS`); errors say what is missing and where.
+
+    ``val_size``: the last ``val_size`` training images are held out as ``val`` (never trained on).
+    """
     if name == "npz":
         return _npz(path or data_dir, val_size, augment)
-    if name == "imagefolder":
-        return _imagefolder(data_dir, image_size)
-    raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}.")
+    if name == "digits":
+        bundle = _digits(seed)
+    elif name == "mnist":
+        bundle = _mnist(data_dir, download)
+    elif name in ("cifar10", "cifar100"):
+        bundle = _cifar(name, data_dir, download, augment)
+    elif name == "imagefolder":
+        bundle = _imagefolder(data_dir, image_size)
+    else:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}.")
+    if val_size:
+        n = len(bundle.train)
+        if not 0 < val_size < n:
+            raise ValueError(f"val_size {val_size}: hold out between 1 and {n - 1} of {n} images.")
+        if bundle.val is not None:
+            raise ValueError(f"dataset {name!r} has its own validation split; drop val_size.")
+        bundle.val = bundle.train.subset(torch.arange(n - val_size, n))
+        bundle.train = bundle.train.subset(torch.arange(n - val_size))
+    return bundle

@@ -31,6 +31,7 @@ from .compact import compact
 from .compressed import export_compressed
 from .config import Recipe, RecipeError
 from .data import DataBundle, load_data
+from .distributed import World, shard_order
 from .groups import channel_groups
 from .latency import measure
 from .masks import Masks, prune
@@ -107,6 +108,12 @@ def prepare(
         raise RecipeError(
             f"output_dir {str(run_dir)!r} is not empty; pass --resume to continue that run, "
             "--force to delete it and start over, or choose another output_dir."
+        )
+    world = World()
+    if world.active and recipe.data.batch_size % world.size:
+        raise RecipeError(
+            f"data.batch_size {recipe.data.batch_size} does not split over {world.size} "
+            f"processes; use a multiple of {world.size} (it is the global batch)."
         )
     resume_state = None
     if resume:
@@ -208,8 +215,11 @@ class _StopFlag:
 
 class _Run:
     def __init__(self, p: Prepared, log=print) -> None:
-        self.p, self.r, self.log = p, p.recipe, log
+        self.world = World()
+        self.p, self.r = p, p.recipe
+        self.log = log if self.world.main else (lambda *a, **k: None)  # rank 0 alone speaks
         self.dir = p.run_dir
+        self._ddp = None
         self.model = p.model
         self.method = None  # the compression stage's method (ADMM or a heuristic)
         self.masks: Masks | None = None
@@ -219,17 +229,23 @@ class _Run:
 
     # files -------------------------------------------------------------------------------------
     def metric(self, **row) -> None:
+        if not self.world.main:
+            return
         with open(self.dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
         self.metrics_lines += 1
 
     def _truncate_metrics(self, lines: int) -> None:
+        if not self.world.main:
+            return
         path = self.dir / "metrics.jsonl"
         kept = path.read_text().splitlines(keepends=True)[:lines] if path.exists() else []
         path.write_text("".join(kept))
         self.metrics_lines = len(kept)
 
     def save(self, stage: str, epoch: int, batch: int, opt, sched) -> None:
+        if not self.world.main:
+            return
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
@@ -387,6 +403,45 @@ class _Run:
         self.metric(stage="quantize", event="hard_quantize", **after)
         self.log(f"[quantize] weights on their levels, test acc {after['test_acc']:.4f}")
 
+    # ranks -----------------------------------------------------------------------------------
+    def _train_model(self) -> nn.Module:
+        """The model the training steps run: under DDP when distributed (built on first use,
+        after any resume has loaded the weights; DDP broadcasts rank 0's weights)."""
+        if not self.world.active:
+            return self.model
+        if self._ddp is None:
+            from torch.nn.parallel import DistributedDataParallel
+
+            dev = self.p.device
+            ids = [dev.index] if dev.type == "cuda" else None
+            self._ddp = DistributedDataParallel(self.model, device_ids=ids)
+        return self._ddp
+
+    def _any(self, flag: bool) -> bool:
+        """True on every rank when it is true on one (a Ctrl-C stops all ranks together)."""
+        if not self.world.active:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0])
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return bool(t.item())
+
+    def _sync_admm(self, solver) -> None:
+        """Rank 0's solver state on every rank (ADMM's Z, U, T; SS-Auto's Z; frozen weights)."""
+        if not self.world.active or solver is None:
+            return
+        if isinstance(solver, ADMM):
+            tensors = [x for st in solver._state.values() for x in (st.Z, st.U, st.T)]
+        elif isinstance(solver, MaskedMapping):
+            tensors = list(solver.frozen.values())
+        else:
+            tensors = list(solver.Z.values())
+        self.world.broadcast(tensors)
+
+    def _sync_method(self) -> None:
+        self._sync_admm(getattr(self.method, "admm", None))
+        if getattr(self.method, "masks", None) is not None:
+            self.world.broadcast([*self.method.masks.values(), *self.model.parameters()])
+
     def _admm_of(self, stage: str) -> ADMM | None:
         """The ADMM whose penalty joins the loss in ``stage`` (None: plain training)."""
         if stage == "admm":
@@ -405,6 +460,7 @@ class _Run:
             masks = ADMM(self.model, self.p.spec, default=self.p.default, groups=groups).prune()
         else:
             masks = prune(self.model, self.p.spec, self.p.default)
+        self.world.broadcast([*masks.values(), *self.model.parameters()])
         kept, total = masks.total_kept()
         after = self._evaluate()
         self.info["pruned_acc"] = after["test_acc"]
@@ -454,8 +510,11 @@ class _Run:
                 base = epoch * self._steps_per_epoch()
 
                 def on_step(b, base=base):
-                    for row in self.method.after_step(base + b):
+                    rows = self.method.after_step(base + b)
+                    for row in rows:
                         self.metric(stage="admm", **row)
+                    if rows:
+                        self._sync_method()
 
             elif stage == "quantize" and isinstance(self.quant, MaskedMapping):
                 while self.quant.steps < epoch + 1:  # idempotent when resuming mid-epoch
@@ -467,13 +526,16 @@ class _Run:
                     if b % every == 0:
                         layers = self.quant.update()
                         self.metric(stage="quantize", event="update", layers=layers)
+                        self._sync_admm(self.quant)
 
+            w = self.world
+            order = batch_order(len(self.p.data.train), self.r.seed, si, epoch)
             res = train_epoch(
-                self.model,
+                self._train_model(),
                 self.p.data.train,
                 opt,
-                order=batch_order(len(self.p.data.train), self.r.seed, si, epoch),
-                batch_size=self.r.data.batch_size,
+                order=shard_order(order, self.r.data.batch_size, w.rank, w.size),
+                batch_size=self.r.data.batch_size // w.size,
                 device=self.p.device,
                 start_batch=batch,
                 admm=self._admm_of(stage),
@@ -481,7 +543,7 @@ class _Run:
                 num_workers=self.r.data.num_workers,
                 progress=self.r.progress,
                 desc=f"{stage} {epoch + 1}/{cfg.epochs}",
-                should_stop=lambda: flag.stop,
+                should_stop=lambda: self._any(flag.stop),
                 on_step=on_step,
             )
             if res.interrupted:
@@ -505,6 +567,8 @@ class _Run:
                 events = self.method.end_epoch(epoch)
                 for ev in events:
                     self.metric(stage="admm", **ev)
+                if events:
+                    self._sync_method()
                 if self.r.admm.lr_reset and any(e["event"] == "update" for e in events):
                     for g in opt.param_groups:  # restart the schedule from the base lr
                         g["lr"] = self.r.admm.optimizer.lr
@@ -589,6 +653,11 @@ class _Run:
     def _finish(self) -> dict:
         final = self._evaluate()
         self.masks.detach()
+        agree = self.world.all_equal([*self.masks.values(), *self.model.parameters()])
+        if not agree:
+            raise RuntimeError("ranks disagree on the final masks or weights; please report it.")
+        if not self.world.main:
+            return summarize(self.model, self.p.extra["constraint_names"], self.r, self.info, final)
         torch.save(self.model.state_dict(), self.dir / "model.pt")
         self.masks.save(self.dir / "masks.pt")
         names = self.p.extra["constraint_names"]
@@ -596,6 +665,12 @@ class _Run:
         if self.r.compact:
             summary["compact"] = self._compact()
         summary["storage"] = self._storage()
+        if self.world.active:
+            summary["distributed"] = {
+                "world_size": self.world.size,
+                "backend": self.world.backend,
+                "masks_and_weights_identical_on_all_ranks": agree,
+            }
         (self.dir / "summary.json").write_text(json.dumps(summary, indent=2))
         (self.dir / "layers.md").write_text(layer_table(summary) + "\n")
         write_plots(self.dir, summary)
@@ -603,13 +678,20 @@ class _Run:
 
 
 def run(prepared: Prepared, log=print) -> dict:
-    """Run (or resume) a prepared recipe; returns the summary written to ``summary.json``."""
+    """Run (or resume) a prepared recipe; returns the summary written to ``summary.json``.
+
+    Under torchrun every rank calls this after :func:`prepare`; rank 0 alone writes.
+    """
     p = prepared
-    if p.resume_state is None:
+    world = World()
+    world.init(p.device)
+    world.barrier()  # every rank has checked the run dir before rank 0 touches it
+    if p.resume_state is None and world.main:
         if p.run_dir.exists():
             shutil.rmtree(p.run_dir)  # only reached with --force (prepare refused otherwise)
         p.run_dir.mkdir(parents=True)
         (p.run_dir / "recipe.yaml").write_text(
             yaml.safe_dump(_recipe_dump(p.recipe), sort_keys=False)
         )
+    world.barrier()
     return _Run(p, log).run()
