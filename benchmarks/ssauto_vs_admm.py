@@ -78,6 +78,10 @@ def kept_macs(model: torch.nn.Module, x: torch.Tensor, names: list[str]) -> floa
     return sum(layers[m].sparse_macs for m in mods) / sum(layers[m].macs for m in mods)
 
 
+def _pct(acc) -> str:
+    return "–" if acc is None else f"{100 * acc:.2f} %"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--data-dir", default=None, help="folder with the CIFAR-10 .npz")
@@ -150,7 +154,7 @@ def main() -> None:
             "seconds": time.perf_counter() - t0,
         }
         r = runs[label]
-        print(f"{label}: val {100 * (r['accuracy_val'] or 0):.2f} %, test "
+        print(f"{label}: val {_pct(r['accuracy_val'])}, test "
               f"{100 * r['accuracy_test']:.2f} %, kept MACs {100 * r['kept_macs']:.1f} %, "
               f"{r['seconds']:.0f} s", flush=True)  # fmt: skip
         return r
@@ -180,7 +184,7 @@ def main() -> None:
     for label, r in runs.items():
         rates = list(r["rates"].values())
         lines.append(
-            f"| {label} | {100 * (r['accuracy_val'] or 0):.2f} % | "
+            f"| {label} | {_pct(r['accuracy_val'])} | "
             f"{100 * r['accuracy_test']:.2f} % "
             f"| {100 * r['kept_macs']:.1f} % | {100 * min(rates):.0f}–{100 * max(rates):.0f} % |"
         )

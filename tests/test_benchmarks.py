@@ -102,3 +102,18 @@ def test_structured_speed_small_run(tmp_path):
     assert {r["kind"] for r in rows} == {"channels", "columns", "filters+columns"}
     for r in rows:  # each kind hits the MAC reduction it was asked for
         assert abs(r["mac_reduction"] - 4) / 4 < 0.05, r
+
+
+def test_cifar_structadmm_tiny_run(tmp_path):
+    out = tmp_path / "cs"
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/cifar_structadmm.py", "--dataset", "digits", "--quick",
+         "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert set(runs) == {"structadmm", "magnitude"}
+    a, b = runs["structadmm"], runs["magnitude"]
+    assert a["mac_reduction"] == b["mac_reduction"] > 2  # the same smaller network
+    assert a["not_removable"] == b["not_removable"] == 0 and a["epochs"] == b["epochs"]
