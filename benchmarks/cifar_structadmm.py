@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from admmprune.data import load_data
-from mnist_admmnn import run_recipe, train_dense
+from mnist_admmnn import pct, run_recipe, train_dense
 
 
 def recipe(args, out: Path, dense: Path, admm_epochs: int, retrain_epochs: int) -> dict:
@@ -54,10 +54,6 @@ def recipe(args, out: Path, dense: Path, admm_epochs: int, retrain_epochs: int) 
         },
         "retrain": {"epochs": retrain_epochs, "optimizer": sgd, "schedule": {"name": "cosine"}},
     }
-
-
-def _pct(acc) -> str:
-    return "–" if acc is None else f"{100 * acc:.2f} %"
 
 
 def main() -> None:
@@ -119,7 +115,7 @@ def main() -> None:
             "seconds": time.perf_counter() - t0,
         }
         x = runs[label]
-        print(f"{label}: val {_pct(x['accuracy_val'])}, test "
+        print(f"{label}: val {pct(x['accuracy_val'])}, test "
               f"{100 * x['accuracy_test']:.2f} %, {x['mac_reduction']:.2f}x fewer MACs, "
               f"{x['speedup_b64']:.2f}x faster, {x['seconds']:.0f} s", flush=True)  # fmt: skip
     res = {"settings": vars(args), "runs": runs, "seconds": time.perf_counter() - t_start}
@@ -135,7 +131,7 @@ def main() -> None:
     ]
     for label, x in runs.items():
         lines.append(
-            f"| {label} | {_pct(x['accuracy_val'])} | {100 * x['accuracy_test']:.2f} %"
+            f"| {label} | {pct(x['accuracy_val'])} | {100 * x['accuracy_test']:.2f} %"
             f" | {100 * x['pruned_before_retrain']:.2f} % | {x['mac_reduction']:.2f}× | "
             f"{x['channels_removed']} | {x['speedup_b64']:.2f}× |"
         )

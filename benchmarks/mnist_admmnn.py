@@ -51,6 +51,11 @@ def allocate(model: torch.nn.Module, pattern: dict[str, float], rate: float) -> 
     return {n: round(min(1.0, s * pattern[n]), 6) for n in pattern}
 
 
+def pct(acc) -> str:
+    """An accuracy as a percentage for tables; "–" when there is none."""
+    return "–" if acc is None else f"{100 * acc:.2f} %"
+
+
 def run_recipe(recipe: dict, data) -> dict:
     """Run one recipe (its run dir replaced) on already loaded ``data``: every run of a
     benchmark sees the very same tensors."""

@@ -35,7 +35,7 @@ from admmprune.data import load_data
 from admmprune.models import build_model
 from admmprune.proximal import SoftRowsColumns
 from admmprune.select import select
-from mnist_admmnn import run_recipe, train_dense
+from mnist_admmnn import pct, run_recipe, train_dense
 
 LAYERS = "layer*.conv*"
 
@@ -76,10 +76,6 @@ def kept_macs(model: torch.nn.Module, x: torch.Tensor, names: list[str]) -> floa
     layers = {c.name: c for c in count(model, x)["layers"]}
     mods = [n.removesuffix(".weight") for n in names]
     return sum(layers[m].sparse_macs for m in mods) / sum(layers[m].macs for m in mods)
-
-
-def _pct(acc) -> str:
-    return "–" if acc is None else f"{100 * acc:.2f} %"
 
 
 def main() -> None:
@@ -154,7 +150,7 @@ def main() -> None:
             "seconds": time.perf_counter() - t0,
         }
         r = runs[label]
-        print(f"{label}: val {_pct(r['accuracy_val'])}, test "
+        print(f"{label}: val {pct(r['accuracy_val'])}, test "
               f"{100 * r['accuracy_test']:.2f} %, kept MACs {100 * r['kept_macs']:.1f} %, "
               f"{r['seconds']:.0f} s", flush=True)  # fmt: skip
         return r
@@ -184,7 +180,7 @@ def main() -> None:
     for label, r in runs.items():
         rates = list(r["rates"].values())
         lines.append(
-            f"| {label} | {_pct(r['accuracy_val'])} | "
+            f"| {label} | {pct(r['accuracy_val'])} | "
             f"{100 * r['accuracy_test']:.2f} % "
             f"| {100 * r['kept_macs']:.1f} % | {100 * min(rates):.0f}–{100 * max(rates):.0f} % |"
         )
