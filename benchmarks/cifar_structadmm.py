@@ -25,11 +25,9 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from admmprune.data import load_data
-from mnist_admmnn import pct, run_recipe, train_dense
+from _cifar import add_common_args, dense_checkpoint, load
+from mnist_admmnn import pct, run_recipe
 
 
 def recipe(args, out: Path, dense: Path, admm_epochs: int, retrain_epochs: int) -> dict:
@@ -58,22 +56,12 @@ def recipe(args, out: Path, dense: Path, admm_epochs: int, retrain_epochs: int) 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--data-dir", default=None, help="folder with the CIFAR-10 .npz")
-    p.add_argument("--dataset", default="npz", choices=("npz", "digits"))
-    p.add_argument("--model", default="resnet20")
-    p.add_argument("--dense", default=None, help="dense state_dict to start from")
-    p.add_argument("--dense-epochs", type=int, default=10)
+    add_common_args(p, "benchmarks/results/cifar_structadmm")
     p.add_argument("--keep", type=float, default=0.6, help="channels kept per coupled group")
     p.add_argument("--admm-epochs", type=int, default=3)
     p.add_argument("--retrain-epochs", type=int, default=2)
     p.add_argument("--rho", type=float, default=0.01)
     p.add_argument("--rho-growth", type=float, default=1.5)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--train-subset", type=int, default=0, help="train on the first N images")
-    p.add_argument("--quick", action="store_true", help="1-epoch stages on 5k images")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="benchmarks/results/cifar_structadmm")
     args = p.parse_args()
     if args.quick:
         args.dense_epochs, args.admm_epochs, args.retrain_epochs = 2, 1, 1
@@ -81,16 +69,8 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    val = 5000 if args.dataset == "npz" else 0
-    data = load_data(args.dataset, data_dir=args.data_dir, val_size=val, seed=args.seed)
-    if args.train_subset:
-        data.train = data.train.subset(torch.arange(min(args.train_subset, len(data.train))))
-    if args.dense:
-        dense_path = Path(args.dense)
-    else:
-        dense = train_dense(args, data, torch.device(args.device), args.dense_epochs)
-        dense_path = out / "dense.pt"
-        torch.save(dense.state_dict(), dense_path)
+    data = load(args)
+    dense_path = dense_checkpoint(args, data, out)
     budget = args.admm_epochs + args.retrain_epochs
     runs = {}
     for label, (a, r) in {

@@ -30,12 +30,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _cifar import add_common_args, dense_checkpoint, load
 from admmprune.accounting import count
-from admmprune.data import load_data
 from admmprune.models import build_model
 from admmprune.proximal import SoftRowsColumns
 from admmprune.select import select
-from mnist_admmnn import pct, run_recipe, train_dense
+from mnist_admmnn import pct, run_recipe
 
 LAYERS = "layer*.conv*"
 
@@ -80,23 +80,13 @@ def kept_macs(model: torch.nn.Module, x: torch.Tensor, names: list[str]) -> floa
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--data-dir", default=None, help="folder with the CIFAR-10 .npz")
-    p.add_argument("--dataset", default="npz", choices=("npz", "digits"))
-    p.add_argument("--model", default="resnet20")
-    p.add_argument("--dense", default=None, help="dense state_dict to start from")
-    p.add_argument("--dense-epochs", type=int, default=10)
+    add_common_args(p, "benchmarks/results/ssauto_vs_admm")
     p.add_argument("--target", type=float, default=0.5, help="fraction of block-conv MACs kept")
     p.add_argument("--prune-epochs", type=int, default=3)
     p.add_argument("--retrain-epochs", type=int, default=2)
     p.add_argument("--updates-per-epoch", type=int, default=2)
     p.add_argument("--rho", type=float, default=0.01)
     p.add_argument("--rho-growth", type=float, default=1.5)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--train-subset", type=int, default=0, help="train on the first N images")
-    p.add_argument("--quick", action="store_true", help="1-epoch stages on 5k images")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="benchmarks/results/ssauto_vs_admm")
     args = p.parse_args()
     if args.quick:
         args.dense_epochs, args.prune_epochs, args.retrain_epochs = 2, 1, 1
@@ -104,21 +94,10 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    val = 5000 if args.dataset == "npz" else 0  # train on the first 45k, validate on the rest
-    data = load_data(args.dataset, data_dir=args.data_dir, val_size=val, seed=args.seed)
-    if args.train_subset:
-        data.train = data.train.subset(torch.arange(min(args.train_subset, len(data.train))))
-    device = torch.device(args.device)
+    data = load(args)
     model_kw = {"num_classes": data.num_classes, "in_channels": data.in_channels,
                 "input_size": data.input_size}  # fmt: skip
-    if args.dense:
-        dense_path = Path(args.dense)
-    else:
-        t0 = time.perf_counter()
-        dense = train_dense(args, data, device, args.dense_epochs)
-        dense_path = out / "dense.pt"
-        torch.save(dense.state_dict(), dense_path)
-        print(f"dense: {args.dense_epochs} epochs, {time.perf_counter() - t0:.0f} s", flush=True)
+    dense_path = dense_checkpoint(args, data, out)
     model = build_model(args.model, **model_kw)
     names = [t.name for t in select(model, {LAYERS: SoftRowsColumns()})]
     x1 = data.test.batch(torch.arange(1))[0]

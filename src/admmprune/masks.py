@@ -35,6 +35,18 @@ def check_finite(W: torch.Tensor, layer: str, when: str) -> None:
     )
 
 
+def hold_fixed(fixed, optimizers, restore) -> list:
+    """Hooks that keep the ``fixed`` entries of parameters where ``restore()`` puts them.
+
+    ``fixed`` pairs each parameter with a boolean tensor of its fixed entries: their gradient is
+    zeroed in backward, and ``restore()`` runs after every ``optimizer.step()`` (weight decay
+    and momentum act inside the step). Returns the hook handles.
+    """
+    handles = [p.register_hook(lambda g, f=f: g.masked_fill(f, 0)) for p, f in fixed]
+    handles += [opt.register_step_post_hook(lambda *_: restore()) for opt in optimizers]
+    return handles
+
+
 class Masks(Mapping[str, torch.Tensor]):
     """Fixed boolean supports ``{parameter name: M}`` of a model's pruned parameters.
 
@@ -87,12 +99,10 @@ class Masks(Mapping[str, torch.Tensor]):
     def attach(self, *optimizers: torch.optim.Optimizer) -> Masks:
         """Keep pruned weights exactly zero while ``optimizers`` train the model."""
         self.apply()
-        for name, p in self._params.items():
-            off = ~self._masks[name]
-            self._handles.append(p.register_hook(lambda g, off=off: g.masked_fill(off, 0)))
         for opt in optimizers:
             self._zero_state(opt)
-            self._handles.append(opt.register_step_post_hook(lambda *_: self.apply()))
+        fixed = [(p, ~self._masks[name]) for name, p in self._params.items()]
+        self._handles += hold_fixed(fixed, optimizers, self.apply)
         return self
 
     def detach(self) -> None:

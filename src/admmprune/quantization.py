@@ -33,6 +33,7 @@ from collections.abc import Callable
 import torch
 
 from .constraints import Constraint, Projection, topk_mask
+from .masks import hold_fixed
 
 __all__ = ["Binary", "MaskedMapping", "Quantized", "Ternary", "levels_for", "nearest_level"]
 
@@ -250,11 +251,8 @@ class MaskedMapping:
 
     def attach(self, *optimizers: torch.optim.Optimizer) -> MaskedMapping:
         """Keep frozen weights on their level while ``optimizers`` train the model."""
-        for t in self.targets:
-            frozen = self.frozen[t.name]
-            self._handles.append(t.param.register_hook(lambda g, f=frozen: g.masked_fill(f, 0)))
-        for opt in optimizers:
-            self._handles.append(opt.register_step_post_hook(lambda *_: self._restore()))
+        fixed = [(t.param, self.frozen[t.name]) for t in self.targets]
+        self._handles += hold_fixed(fixed, optimizers, self._restore)
         return self
 
     def detach(self) -> None:
