@@ -86,7 +86,10 @@ class World:
         return all(torch.equal(mine, other) for other in everyone)
 
     def close(self) -> None:
+        """Leave the group together: a rank that tears gloo down while another still writes its
+        files can abort at exit ("terminate called without an active exception")."""
         if self.active and dist.is_initialized():
+            dist.barrier()
             dist.destroy_process_group()
 
 
