@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
 from torch import nn
@@ -71,6 +72,13 @@ def to_sparse(model: nn.Module, min_sparsity: float = 0.5) -> nn.Module:
     """A copy of ``model`` (eval mode) whose Linear and groups=1 Conv2d layers with at least
     ``min_sparsity`` zeros run on CSR kernels; the others stay dense."""
     out = copy.deepcopy(model).eval()
+    with warnings.catch_warnings():  # torch's "sparse CSR is in beta": we chose it knowingly
+        warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
+        _swap_sparse(out, min_sparsity)
+    return out
+
+
+def _swap_sparse(out: nn.Module, min_sparsity: float) -> None:
     for name, m in list(out.named_modules()):
         if not isinstance(m, (nn.Linear, nn.Conv2d)):
             continue
@@ -81,7 +89,6 @@ def to_sparse(model: nn.Module, min_sparsity: float = 0.5) -> nn.Module:
         new = SparseLinear(m) if isinstance(m, nn.Linear) else SparseConv2d(m)
         parent_name, _, attr = name.rpartition(".")
         setattr(out.get_submodule(parent_name) if parent_name else out, attr, new)
-    return out
 
 
 class ColumnConv2d(nn.Module):
