@@ -7,7 +7,6 @@ deterministic, so nothing is ever unpickled.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from torch import nn
 from ._io import safe_load
 from .compact import compact
 from .compressed import export_compressed
+from .report import read_summary
 
 __all__ = ["export_onnx", "export_run", "load_run_model"]
 
@@ -26,19 +26,15 @@ def load_run_model(run_dir: str | os.PathLike) -> tuple[nn.Module, dict]:
     from .models import build_model
 
     run_dir = Path(run_dir)
-    summary_path = run_dir / "summary.json"
-    if not summary_path.is_file():
-        raise ValueError(
-            f"{str(run_dir)!r} has no summary.json: not a finished admmprune run "
-            "(an unfinished one continues with `admmprune run RECIPE --resume`)."
-        )
-    spec = json.loads(summary_path.read_text()).get("storage", {}).get("model_spec")
+    spec = read_summary(run_dir).get("storage", {}).get("model_spec")
     if not spec:
-        raise ValueError(f"{str(summary_path)!r} has no model description; re-run the recipe.")
-    spec = dict(spec)
-    model = build_model(spec.pop("name"), **spec)
+        raise ValueError(
+            f"{str(run_dir)!r}: summary.json has no model description; re-run the recipe."
+        )
+    kwargs = dict(spec)
+    model = build_model(kwargs.pop("name"), **kwargs)
     model.load_state_dict(safe_load(run_dir / "model.pt", "the run's model"))
-    return model.eval(), json.loads(summary_path.read_text())["storage"]["model_spec"]
+    return model.eval(), spec
 
 
 def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | os.PathLike) -> None:

@@ -9,7 +9,7 @@ from torch import nn
 
 from .plots import PLOTS
 
-__all__ = ["layer_table", "print_report", "summarize"]
+__all__ = ["layer_table", "print_report", "read_summary", "summarize"]
 
 
 def summarize(
@@ -116,16 +116,21 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def print_report(run_dir: str | Path) -> str:
-    """The summary of a finished run as text (what ``admmprune report RUN_DIR`` prints)."""
-    run_dir = Path(run_dir)
-    path = run_dir / "summary.json"
+def read_summary(run_dir: str | Path) -> dict:
+    """A finished run's ``summary.json``; a clear error when the run has not finished."""
+    path = Path(run_dir) / "summary.json"
     if not path.is_file():
         raise ValueError(
             f"{str(run_dir)!r} has no summary.json: not a finished admmprune run "
             "(an unfinished one continues with `admmprune run RECIPE --resume`)."
         )
-    text = format_summary(json.loads(path.read_text()))
+    return json.loads(path.read_text())
+
+
+def print_report(run_dir: str | Path) -> str:
+    """The summary of a finished run as text (what ``admmprune report RUN_DIR`` prints)."""
+    run_dir = Path(run_dir)
+    text = format_summary(read_summary(run_dir))
     files = ", ".join(
         n
         for n in ("metrics.jsonl", "model.pt", "masks.pt", "model.admmprune", "layers.md", *PLOTS)
