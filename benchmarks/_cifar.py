@@ -17,6 +17,8 @@ def add_common_args(p: argparse.ArgumentParser, out: str) -> None:
     p.add_argument("--model", default="resnet20")
     p.add_argument("--dense", default=None, help="dense state_dict to start from")
     p.add_argument("--dense-epochs", type=int, default=10)
+    p.add_argument("--dense-lr", type=float, default=0.1, help="SGD lr of the dense model")
+    p.add_argument("--dense-wd", type=float, default=5e-4, help="its weight decay")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--train-subset", type=int, default=0, help="train on the first N images")
     p.add_argument("--quick", action="store_true", help="1-epoch stages on 5k images")
@@ -39,6 +41,8 @@ def dense_checkpoint(args, data: DataBundle, out: Path) -> Path:
     """``--dense`` if given, else a dense model trained for ``--dense-epochs`` and saved."""
     if args.dense:
         return Path(args.dense)
-    dense = train_dense(args, data, torch.device(args.device), args.dense_epochs)
+    device = torch.device(args.device)
+    dense = train_dense(args, data, device, args.dense_epochs, lr=args.dense_lr,
+                        weight_decay=args.dense_wd)  # fmt: skip
     torch.save(dense.state_dict(), out / "dense.pt")
     return out / "dense.pt"

@@ -63,7 +63,10 @@ def run_recipe(recipe: dict, data) -> dict:
     return run(prepare(parse_recipe(recipe), data=data), log=lambda *_: None)
 
 
-def train_dense(args, data, device, epochs: int, start_state=None, stage: int = 0):
+def train_dense(
+    args, data, device, epochs: int, start_state=None, stage: int = 0, lr=0.01, weight_decay=0.0
+):
+    """SGD (momentum 0.9, cosine schedule) from scratch, or on from ``start_state``."""
     torch.manual_seed(args.seed)
     model = build_model(
         args.model,
@@ -73,7 +76,9 @@ def train_dense(args, data, device, epochs: int, start_state=None, stage: int = 
     ).to(device)
     if start_state is not None:
         model.load_state_dict(start_state)
-    opt_cfg = parse_recipe(_base(args, {})).pretrain
+    base = _base(args, {})
+    base["pretrain"]["optimizer"].update(lr=lr, weight_decay=weight_decay)
+    opt_cfg = parse_recipe(base).pretrain
     opt = make_optimizer(model.parameters(), opt_cfg.optimizer)
     sched = make_scheduler(opt, opt_cfg.schedule, epochs)
     for e in range(epochs):

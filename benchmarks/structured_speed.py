@@ -13,6 +13,10 @@ timed in alternation (paired, so the machine's noise hits both alike) at batch 1
 report speedup / MAC reduction (1.0 is the physical limit).
 
     python benchmarks/structured_speed.py [--models resnet20 resnet56 vgg16] [--rounds 20]
+    python benchmarks/structured_speed.py --device cuda --batches 1 64 512   # on a GPU
+
+Both models are timed channels-last (NHWC) unless ``--memory-format nchw``: oneDNN's CPU
+convolutions are fastest there, and thin (pruned) layers gain the most from it.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from admmprune.compact import _output_layers, compact
 from admmprune.latency import measure_paired
 from admmprune.models import build_model
 from admmprune.sparse import to_columns
+from admmprune.train import resolve_device
 
 
 def zero_weakest_channels(model: nn.Module, x: torch.Tensor, keep: float) -> None:
@@ -117,11 +122,23 @@ def main() -> None:
         "--kinds", nargs="+", default=["channels", "columns", "filters+columns"],
         choices=["channels", "columns", "filters+columns"],
     )  # fmt: skip
+    p.add_argument("--device", default="cpu", help="where to time (pruning is done on the CPU)")
+    p.add_argument(
+        "--memory-format", default="nhwc", choices=("nhwc", "nchw"),
+        help="time both models channels-last (oneDNN's fast layout; default) or NCHW",
+    )  # fmt: skip
     p.add_argument("--out", default="benchmarks/results/structured_speed.json")
     args = p.parse_args()
     torch.manual_seed(0)
+    device = resolve_device(args.device)
+    where = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU, {torch.get_num_threads()} threads"
+    )
     rows = []
-    print(f"CPU, {torch.get_num_threads()} threads; medians of {args.rounds} paired runs\n")
+    nhwc = args.memory_format == "nhwc"
+    print(f"{where}, {args.memory_format.upper()}; medians of {args.rounds} paired runs\n")
     print(
         "| model | kind | MAC reduction | kept | stored non-zeros | batch | dense ms | pruned ms | "
         "speedup | speedup / MAC reduction |"
@@ -129,16 +146,20 @@ def main() -> None:
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name in args.models:
         model = build_model(name, num_classes=10, in_channels=3, input_size=32).eval()
+        timed_dense = copy.deepcopy(model).to(device)  # pruning happens on the CPU copy
         x1 = torch.randn(1, 3, 32, 32)
         dense = count(model, x1)
         for kind, reduction in [(k, r) for k in args.kinds for r in args.reductions]:
             small, keep, got = pruned_at(kind, model, x1, reduction)
             params = sum(int(torch.count_nonzero(t)) for t in small.state_dict().values())
+            pair = {"dense": timed_dense, "compact": small.to(device)}
             for batch in args.batches:
-                xb = torch.randn(batch, 3, 32, 32)
-                t = measure_paired({"dense": model, "compact": small}, xb, args.rounds)
+                xb = torch.randn(batch, 3, 32, 32, device=device)
+                t = measure_paired(pair, xb, args.rounds, channels_last=nhwc)
                 td, ts = t["dense"], t["compact"]
                 row = {
+                    "device": where,
+                    "memory_format": args.memory_format,
                     "model": name,
                     "kind": kind,
                     "target_reduction": reduction,
@@ -163,7 +184,13 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
         json.dumps(
-            {"threads": torch.get_num_threads(), "rounds": args.rounds, "rows": rows}, indent=2
+            {
+                "device": where,
+                "threads": torch.get_num_threads(),
+                "rounds": args.rounds,
+                "rows": rows,
+            },
+            indent=2,
         )
     )
     print(f"\nwrote {out}")

@@ -4,7 +4,7 @@ from torch import nn
 
 from admmprune import Unstructured, prune
 from admmprune.accounting import count, fillers, storage, weight_storage
-from admmprune.latency import measure
+from admmprune.latency import measure, measure_paired
 from admmprune.models import build_model
 
 
@@ -43,6 +43,19 @@ def test_latency_measure_reports_what_it_measured():
     assert r["batch"] == 4 and r["repeats"] == 5 and r["threads"] >= 1
     assert 0 < r["p10_ms"] <= r["median_ms"] <= r["p90_ms"]
     assert model.training  # mode restored
+
+
+def test_latency_in_channels_last_times_copies_and_leaves_the_models_alone():
+    conv = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU())
+    x = torch.randn(2, 3, 8, 8)
+    r = measure(conv, x, warmup=1, repeats=3, channels_last=True)
+    assert r["channels_last"] and r["median_ms"] > 0
+    t = measure_paired({"a": conv, "b": nn.Conv2d(3, 8, 1)}, x, 2, channels_last=True)
+    assert set(t) == {"a", "b"} and all(v > 0 for v in t.values())
+    assert conv[0].weight.is_contiguous() and x.is_contiguous()  # originals untouched
+    assert not conv[0].weight.is_contiguous(memory_format=torch.channels_last)
+    with pytest.raises(ValueError, match="4-D"):
+        measure(nn.Linear(4, 4), torch.randn(2, 4), channels_last=True)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -117,3 +117,27 @@ def test_cifar_structadmm_tiny_run(tmp_path):
     a, b = runs["structadmm"], runs["magnitude"]
     assert a["mac_reduction"] == b["mac_reduction"] > 2  # the same smaller network
     assert a["not_removable"] == b["not_removable"] == 0 and a["epochs"] == b["epochs"]
+
+
+def test_cifar_dense_tiny_run_and_admmnns_resnet20_mode(tmp_path):
+    dense = tmp_path / "dense"
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/cifar_dense.py", "--dataset", "digits", "--quick",
+         "--out", str(dense)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads((dense / "dense.json").read_text())
+    assert 0 < res["accuracy_test"] <= 1 and res["settings"]["dense_epochs"] == 2
+    out = tmp_path / "cmp"
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/admmnns_compare.py", "--model", "resnet20", "--dataset",
+         "digits", "--quick", "--rates", "4", "--rounds", "1", "--dense",
+         str(dense / "dense.pt"), "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["config"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
+    assert rows["non-structured 4x"]["mac_reduction"] > 2  # block convs at 1/4
+    assert rows["structured"]["mac_reduction"] > 2  # half of every channel group removed
+    assert "| structured + 4 bits (conv1, fc 8) |" in (out / "results.md").read_text()

@@ -89,6 +89,27 @@ def test_lambda_search_hits_the_target_and_rates_are_non_uniform(by):
     assert max(rates.values()) - min(rates.values()) > 0.05  # per-layer rates emerge
 
 
+@pytest.mark.parametrize("by", ["weights", "macs"])
+def test_a_mac_target_prunes_where_weights_cost_more_macs(by):
+    """Two convs with the same weights, the first applied at 4x the positions of the second:
+    a weight target thins them alike, a MAC target thins the expensive one harder."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(8, 8, 3, padding=1), nn.MaxPool2d(2), nn.Conv2d(8, 8, 3, padding=1)
+    )
+    with torch.no_grad():
+        M = model[0].weight.view(8, -1)
+        M.mul_(torch.randn(8, 1).mul(0.5).exp() * torch.randn(1, M.shape[1]).exp())
+        model[2].weight.copy_(model[0].weight)
+    s = SSAuto(model, ["0", "2"], target=0.5, by=by, example_input=torch.randn(1, 8, 8, 8))
+    s.update()
+    rates = s.rates()
+    if by == "weights":
+        assert rates["0.weight"] == pytest.approx(rates["2.weight"], abs=0.1)
+    else:
+        assert rates["0.weight"] < rates["2.weight"] - 0.2
+
+
 def test_ssauto_trains_prunes_rows_times_columns_and_keeps_them():
     X, y = make_blobs(n=400, d=3 * 8 * 8, classes=4, seed=4)
     X = X.view(-1, 3, 8, 8)

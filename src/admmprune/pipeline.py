@@ -604,8 +604,9 @@ class _Run:
         small, report = compact(self.model, x)
         before, after = count(self.model, x), count(small, x)
         xb = test.batch(torch.arange(min(64, len(test))))[0].to(self.p.device)
-        t_dense = measure(self.model, xb, warmup=2, repeats=10)
-        t_small = measure(small, xb, warmup=2, repeats=10)
+        nhwc = xb.ndim == 4  # conv nets: timed in their fast layout (see latency.py)
+        t_dense = measure(self.model, xb, warmup=2, repeats=10, channels_last=nhwc)
+        t_small = measure(small, xb, warmup=2, repeats=10, channels_last=nhwc)
         return {
             "channels_removed": sum(report.removed.values()),
             "zero_channels_not_removable": report.total_not_removable,
@@ -615,6 +616,7 @@ class _Run:
             "params_compact": after["params"],
             "latency_batch": xb.shape[0],
             "latency_threads": t_dense["threads"],
+            "latency_channels_last": nhwc,
             "latency_dense_ms": t_dense["median_ms"],
             "latency_compact_ms": t_small["median_ms"],
             "speedup": t_dense["median_ms"] / t_small["median_ms"],

@@ -7,10 +7,16 @@ view (rows = filters / output neurons, columns = ``(in, kh, kw)`` positions / in
     Z^{k+1} = prox_{(λ/rho)·R}(W^{k+1})                             (update())
     R(Z)    = Σ_rows c_r·||Z_r||₂ + Σ_cols c_c·||Z_c||₂
 
-with group weights ``c = sqrt(group size) · rms(W_i)`` (so rows and columns, and layers of
-different shapes and weight scales, are penalised on one scale: a group dies when its RMS
-weight falls below λ/rho times its layer's), or with ``reweight=True`` additionally divided by
-the group's norm at the previous update (reweighted group lasso). There is no dual variable: ``W``
+with group weights ``c = sqrt(group size · P_i) · rms(W_i)``: rows and columns, and layers of
+different shapes and weight scales, are penalised on one scale (a group dies when its RMS
+weight falls below λ/rho times its layer's), and with a MAC target (``by="macs"``) ``P_i`` is
+the number of positions layer ``i`` applies each weight at, so a group's threshold grows with
+the square root of its MACs — the rule "drop g when its relative squared norm is below μ ×
+its MACs" that a MAC budget asks for (``P_i = 1`` for a weight target). Without ``P_i`` one
+λ thins the layers where a weight is cheap (the deep, low-resolution ones) as hard as the
+expensive ones: on CIFAR ResNet-20 it emptied ``layer3`` (measured, benchmarks/README.md).
+With ``reweight=True`` each group weight is also divided by the group's norm at the previous
+update (reweighted group lasso). There is no dual variable: ``W``
 itself is never shrunk, only pulled towards the sparse ``Z``.
 
 **One group set** has a closed-form prox, group soft-thresholding:
@@ -188,12 +194,12 @@ class SSAuto:
     # the Z-step ------------------------------------------------------------------------------
     def _taus(self, t, M: torch.Tensor, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
         rows, cols = M.shape
-        # sqrt(group size) × the layer's RMS weight: a group dies when its RMS falls below
-        # λ/rho times its layer's, so one λ compares groups by their share within their layer,
-        # not by the init scale (which shrinks with fan-in and would empty the deep layers)
-        rms = float(M.pow(2).mean().sqrt()) or 1.0
-        c_r = torch.full((rows,), math.sqrt(cols) * rms, device=M.device)
-        c_c = torch.full((cols,), math.sqrt(rows) * rms, device=M.device)
+        # sqrt(group size) × the layer's RMS weight: one λ compares groups by their share
+        # within their layer, not by the init scale (which shrinks with fan-in); × sqrt(P):
+        # a group's MAC cost (see the module docstring)
+        scale = (float(M.pow(2).mean().sqrt()) or 1.0) * math.sqrt(self.positions[t.name])
+        c_r = torch.full((rows,), math.sqrt(cols) * scale, device=M.device)
+        c_c = torch.full((cols,), math.sqrt(rows) * scale, device=M.device)
         if self.reweight and t.name in self._prev_norms:
             nr, nc = self._prev_norms[t.name]
             c_r = c_r / (nr + 1e-3 * float(nr.max() + 1e-12))

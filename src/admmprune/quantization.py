@@ -146,7 +146,7 @@ class Ternary(_Levels):
         support = torch.ones_like(W, dtype=torch.bool)
         mags = x.abs().sort(descending=True).values.double()
         csum = mags.cumsum(0)
-        gain = csum.pow(2) / torch.arange(1, x.numel() + 1, dtype=torch.float64)
+        gain = csum.pow(2) / torch.arange(1, x.numel() + 1, dtype=torch.float64, device=mags.device)
         k = int(torch.argmax(gain)) + 1
         if float(csum[-1]) == 0.0:
             return Projection(torch.zeros_like(W), support)

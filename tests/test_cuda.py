@@ -1,0 +1,67 @@
+"""The projections on a GPU give what they give on the CPU (runs where CUDA is available)."""
+
+import pytest
+import torch
+
+from admmprune import (
+    ADMM,
+    Binary,
+    Channels,
+    Columns,
+    Filters,
+    Quantized,
+    SSAuto,
+    Ternary,
+    Unstructured,
+)
+from admmprune.proximal import prox_rows_columns
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda
+@pytest.mark.parametrize(
+    "constraint",
+    [
+        Unstructured(0.3),
+        Filters(0.5),
+        Channels(0.5),
+        Columns(0.4),
+        Quantized(4),
+        Quantized(3, levels="pow2"),
+        Ternary(),
+        Binary(),
+    ],
+    ids=repr,
+)
+def test_projection_same_on_cuda(constraint):
+    W = torch.randn(16, 8, 3, 3, generator=torch.Generator().manual_seed(0))
+    cpu = constraint.project(W)
+    gpu = constraint.project(W.cuda())
+    assert gpu.Z.is_cuda
+    torch.testing.assert_close(gpu.Z.cpu(), cpu.Z, rtol=1e-5, atol=1e-6)
+    assert torch.equal(gpu.support.cpu(), cpu.support)
+
+
+@cuda
+def test_prox_rows_columns_same_on_cuda():
+    W = torch.randn(12, 20, generator=torch.Generator().manual_seed(1))
+    for gpu, cpu in zip(prox_rows_columns(W.cuda(), 0.3, 0.3), prox_rows_columns(W, 0.3, 0.3)):
+        torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-5, rtol=1e-5)
+
+
+@cuda
+def test_admm_and_ssauto_update_on_cuda():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(8 * 6 * 6, 4)
+    ).cuda()
+    x = torch.randn(2, 3, 8, 8, device="cuda")
+    admm = ADMM(model, {"0": Ternary(), "3": Quantized(4)}, rho=0.1)
+    model(x).sum().backward()
+    admm.update()
+    Z = admm.state_dict()["layers"]["0.weight"]["Z"]
+    assert Z.unique().numel() <= 3  # ternary levels
+    ss = SSAuto(model, ["0", "3"], target=0.5)
+    stats = ss.update()
+    assert 0.4 <= stats["kept"] <= 0.55
