@@ -15,8 +15,9 @@ report speedup / MAC reduction (1.0 is the physical limit).
     python benchmarks/structured_speed.py [--models resnet20 resnet56 vgg16] [--rounds 20]
     python benchmarks/structured_speed.py --device cuda --batches 1 64 512   # on a GPU
 
-Both models are timed channels-last (NHWC) unless ``--memory-format nchw``: oneDNN's CPU
-convolutions are fastest there, and thin (pruned) layers gain the most from it.
+Both models are timed as deployed (``admmprune.latency.inference_form``): BatchNorm folded
+into the convs (unless ``--no-fold-bn``) and channels-last (unless ``--memory-format nchw``),
+which is where thin (pruned) layers lose the least to per-channel overheads.
 """
 
 from __future__ import annotations
@@ -127,6 +128,7 @@ def main() -> None:
         "--memory-format", default="nhwc", choices=("nhwc", "nchw"),
         help="time both models channels-last (oneDNN's fast layout; default) or NCHW",
     )  # fmt: skip
+    p.add_argument("--no-fold-bn", action="store_true", help="time BatchNorm unfolded")
     p.add_argument("--out", default="benchmarks/results/structured_speed.json")
     args = p.parse_args()
     torch.manual_seed(0)
@@ -137,8 +139,9 @@ def main() -> None:
         else f"CPU, {torch.get_num_threads()} threads"
     )
     rows = []
-    nhwc = args.memory_format == "nhwc"
-    print(f"{where}, {args.memory_format.upper()}; medians of {args.rounds} paired runs\n")
+    form = {"channels_last": args.memory_format == "nhwc", "fold_bn": not args.no_fold_bn}
+    bn = "BN folded" if form["fold_bn"] else "BN unfolded"
+    print(f"{where}, {args.memory_format.upper()}, {bn}; medians of {args.rounds} paired runs\n")
     print(
         "| model | kind | MAC reduction | kept | stored non-zeros | batch | dense ms | pruned ms | "
         "speedup | speedup / MAC reduction |"
@@ -155,11 +158,12 @@ def main() -> None:
             pair = {"dense": timed_dense, "compact": small.to(device)}
             for batch in args.batches:
                 xb = torch.randn(batch, 3, 32, 32, device=device)
-                t = measure_paired(pair, xb, args.rounds, channels_last=nhwc)
+                t = measure_paired(pair, xb, args.rounds, **form)
                 td, ts = t["dense"], t["compact"]
                 row = {
                     "device": where,
                     "memory_format": args.memory_format,
+                    "fold_bn": form["fold_bn"],
                     "model": name,
                     "kind": kind,
                     "target_reduction": reduction,

@@ -4,7 +4,7 @@ from torch import nn
 
 from admmprune import Unstructured, prune
 from admmprune.accounting import count, fillers, storage, weight_storage
-from admmprune.latency import measure, measure_paired
+from admmprune.latency import inference_form, measure, measure_paired
 from admmprune.models import build_model
 
 
@@ -45,17 +45,36 @@ def test_latency_measure_reports_what_it_measured():
     assert model.training  # mode restored
 
 
-def test_latency_in_channels_last_times_copies_and_leaves_the_models_alone():
-    conv = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU())
+def test_inference_form_folds_bn_goes_nhwc_and_leaves_the_model_alone():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    with torch.no_grad():  # BN statistics that are not the identity
+        model[1].running_mean.uniform_(-1, 1)
+        model[1].running_var.uniform_(0.5, 2)
+    model.train()
     x = torch.randn(2, 3, 8, 8)
-    r = measure(conv, x, warmup=1, repeats=3, channels_last=True)
-    assert r["channels_last"] and r["median_ms"] > 0
-    t = measure_paired({"a": conv, "b": nn.Conv2d(3, 8, 1)}, x, 2, channels_last=True)
+    form, xf = inference_form(model, x, fold_bn=True, channels_last=True)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in form.modules())  # folded away
+    assert xf.is_contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        torch.testing.assert_close(form(xf), model.eval()(x), atol=1e-5, rtol=1e-5)
+    assert isinstance(model[1], nn.BatchNorm2d) and x.is_contiguous()  # originals untouched
+    assert not model[0].weight.is_contiguous(memory_format=torch.channels_last)
+    r = measure(model, x, warmup=1, repeats=3, fold_bn=True, channels_last=True)
+    assert r["fold_bn"] and r["channels_last"] and r["median_ms"] > 0
+    t = measure_paired({"a": model, "b": nn.Conv2d(3, 8, 1)}, x, 2, channels_last=True)
     assert set(t) == {"a", "b"} and all(v > 0 for v in t.values())
-    assert conv[0].weight.is_contiguous() and x.is_contiguous()  # originals untouched
-    assert not conv[0].weight.is_contiguous(memory_format=torch.channels_last)
     with pytest.raises(ValueError, match="4-D"):
         measure(nn.Linear(4, 4), torch.randn(2, 4), channels_last=True)
+
+
+def test_inference_form_names_a_model_fx_cannot_trace():
+    class DataDependent(nn.Module):
+        def forward(self, x):
+            return x if x.sum() > 0 else -x  # control flow on values: fx cannot trace it
+
+    with pytest.raises(ValueError, match="fold_bn=False"):
+        inference_form(DataDependent(), torch.randn(1, 3, 4, 4), fold_bn=True)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

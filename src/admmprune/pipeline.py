@@ -33,7 +33,7 @@ from .config import Recipe, RecipeError
 from .data import DataBundle, load_data
 from .distributed import World, shard_order
 from .groups import channel_groups
-from .latency import measure
+from .latency import inference_form, measure
 from .masks import Masks, prune
 from .models import build_model
 from .plots import write_plots
@@ -604,9 +604,15 @@ class _Run:
         small, report = compact(self.model, x)
         before, after = count(self.model, x), count(small, x)
         xb = test.batch(torch.arange(min(64, len(test))))[0].to(self.p.device)
-        nhwc = xb.ndim == 4  # conv nets: timed in their fast layout (see latency.py)
-        t_dense = measure(self.model, xb, warmup=2, repeats=10, channels_last=nhwc)
-        t_small = measure(small, xb, warmup=2, repeats=10, channels_last=nhwc)
+        # timed as deployed (see latency.py): BN folded where torch.fx can trace the model,
+        # conv nets in NHWC
+        form = {"channels_last": xb.ndim == 4, "fold_bn": True}
+        try:
+            inference_form(small, xb, **form)
+        except ValueError:
+            form["fold_bn"] = False
+        t_dense = measure(self.model, xb, warmup=2, repeats=10, **form)
+        t_small = measure(small, xb, warmup=2, repeats=10, **form)
         return {
             "channels_removed": sum(report.removed.values()),
             "zero_channels_not_removable": report.total_not_removable,
@@ -616,7 +622,8 @@ class _Run:
             "params_compact": after["params"],
             "latency_batch": xb.shape[0],
             "latency_threads": t_dense["threads"],
-            "latency_channels_last": nhwc,
+            "latency_channels_last": form["channels_last"],
+            "latency_bn_folded": form["fold_bn"],
             "latency_dense_ms": t_dense["median_ms"],
             "latency_compact_ms": t_small["median_ms"],
             "speedup": t_dense["median_ms"] / t_small["median_ms"],
