@@ -8,23 +8,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def run_script(command: str) -> subprocess.CompletedProcess:
+    """``command`` (a benchmark script and its arguments, split on spaces) run from the
+    repository root by this interpreter."""
+    return subprocess.run(
+        [sys.executable, *command.split()], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+
+
 def test_mnist_admmnn_benchmark_tiny_run_writes_table_json_png(tmp_path):
     out = tmp_path / "bench"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "benchmarks/mnist_admmnn.py",
-            "--dataset", "digits",
-            "--rates", "10", "30",
-            "--dense-epochs", "2",
-            "--compress-epochs", "1",
-            "--retrain-epochs", "1",
-            "--updates-per-epoch", "2",
-            "--device", "cpu",
-            "--out", str(out),
-        ],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    proc = run_script(
+        "benchmarks/mnist_admmnn.py --dataset digits --rates 10 30 --dense-epochs 2 "
+        f"--compress-epochs 1 --retrain-epochs 1 --updates-per-epoch 2 --device cpu --out {out}"
+    )
     assert proc.returncode == 0, proc.stderr
     results = json.loads((out / "results.json").read_text())
     assert {(r["method"], r["target_rate"]) for r in results["runs"]} == {
@@ -40,11 +37,10 @@ def test_mnist_admmnn_benchmark_tiny_run_writes_table_json_png(tmp_path):
 
 
 def test_overhead_benchmark_small_run(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "benchmarks/overhead.py", "--batch", "4", "--rounds", "2", "--big", "1",
-         "--repeats", "1", "--out", str(tmp_path / "o.json")],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    proc = run_script(
+        "benchmarks/overhead.py --batch 4 --rounds 2 --big 1 --repeats 1 "
+        f"--out {tmp_path / 'o.json'}"
+    )
     assert proc.returncode == 0, proc.stderr
     res = json.loads((tmp_path / "o.json").read_text())
     assert set(res["step"]["median_s"]) == {"plain", "penalty", "grad"}
@@ -53,11 +49,9 @@ def test_overhead_benchmark_small_run(tmp_path):
 
 def test_admmnns_compare_tiny_run_writes_table_and_json(tmp_path):
     out = tmp_path / "cmp"
-    proc = subprocess.run(
-        [sys.executable, "benchmarks/admmnns_compare.py", "--dataset", "digits", "--quick",
-         "--rates", "10", "--rounds", "2", "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    proc = run_script(
+        f"benchmarks/admmnns_compare.py --dataset digits --quick --rates 10 --rounds 2 --out {out}"
+    )
     assert proc.returncode == 0, proc.stderr
     res = json.loads((out / "results.json").read_text())
     rows = {r["config"]: r for r in res["rows"]}
@@ -75,11 +69,7 @@ def test_admmnns_compare_tiny_run_writes_table_and_json(tmp_path):
 
 def test_ssauto_vs_admm_tiny_run(tmp_path):
     out = tmp_path / "ss"
-    proc = subprocess.run(
-        [sys.executable, "benchmarks/ssauto_vs_admm.py", "--dataset", "digits", "--quick",
-         "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    proc = run_script(f"benchmarks/ssauto_vs_admm.py --dataset digits --quick --out {out}")
     assert proc.returncode == 0, proc.stderr
     res = json.loads((out / "results.json").read_text())
     assert set(res["runs"]) == {"ssauto", "admm uniform", "admm ssauto-rates"}
@@ -92,11 +82,10 @@ def test_ssauto_vs_admm_tiny_run(tmp_path):
 
 def test_structured_speed_small_run(tmp_path):
     out = tmp_path / "s.json"
-    proc = subprocess.run(
-        [sys.executable, "benchmarks/structured_speed.py", "--models", "resnet20",
-         "--reductions", "4", "--rounds", "1", "--batches", "2", "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    proc = run_script(
+        "benchmarks/structured_speed.py --models resnet20 --reductions 4 --rounds 1 --batches 2 "
+        f"--out {out}"
+    )
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(out.read_text())["rows"]
     assert {r["kind"] for r in rows} == {"channels", "columns", "filters+columns"}
@@ -106,11 +95,7 @@ def test_structured_speed_small_run(tmp_path):
 
 def test_cifar_structadmm_tiny_run(tmp_path):
     out = tmp_path / "cs"
-    proc = subprocess.run(
-        [sys.executable, "benchmarks/cifar_structadmm.py", "--dataset", "digits", "--quick",
-         "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    proc = run_script(f"benchmarks/cifar_structadmm.py --dataset digits --quick --out {out}")
     assert proc.returncode == 0, proc.stderr
     runs = json.loads((out / "results.json").read_text())["runs"]
     assert set(runs) == {"structadmm", "magnitude"}
@@ -121,21 +106,15 @@ def test_cifar_structadmm_tiny_run(tmp_path):
 
 def test_cifar_dense_tiny_run_and_admmnns_resnet20_mode(tmp_path):
     dense = tmp_path / "dense"
-    proc = subprocess.run(
-        [sys.executable, "benchmarks/cifar_dense.py", "--dataset", "digits", "--quick",
-         "--out", str(dense)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    proc = run_script(f"benchmarks/cifar_dense.py --dataset digits --quick --out {dense}")
     assert proc.returncode == 0, proc.stderr
     res = json.loads((dense / "dense.json").read_text())
     assert 0 < res["accuracy_test"] <= 1 and res["settings"]["dense_epochs"] == 2
     out = tmp_path / "cmp"
-    proc = subprocess.run(
-        [sys.executable, "benchmarks/admmnns_compare.py", "--model", "resnet20", "--dataset",
-         "digits", "--quick", "--rates", "4", "--rounds", "1", "--dense",
-         str(dense / "dense.pt"), "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    proc = run_script(
+        f"benchmarks/admmnns_compare.py --model resnet20 --dataset digits --quick --rates 4 "
+        f"--rounds 1 --dense {dense / 'dense.pt'} --out {out}"
+    )
     assert proc.returncode == 0, proc.stderr
     rows = {r["config"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
     assert rows["non-structured 4x"]["mac_reduction"] > 2  # block convs at 1/4
