@@ -98,9 +98,11 @@ def test_cifar_structadmm_tiny_run(tmp_path):
     proc = run_script(f"benchmarks/cifar_structadmm.py --dataset digits --quick --out {out}")
     assert proc.returncode == 0, proc.stderr
     runs = json.loads((out / "results.json").read_text())["runs"]
-    assert set(runs) == {"structadmm", "magnitude"}
-    a, b = runs["structadmm"], runs["magnitude"]
+    assert set(runs) == {"structadmm", "structadmm filters+columns", "magnitude"}
+    a, b, fc = runs["structadmm"], runs["magnitude"], runs["structadmm filters+columns"]
     assert a["mac_reduction"] == b["mac_reduction"] > 2  # the same smaller network
+    assert fc["columns_kept"] < 1 and fc["channels_removed"] < a["channels_removed"]
+    assert abs(fc["mac_reduction"] - a["mac_reduction"]) / a["mac_reduction"] < 0.1  # same MACs
     assert a["not_removable"] == b["not_removable"] == 0 and a["epochs"] == b["epochs"]
 
 

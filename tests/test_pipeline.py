@@ -350,6 +350,45 @@ def test_coupled_channels_recipe_compacts_exactly(tmp_path):
     assert all(c.startswith("ChannelGroup(") for c in constraints)
 
 
+def test_filter_plus_column_on_a_resnet_via_recipe(tmp_path):
+    """StructADMM's combination: coupled channel groups plus a column set on the same convs."""
+    from admmprune.constraints import keep_count
+    from test_models_data import fake_npz
+
+    recipe = {
+        "seed": 0,
+        "output_dir": str(tmp_path / "run"),
+        "device": "cpu",
+        "progress": False,
+        "model": {"name": "resnet20"},
+        "data": {"name": "npz", "path": str(fake_npz(tmp_path / "d.npz", hw=32)), "batch_size": 32},
+        "pretrain": {"epochs": 0},
+        "admm": {"epochs": 1, "updates_per_epoch": 2, "rho": 0.05},
+        "retrain": {"epochs": 1},
+        "coupled_channels": {"keep": 0.75},
+        "constraints": {"layer*.conv*": {"columns": 0.4}},
+    }
+    assert main(["run", str(write(tmp_path / "r.yaml", recipe))]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["compact"]["zero_channels_not_removable"] == 0
+    both = [x for x in summary["layers"] if ".conv" in x["name"]]
+    assert both and all(" & Columns(keep=0.4)" in x["constraint"] for x in both)
+    state = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
+    for x in both:
+        W = state[x["name"]]
+        M = W.reshape(W.shape[0], -1)
+        assert int(M.ne(0).any(0).sum()) <= keep_count(0.4, M.shape[1])  # the column set
+        assert int(M.ne(0).any(1).sum()) <= keep_count(0.75, M.shape[0])  # and the group's
+
+
+def test_only_columns_or_unstructured_sit_on_a_channel_group(tmp_path, capsys):
+    recipe = tiny_recipe(tmp_path / "run", coupled_channels={"keep": 0.5})
+    recipe["constraints"] = {"fc1": {"filters": 0.5}}
+    assert main(["run", str(write(tmp_path / "r.yaml", recipe))]) == 2
+    assert "only a columns or unstructured constraint" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_coupled_channels_list_one_shot_then_compact(tmp_path):
     recipe = {
         "seed": 0,

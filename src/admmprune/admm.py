@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .constraints import Constraint, Projection
+from .constraints import Columns, Constraint, Projection, Unstructured
 from .groups import ChannelGroup
 from .masks import Masks, check_finite, hard_prune
 from .select import Spec, Target, select
@@ -94,7 +94,12 @@ class ADMM:
         mode: ``"penalty"`` (add :meth:`penalty` to your loss) or ``"grad"`` (hooks add
             ``rho·(W − Z + U)`` to each gradient in backward; do not add the penalty).
         groups: coupled channel groups (:func:`admmprune.channel_groups`), each projected
-            jointly so that every channel ADMM zeroes is physically removable.
+            jointly so that every channel ADMM zeroes is physically removable. A group member
+            that ``spec`` also gives :class:`Columns` or :class:`Unstructured` gets both sets
+            (StructADMM's filter + column): the group's projection, then that set's projection
+            of the result — a point in both sets (top-k selections never revive a zeroed
+            channel), though not always the nearest one (as for :class:`Intersection`); the
+            layer's keep counts all its columns, those of removed channels included.
         support: a fixed support per constrained parameter (e.g. the :class:`Masks` of an
             earlier pruning): ``Z = Π_S`` of the kept entries, zero elsewhere. This is how a
             pruned model is quantized (ADMM-NN-S); it needs element-wise constraints.
@@ -131,6 +136,8 @@ class ADMM:
         self.targets: list[Target] = (
             select(model, spec, default) if (spec or default is not None or not self.groups) else []
         )
+        self._also: dict[str, Constraint] = {}  # group members' second set (filter + column)
+        self.targets = [t for t in self.targets if t.name not in self._combined()]
         self.targets += self._group_targets()
         self.support = self._check_support(support)
         self._state: dict[str, _LayerState] = {}
@@ -149,6 +156,22 @@ class ADMM:
                 self._hooks.append(t.param.register_hook(self._grad_hook(t)))
 
     # the sets S ------------------------------------------------------------------------------
+    def _combined(self) -> set[str]:
+        """Move the spec's Columns/Unstructured sets of group members into ``_also``."""
+        members = {p for g in self.groups for p, _ in g.members}
+        for t in self.targets:
+            if t.name not in members:
+                continue
+            if not isinstance(t.constraint, (Columns, Unstructured)):
+                group = next(g for g in self.groups if t.name in dict(g.members))
+                raise ValueError(
+                    f"{t.name!r} is in {group!r} and the spec gives it {t.constraint!r}; a "
+                    "coupled channel group combines only with Columns (filter + column) or "
+                    "Unstructured. Leave the layer out of the spec, or use one of those."
+                )
+            self._also[t.name] = t.constraint
+        return set(self._also)
+
     def _group_targets(self) -> list[Target]:
         taken = {t.name for t in self.targets}
         modules = dict(self.model.named_modules())
@@ -209,6 +232,10 @@ class ADMM:
         }
         for g in self.groups:
             Z, support = g.project({p: V[p] for p, _ in g.members})
+            for p in Z:
+                if p in self._also:  # then the member's own set, on the group's result
+                    second = self._also[p].project(Z[p])
+                    Z[p], support[p] = second.Z, support[p] & second.support
             out.update({p: Projection(Z[p], support[p]) for p in Z})
         return out
 

@@ -30,6 +30,7 @@ from .baselines import make_method
 from .compact import compact
 from .compressed import export_compressed
 from .config import Recipe, RecipeError
+from .constraints import Columns, Unstructured
 from .data import DataBundle, load_data
 from .distributed import World, shard_order
 from .groups import channel_groups
@@ -153,9 +154,12 @@ def prepare(
         if recipe.model.checkpoint:
             _load_start_weights(model, recipe.model.checkpoint)
         spec, default = recipe.spec()
-        constraint_names = {}
+        constraint_names, combinable = {}, set()
         if spec or default is not None:  # unmatched / conflicting / wrong-rank keys fail here
-            constraint_names = {t.name: repr(t.constraint) for t in select(model, spec, default)}
+            for t in select(model, spec, default):
+                constraint_names[t.name] = repr(t.constraint)
+                if isinstance(t.constraint, (Columns, Unstructured)):
+                    combinable.add(t.name)  # may also sit in a channel group (filter + column)
         groups = []
         for c in recipe.coupled():
             x1 = data.test.batch(torch.arange(1))[0]
@@ -168,11 +172,16 @@ def prepare(
             groups += new
             for g in new:
                 for pname, _ in g.members:
+                    if pname in combinable:
+                        combinable.discard(pname)  # one group per parameter
+                        constraint_names[pname] = f"{g!r} & {constraint_names[pname]}"
+                        continue
                     if pname in constraint_names:
                         raise RecipeError(
                             f"{pname!r} is in coupled_channels group {g.name!r} and also in "
                             "constraints or an earlier coupled_channels entry; constrain each "
-                            "parameter once."
+                            "parameter once (only a columns or unstructured constraint may "
+                            "sit on top of a channel group: filter + column)."
                         )
                     constraint_names[pname] = repr(g)
         quant_names = {}
