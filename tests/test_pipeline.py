@@ -325,7 +325,8 @@ def test_recipe_errors_are_recipe_errors():
     assert os.path.islink(ROOT / "configs" / "demo_digits.yaml")  # one source for the demo
 
 
-def test_coupled_channels_recipe_compacts_exactly(tmp_path):
+def resnet20_recipe(tmp_path, **changes):
+    """ResNet-20 on a small fake CIFAR-shaped .npz, coupled channel groups at half."""
     from test_models_data import fake_npz
 
     recipe = {
@@ -340,6 +341,11 @@ def test_coupled_channels_recipe_compacts_exactly(tmp_path):
         "retrain": {"epochs": 1},
         "coupled_channels": {"keep": 0.5},
     }
+    return recipe | changes
+
+
+def test_coupled_channels_recipe_compacts_exactly(tmp_path):
+    recipe = resnet20_recipe(tmp_path)
     assert main(["run", str(write(tmp_path / "r.yaml", recipe))]) == 0
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     k = summary["compact"]
@@ -353,21 +359,14 @@ def test_coupled_channels_recipe_compacts_exactly(tmp_path):
 def test_filter_plus_column_on_a_resnet_via_recipe(tmp_path):
     """StructADMM's combination: coupled channel groups plus a column set on the same convs."""
     from admmprune.constraints import keep_count
-    from test_models_data import fake_npz
 
-    recipe = {
-        "seed": 0,
-        "output_dir": str(tmp_path / "run"),
-        "device": "cpu",
-        "progress": False,
-        "model": {"name": "resnet20"},
-        "data": {"name": "npz", "path": str(fake_npz(tmp_path / "d.npz", hw=32)), "batch_size": 32},
-        "pretrain": {"epochs": 0},
-        "admm": {"epochs": 1, "updates_per_epoch": 2, "rho": 0.05},
-        "retrain": {"epochs": 1},
-        "coupled_channels": {"keep": 0.75},
-        "constraints": {"layer*.conv*": {"columns": 0.4}},
-    }
+    recipe = resnet20_recipe(
+        tmp_path,
+        pretrain={"epochs": 0},
+        admm={"epochs": 1, "updates_per_epoch": 2, "rho": 0.05},
+        coupled_channels={"keep": 0.75},
+        constraints={"layer*.conv*": {"columns": 0.4}},
+    )
     assert main(["run", str(write(tmp_path / "r.yaml", recipe))]) == 0
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["compact"]["zero_channels_not_removable"] == 0
