@@ -37,6 +37,10 @@ PATTERNS = {
     "lenet300": {"fc1": 0.08, "fc2": 0.09, "fc3": 0.26},
 }
 METHODS = ("admm", "magnitude", "iterative", "gradual")
+ADMM_OPTIMIZERS = {  # the W-step's optimizer in the ADMM stage (--admm-optimizer)
+    "adam": {"name": "adam", "lr": 1e-3},
+    "sgd": {"name": "sgd", "lr": 0.01, "momentum": 0.9},
+}
 
 
 def allocate(model: torch.nn.Module, pattern: dict[str, float], rate: float) -> dict[str, float]:
@@ -118,7 +122,7 @@ def recipe_for(args, method: str, keeps: dict, dense_path: Path, out: Path) -> d
         model={"name": args.model, "checkpoint": str(dense_path)},
         admm={
             "epochs": args.compress_epochs,
-            "optimizer": {"name": "adam", "lr": 1e-3},
+            "optimizer": ADMM_OPTIMIZERS[args.admm_optimizer],
             "updates_per_epoch": args.updates_per_epoch,
             "rho": args.rho,
             "rho_growth": args.rho_growth,
@@ -215,6 +219,7 @@ def main() -> None:
         help="rho factor per update (default: reach --rho-final at the last update)",
     )
     p.add_argument("--rho-final", type=float, default=1.0)
+    p.add_argument("--admm-optimizer", default="adam", choices=sorted(ADMM_OPTIMIZERS))
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--gradual-every", type=int, default=50)
     p.add_argument("--batch-size", type=int, default=128)
