@@ -10,9 +10,10 @@
      conv keeps a fraction of its columns (GEMM columns = kernel positions × input channels),
      chosen by bisection on the dense model so that the compact model computes the same MACs
      as the filter-only one once zero columns are skipped; same schedule;
-   - ``magnitude``: the filter-only network by one-shot pruning of the groups with the smallest
-     L2 norm (Li et al.'s filter pruning, with the L2 instead of the L1 norm, and group-aware),
-     then ``--admm-epochs + --retrain-epochs`` of masked retraining.
+   - ``magnitude``: the filter-only network by one-shot pruning of the channels with the
+     smallest L1 norm (Li et al.'s L1-norm filter pruning, made group-aware: the norm is summed
+     over every coupled producer slice), then ``--admm-epochs + --retrain-epochs`` of masked
+     retraining.
 3. Accuracy, MACs of the compact model (zero weights skipped), and its measured latency.
 
     python benchmarks/cifar_structadmm.py --data-dir ../shared/data --dense DENSE.pt
@@ -39,6 +40,7 @@ from admmprune.models import build_model
 from mnist_admmnn import pct, run_recipe
 
 BLOCK_CONVS = "layer*.conv*"
+METHODS = ("structadmm", "structadmm filters+columns", "magnitude")
 
 
 def compact_macs(model: torch.nn.Module, x: torch.Tensor, keep: float, columns: float) -> int:
@@ -89,6 +91,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     add_common_args(p, "benchmarks/results/cifar_structadmm")
     p.add_argument("--keep", type=float, default=0.6, help="channels kept per coupled group")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--fc-keep", type=float, default=0.75,
                    help="channels kept per group in the filters+columns run")  # fmt: skip
     p.add_argument("--admm-epochs", type=int, default=3)
@@ -117,8 +120,10 @@ def main() -> None:
     for label, (a, r, extra) in {
         "structadmm": (args.admm_epochs, args.retrain_epochs, {}),
         "structadmm filters+columns": (args.admm_epochs, args.retrain_epochs, fc),
-        "magnitude": (0, budget, {}),
+        "magnitude": (0, budget, {"coupled_channels": {"keep": args.keep, "norm": "l1"}}),
     }.items():
+        if label not in args.methods:
+            continue
         t0 = time.perf_counter()
         run_dir = out / "runs" / label.replace(" ", "_")
         s = run_recipe(recipe(args, run_dir, dense_path, a, r, **extra), data)
@@ -135,7 +140,7 @@ def main() -> None:
             "dense_test": s["accuracy"]["start"],
             "pruned_before_retrain": s["accuracy"]["pruned_before_retrain"],
             "mac_reduction": k["macs_dense"] / count(small, x1)["sparse_macs"],
-            "columns_kept": columns if extra else 1.0,
+            "columns_kept": columns if "constraints" in extra else 1.0,
             "channels_removed": k["channels_removed"],
             "not_removable": k["zero_channels_not_removable"],
             "speedup_b64": k["speedup"],
@@ -150,7 +155,7 @@ def main() -> None:
               f"{x['speedup_b64']:.2f}x faster, {x['seconds']:.0f} s", flush=True)  # fmt: skip
     res = {"settings": vars(args), "runs": runs, "seconds": time.perf_counter() - t_start}
     (out / "results.json").write_text(json.dumps(res, indent=2))
-    d = runs["structadmm"]["dense_test"]
+    d = next(iter(runs.values()))["dense_test"]
     lines = [
         f"{args.model} dense: {100 * d:.2f} % on the 1k test images. Filters: every coupled "
         f"channel group keeps {100 * args.keep:g} %; filters+columns: {100 * args.fc_keep:g} % "

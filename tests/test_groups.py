@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from admmprune import ADMM, Filters, channel_groups
+from admmprune import ADMM, ChannelGroup, Filters, channel_groups
 from admmprune.compact import compact
 from admmprune.constraints import keep_count
 from admmprune.models import build_model
@@ -79,3 +79,25 @@ def test_a_parameter_in_a_group_and_the_spec_is_an_error():
         ADMM(model, {"conv": Filters(0.5)}, groups=groups)
     with pytest.raises(ValueError, match="no channel group matches"):
         channel_groups(model, torch.randn(1, 2, 6, 6), keep=0.5, layers="layer9*")
+
+
+def test_l1_groups_rank_by_l1_one_shot_only():
+    """Li et al.'s L1 ranking: channel 0 has the larger L1 norm, channel 1 the larger L2 norm."""
+    V = {"0.weight": torch.tensor([[0.5, 0.5, 0.5], [1.0, 0.0, 0.0]]).view(2, 3, 1, 1)}
+    members = (("0.weight", (0, 1)),)
+
+    def kept(group):
+        return group.project(V)[1]["0.weight"].view(2, -1).all(1).nonzero().flatten().tolist()
+
+    assert kept(ChannelGroup("0", 0.5, members)) == [1]  # L2²: 0.75 < 1.0
+    assert kept(ChannelGroup("0", 0.5, members, norm="l1")) == [0]  # L1: 1.5 > 1.0
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.Conv2d(4, 2, 1))
+    x = torch.randn(1, 3, 4, 4)
+    groups = channel_groups(model, x, keep=0.5, norm="l1")
+    assert groups and all(g.norm == "l1" for g in groups)
+    admm = ADMM(model, {}, groups=groups)
+    admm.prune()  # one shot is what L1 ranking is for
+    with pytest.raises(ValueError, match="one-shot prune"):
+        admm.update()
+    with pytest.raises(ValueError, match="norm="):
+        channel_groups(model, x, keep=0.5, norm="l3")

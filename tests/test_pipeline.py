@@ -420,6 +420,13 @@ def test_coupled_channels_needs_admm(tmp_path, capsys):
     assert "coupled_channels works with method: admm" in capsys.readouterr().err
 
 
+def test_l1_channel_ranking_is_one_shot_only(tmp_path, capsys):
+    recipe = tiny_recipe(tmp_path / "run", coupled_channels={"keep": 0.5, "norm": "l1"})
+    recipe["constraints"] = {}
+    assert main(["run", str(write(tmp_path / "r.yaml", recipe))]) == 2
+    assert "norm: l1 ranks channels for one-shot pruning" in capsys.readouterr().err
+
+
 def quantized_recipe(out):
     return tiny_recipe(
         out,

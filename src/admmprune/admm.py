@@ -293,6 +293,12 @@ class ADMM:
         ``primal = ||W − Z^{k+1}||``, ``dual = rho·||Z^{k+1} − Z^k||``, ``rho`` (used in the
         W-step just finished) and ``kept`` (fraction of the support of Z^{k+1}).
         """
+        l1 = [g for g in self.groups if g.norm != "l2"]
+        if l1:
+            raise ValueError(
+                f"{l1[0]!r} ranks channels by the L1 norm, which is not a Euclidean projection: "
+                "use it for a one-shot prune() only; for ADMM build the groups with norm='l2'."
+            )
         rho, rho_next = self.rho, self._rho_at(self.num_updates + 1)
         stats = {}
         W, V = {}, {}

@@ -135,6 +135,8 @@ class CoupledCfg(_Strict):
 
     keep: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]
     layers: str | None = None  # glob on the group's root layer name; None: every group
+    # l2: the Euclidean projection (ADMM); l1: rank channels by L1 norm (one-shot, Li et al.)
+    norm: Literal["l2", "l1"] = "l2"
 
 
 class ModelCfg(_Strict):
@@ -224,6 +226,11 @@ class Recipe(_Strict):
             )
         if self.coupled_channels is not None and self.method != "admm":
             raise ValueError("coupled_channels works with method: admm only (for now)")
+        if self.admm.epochs > 0 and any(c.norm == "l1" for c in self.coupled()):
+            raise ValueError(
+                "coupled_channels norm: l1 ranks channels for one-shot pruning; ADMM needs the "
+                "Euclidean projection. Set admm.epochs: 0 (one shot) or norm: l2."
+            )
         if self.quantize.epochs > 0 and not self.quantize.layers:
             raise ValueError(
                 "quantize.epochs > 0 but quantize.layers is empty; name the layers to quantize, "

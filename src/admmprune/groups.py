@@ -12,6 +12,10 @@ has the exact Euclidean projection (the slices of different channels are disjoin
     score_j = Σ_members ||W_member[idx_member[j]]||²,   keep the k largest, zero the rest
 
 Everything it zeroes is removed by :func:`admmprune.compact.compact`, exactly.
+
+``norm="l1"`` ranks channels by ``Σ_members ||W_member[idx_member[j]]||₁`` instead (Li et al.'s
+L1-norm filter pruning, made group-aware): a one-shot selection rule, not a Euclidean
+projection, so ADMM must not use it.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ class ChannelGroup:
     name: str
     keep: float
     members: tuple[tuple[str, tuple[int, ...]], ...]
+    norm: str = "l2"  # "l2": the Euclidean projection; "l1": rank by L1 norm (one-shot only)
 
     @property
     def n(self) -> int:
@@ -47,12 +52,14 @@ class ChannelGroup:
 
     @torch.no_grad()
     def project(self, V: dict[str, torch.Tensor]) -> tuple[dict, dict]:
-        """Π_S over the whole group: ``(Z, support)`` per member parameter name."""
+        """Π_S over the whole group (with ``norm="l1"``: the L1-ranked selection):
+        ``(Z, support)`` per member parameter name."""
         score = None
         for pname, rows in self.members:
             v = V[pname].float()
             idx = torch.tensor(rows, device=v.device)
-            s = v.index_select(0, idx).reshape(len(rows), -1).pow(2).sum(1)
+            s = v.index_select(0, idx).reshape(len(rows), -1)
+            s = s.abs().sum(1) if self.norm == "l1" else s.pow(2).sum(1)
             score = s if score is None else score + s
         kept = topk_mask(score, keep_count(self.keep, self.n))
         Z, support = {}, {}
@@ -73,8 +80,10 @@ def channel_groups(
     *,
     layers: str | None = None,
     ignored_layers: list[nn.Module] | None = None,
+    norm: str = "l2",
 ) -> list[ChannelGroup]:
-    """The coupled channel groups of ``model``, each to keep ``keep`` of its channels.
+    """The coupled channel groups of ``model``, each to keep ``keep`` of its channels
+    (``norm``: ``"l2"``, the projection ADMM needs, or ``"l1"`` for one-shot L1 ranking).
 
     ``layers`` (a glob on the group's root layer name) selects groups; the model's output layer
     is left alone unless ``ignored_layers`` says otherwise.
@@ -84,6 +93,8 @@ def channel_groups(
     from .compact import _output_layers
 
     keep = _check_keep("channel_groups", keep)
+    if norm not in ("l1", "l2"):
+        raise ValueError(f"channel_groups(norm={norm!r}): use 'l2' (ADMM) or 'l1' (one-shot).")
     names = {m: n for n, m in model.named_modules()}
     was_training = model.training
     model.eval()  # tracing runs a forward; batch-1 inputs would trip BatchNorm in train mode
@@ -112,7 +123,7 @@ def channel_groups(
                 if isinstance(getattr(m, attr, None), nn.Parameter):
                     members[f"{names[m]}.{attr}"] = rows
         if members:
-            out.append(ChannelGroup(root, keep, tuple(members.items())))
+            out.append(ChannelGroup(root, keep, tuple(members.items()), norm))
     if not out:
         raise ValueError(f"no channel group matches layers={layers!r} in {type(model).__name__}.")
     return out

@@ -163,7 +163,7 @@ def prepare(
         groups = []
         for c in recipe.coupled():
             x1 = data.test.batch(torch.arange(1))[0]
-            new = channel_groups(model, x1, c.keep, layers=c.layers)
+            new = channel_groups(model, x1, c.keep, layers=c.layers, norm=c.norm)
             if not new:
                 raise RecipeError(
                     f"coupled_channels layers {c.layers!r} matches no channel group; use a glob "
