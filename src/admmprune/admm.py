@@ -30,6 +30,10 @@ from .groups import ChannelGroup
 from .masks import Masks, check_finite, hard_prune
 from .select import Spec, Target, select
 
+# the sets a coupled channel group member may also carry (filter + column): top-k selections,
+# which never revive a channel the group zeroed
+GROUP_COMBINABLE = (Columns, Unstructured)
+
 __all__ = ["ADMM"]
 
 _FORMAT = "admmprune.ADMM"
@@ -136,8 +140,8 @@ class ADMM:
         self.targets: list[Target] = (
             select(model, spec, default) if (spec or default is not None or not self.groups) else []
         )
-        self._also: dict[str, Constraint] = {}  # group members' second set (filter + column)
-        self.targets = [t for t in self.targets if t.name not in self._combined()]
+        self._also = self._combined()  # group members' second set (filter + column)
+        self.targets = [t for t in self.targets if t.name not in self._also]
         self.targets += self._group_targets()
         self.support = self._check_support(support)
         self._state: dict[str, _LayerState] = {}
@@ -156,21 +160,22 @@ class ADMM:
                 self._hooks.append(t.param.register_hook(self._grad_hook(t)))
 
     # the sets S ------------------------------------------------------------------------------
-    def _combined(self) -> set[str]:
-        """Move the spec's Columns/Unstructured sets of group members into ``_also``."""
+    def _combined(self) -> dict[str, Constraint]:
+        """The spec's sets on group members (Columns/Unstructured only), by parameter name."""
         members = {p for g in self.groups for p, _ in g.members}
+        also = {}
         for t in self.targets:
             if t.name not in members:
                 continue
-            if not isinstance(t.constraint, (Columns, Unstructured)):
+            if not isinstance(t.constraint, GROUP_COMBINABLE):
                 group = next(g for g in self.groups if t.name in dict(g.members))
                 raise ValueError(
                     f"{t.name!r} is in {group!r} and the spec gives it {t.constraint!r}; a "
                     "coupled channel group combines only with Columns (filter + column) or "
                     "Unstructured. Leave the layer out of the spec, or use one of those."
                 )
-            self._also[t.name] = t.constraint
-        return set(self._also)
+            also[t.name] = t.constraint
+        return also
 
     def _group_targets(self) -> list[Target]:
         taken = {t.name for t in self.targets}

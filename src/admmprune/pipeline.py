@@ -25,16 +25,15 @@ from torch import nn
 
 from ._io import atomic_save, safe_load
 from .accounting import count, storage
-from .admm import ADMM
+from .admm import ADMM, GROUP_COMBINABLE
 from .baselines import make_method
 from .compact import compact
 from .compressed import export_compressed
 from .config import Recipe, RecipeError
-from .constraints import Columns, Unstructured
 from .data import DataBundle, load_data
 from .distributed import World, shard_order
 from .groups import channel_groups
-from .latency import inference_form, measure
+from .latency import measure
 from .masks import Masks, prune
 from .models import build_model
 from .plots import write_plots
@@ -158,7 +157,7 @@ def prepare(
         if spec or default is not None:  # unmatched / conflicting / wrong-rank keys fail here
             for t in select(model, spec, default):
                 constraint_names[t.name] = repr(t.constraint)
-                if isinstance(t.constraint, (Columns, Unstructured)):
+                if isinstance(t.constraint, GROUP_COMBINABLE):
                     combinable.add(t.name)  # may also sit in a channel group (filter + column)
         groups = []
         for c in recipe.coupled():
@@ -613,26 +612,31 @@ class _Run:
         small, report = compact(self.model, x)
         before, after = count(self.model, x), count(small, x)
         xb = test.batch(torch.arange(min(64, len(test))))[0].to(self.p.device)
+
         # timed as deployed (see latency.py): BN folded where torch.fx can trace the model,
         # conv nets in NHWC
-        form = {"channels_last": xb.ndim == 4, "fold_bn": True}
+        def timed(fold_bn: bool) -> list[dict]:
+            return [
+                measure(m, xb, warmup=2, repeats=10, fold_bn=fold_bn, channels_last=xb.ndim == 4)
+                for m in (self.model, small)
+            ]
+
         try:
-            inference_form(small, xb, **form)
-        except ValueError:
-            form["fold_bn"] = False
-        t_dense = measure(self.model, xb, warmup=2, repeats=10, **form)
-        t_small = measure(small, xb, warmup=2, repeats=10, **form)
+            t_dense, t_small = timed(fold_bn=True)
+        except ValueError:  # torch.fx cannot trace this model
+            t_dense, t_small = timed(fold_bn=False)
         return {
             "channels_removed": sum(report.removed.values()),
             "zero_channels_not_removable": report.total_not_removable,
             "macs_dense": before["macs"],
             "macs_compact": after["macs"],
             "mac_reduction": before["macs"] / max(after["macs"], 1),
+            "macs_compact_sparse": after["sparse_macs"],  # zero weights (e.g. columns) skipped
             "params_compact": after["params"],
             "latency_batch": xb.shape[0],
             "latency_threads": t_dense["threads"],
-            "latency_channels_last": form["channels_last"],
-            "latency_bn_folded": form["fold_bn"],
+            "latency_channels_last": t_dense["channels_last"],
+            "latency_bn_folded": t_dense["fold_bn"],
             "latency_dense_ms": t_dense["median_ms"],
             "latency_compact_ms": t_small["median_ms"],
             "speedup": t_dense["median_ms"] / t_small["median_ms"],
