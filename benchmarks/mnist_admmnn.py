@@ -29,7 +29,14 @@ from admmprune.config import parse_recipe
 from admmprune.data import load_data
 from admmprune.models import build_model
 from admmprune.pipeline import prepare, run
-from admmprune.train import batch_order, evaluate, make_optimizer, make_scheduler, train_epoch
+from admmprune.train import (
+    batch_order,
+    evaluate,
+    make_optimizer,
+    make_scheduler,
+    resolve_device,
+    train_epoch,
+)
 
 # Kept fraction per layer at 71.2x (ADMM-NN, ECCV 2018); LeNet-300-100 after Han et al. 2015.
 PATTERNS = {
@@ -242,7 +249,7 @@ def main() -> None:
     data = load_data(args.dataset, data_dir=args.data_dir, seed=args.seed)
     if args.train_subset:
         data.train = data.train.subset(torch.arange(min(args.train_subset, len(data.train))))
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)  # the dense models train where the recipes do
 
     t0 = time.perf_counter()
     dense = train_dense(args, data, device, args.dense_epochs)

@@ -86,7 +86,7 @@ def main() -> None:
     p.add_argument("--retrain-epochs", type=int, default=2)
     p.add_argument("--updates-per-epoch", type=int, default=2)
     p.add_argument("--rho", type=float, default=0.01)
-    p.add_argument("--rho-growth", type=float, default=1.5)
+    p.add_argument("--rho-growth", type=float, default=1.5, help="per update, every method")
     args = p.parse_args()
     if args.quick:
         args.dense_epochs, args.prune_epochs, args.retrain_epochs = 2, 1, 1
@@ -134,8 +134,10 @@ def main() -> None:
               f"{r['seconds']:.0f} s", flush=True)  # fmt: skip
         return r
 
+    # the same rho schedule as the ADMM runs: a rho that stays small never pulls W onto the
+    # sparse Z, and the hard prune at the end then costs what retraining cannot win back
     soft = {"layers": [LAYERS], "target": args.target, "by": "macs", "rho": args.rho,
-            "updates_per_epoch": args.updates_per_epoch}  # fmt: skip
+            "rho_growth": args.rho_growth, "updates_per_epoch": args.updates_per_epoch}  # fmt: skip
     go("ssauto", "ssauto", ssauto=soft)
     u = math.sqrt(args.target)
     go("admm uniform", "admm", constraints={LAYERS: {"filters": u, "columns": u}})
