@@ -38,6 +38,7 @@ from admmprune.select import select
 from mnist_admmnn import pct, run_recipe
 
 LAYERS = "layer*.conv*"
+METHODS = ("ssauto", "admm-uniform", "admm-ssauto-rates")
 
 
 def recipe(args, out: Path, dense: Path, method: str, **extra) -> dict:
@@ -87,7 +88,13 @@ def main() -> None:
     p.add_argument("--updates-per-epoch", type=int, default=2)
     p.add_argument("--rho", type=float, default=0.01)
     p.add_argument("--rho-growth", type=float, default=1.5, help="per update, every method")
+    p.add_argument("--plain-prox", action="store_true", help="SS-Auto with debias=False")
+    p.add_argument("--no-couple-bn", action="store_true", help="SS-Auto with couple_bn=False")
+    p.add_argument("--min-keep", type=float, default=0.0, help="SS-Auto's per-layer floor")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     args = p.parse_args()
+    if "admm-ssauto-rates" in args.methods and "ssauto" not in args.methods:
+        p.error("admm-ssauto-rates uses the rates the ssauto run chose: add ssauto to --methods")
     if args.quick:
         args.dense_epochs, args.prune_epochs, args.retrain_epochs = 2, 1, 1
         args.train_subset = args.train_subset or 5000
@@ -137,15 +144,20 @@ def main() -> None:
     # the same rho schedule as the ADMM runs: a rho that stays small never pulls W onto the
     # sparse Z, and the hard prune at the end then costs what retraining cannot win back
     soft = {"layers": [LAYERS], "target": args.target, "by": "macs", "rho": args.rho,
-            "rho_growth": args.rho_growth, "updates_per_epoch": args.updates_per_epoch}  # fmt: skip
-    go("ssauto", "ssauto", ssauto=soft)
-    u = math.sqrt(args.target)
-    go("admm uniform", "admm", constraints={LAYERS: {"filters": u, "columns": u}})
-    chosen = runs["ssauto"]["rows_cols"]
-    go("admm ssauto-rates", "admm", constraints={
-        n.removesuffix(".weight"): {"filters": max(r, 1e-3), "columns": max(c, 1e-3)}
-        for n, (r, c) in chosen.items()
-    })  # fmt: skip
+            "rho_growth": args.rho_growth, "updates_per_epoch": args.updates_per_epoch,
+            "debias": not args.plain_prox, "couple_bn": not args.no_couple_bn,
+            "min_keep": args.min_keep}  # fmt: skip
+    if "ssauto" in args.methods:
+        go("ssauto", "ssauto", ssauto=soft)
+    if "admm-uniform" in args.methods:
+        u = math.sqrt(args.target)
+        go("admm uniform", "admm", constraints={LAYERS: {"filters": u, "columns": u}})
+    if "admm-ssauto-rates" in args.methods:
+        chosen = runs["ssauto"]["rows_cols"]
+        go("admm ssauto-rates", "admm", constraints={
+            n.removesuffix(".weight"): {"filters": max(r, 1e-3), "columns": max(c, 1e-3)}
+            for n, (r, c) in chosen.items()
+        })  # fmt: skip
 
     res = {"settings": vars(args), "layers": names, "runs": runs,
            "seconds": time.perf_counter() - t_start}  # fmt: skip

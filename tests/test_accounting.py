@@ -37,12 +37,16 @@ def test_linear_on_sequences_counts_positions():
     assert c["layers"][0].positions == 5 and c["macs"] == 5 * 32
 
 
-def test_latency_measure_reports_what_it_measured():
+def test_latency_measure_reports_what_it_measured_and_restores_modes():
     model = nn.Linear(16, 16)
     r = measure(model, torch.randn(4, 16), warmup=1, repeats=5)
     assert r["batch"] == 4 and r["repeats"] == 5 and r["threads"] >= 1
     assert 0 < r["p10_ms"] <= r["median_ms"] <= r["p90_ms"]
     assert model.training  # mode restored
+    other = nn.Linear(16, 16).eval()
+    t = measure_paired({"a": model, "b": other}, torch.randn(4, 16), 3)
+    assert set(t) == {"a", "b"} and all(v > 0 for v in t.values())
+    assert model.training and not other.training  # each model's mode restored
 
 
 def test_inference_form_folds_bn_goes_nhwc_and_leaves_the_model_alone():

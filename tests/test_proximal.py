@@ -110,6 +110,29 @@ def test_a_mac_target_prunes_where_weights_cost_more_macs(by):
         assert rates["0.weight"] < rates["2.weight"] - 0.2
 
 
+def test_min_keep_is_a_floor_on_every_layers_rows_and_columns():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(8, 8, 3, padding=1), nn.MaxPool2d(2), nn.Conv2d(8, 8, 3, padding=1)
+    )
+    with torch.no_grad():
+        M = model[0].weight.view(8, -1)
+        M.mul_(torch.randn(8, 1).mul(0.5).exp() * torch.randn(1, M.shape[1]).exp())
+    x = torch.randn(1, 8, 8, 8)
+    kept = {}
+    for floor in (0.0, 0.5):
+        s = SSAuto(model, ["0", "2"], target=0.3, by="macs", example_input=x, min_keep=floor)
+        stats = s.update()
+        assert stats["kept"] == pytest.approx(0.3, abs=0.03)
+        kept[floor] = {n: (int(r.sum()), int(c.sum())) for n, (r, c) in s.kept.items()}
+    assert kept[0.0]["0.weight"][0] < 4 or kept[0.0]["0.weight"][1] < 36  # λ alone goes lower
+    assert all(r >= 4 and c >= 36 for r, c in kept[0.5].values())  # ceil(0.5 · 8), ceil(0.5 · 72)
+    with pytest.raises(ValueError, match="min_keep"):
+        SSAuto(model, ["0"], target=0.3, min_keep=1.5)
+    with pytest.raises(ValueError, match="lower min_keep or raise the target"):
+        SSAuto(model, ["0", "2"], target=0.2, min_keep=0.5)  # the floors alone keep 0.25
+
+
 def test_ssauto_trains_prunes_rows_times_columns_and_keeps_them():
     X, y = make_blobs(n=400, d=3 * 8 * 8, classes=4, seed=4)
     X = X.view(-1, 3, 8, 8)
@@ -143,6 +166,54 @@ def test_ssauto_trains_prunes_rows_times_columns_and_keeps_them():
     other = SSAuto(small_model(), {nn.Conv2d: True, "5": True}, target=0.25)
     other.load_state_dict(state)
     assert other.lam == s.lam and all(torch.equal(other.Z[k], s.Z[k]) for k in s.Z)
+
+
+def test_debias_keeps_w_on_the_support_the_prox_chose():
+    """debias=True: the same groups die as with the plain prox, but the survivors keep W's
+    values instead of their soft-thresholded (shrunken) ones."""
+    Z = {}
+    for debias in (False, True):
+        model = small_model()
+        s = SSAuto(model, [nn.Conv2d], target=0.4, debias=debias)
+        s.update()
+        Z[debias] = s.Z
+        W = dict(model.named_parameters())
+    for name, Zd in Z[True].items():
+        support = Z[False][name] != 0
+        assert support.any() and not support.all()
+        assert torch.equal(Zd != 0, support)  # the same rows × columns survive
+        assert torch.equal(Zd[support], W[name].detach()[support])  # unshrunk
+        assert (Z[False][name][support].abs() < Zd[support].abs()).all()  # the prox shrinks
+
+
+def test_batchnorm_entries_of_dead_rows_are_pulled_to_zero():
+    """With example_input each conv's BatchNorm is found (not one behind a ReLU), and the
+    entries of the rows Z kills join the penalty with target 0."""
+    torch.manual_seed(5)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.BatchNorm2d(8),
+    )  # fmt: skip
+    x = torch.randn(2, 3, 6, 6)
+    s = SSAuto(model, [nn.Conv2d], target=0.3, example_input=x)
+    assert s.bn == {"1.weight": "0.weight", "1.bias": "0.weight"}  # "5" follows a ReLU
+    assert not SSAuto(model, [nn.Conv2d], target=0.3).bn  # nothing to find without an input
+    assert float(s.penalty().detach()) == 0  # Z⁰ = current values: no pull at first
+    s.update()
+    rows, _ = s.kept["0.weight"]
+    assert not rows.all()
+    for name in ("1.weight", "1.bias"):
+        P = dict(model.named_parameters())[name].detach()
+        assert torch.equal(s.Z[name][~rows], torch.zeros(int((~rows).sum())))
+        assert torch.equal(s.Z[name][rows], P[rows])
+    model.zero_grad()
+    s.penalty().backward()
+    g = model[1].weight.grad
+    assert (g[~rows] != 0).all() and (g[rows] == 0).all()  # only dead rows' entries are pulled
+    state = s.state_dict()
+    assert {"1.weight", "1.bias"} <= set(state["Z"])
+    with pytest.raises(ValueError, match="BatchNorm"):
+        SSAuto(model, [nn.Conv2d], target=0.3).load_state_dict(state)
 
 
 def test_bad_ssauto_input():

@@ -119,6 +119,9 @@ class SsAutoCfg(_Strict):
     rho: PosFloat = 1e-2
     rho_growth: PosFloat = 1.0
     reweight: bool = False
+    debias: bool = True  # Z keeps W's values on the surviving groups (see proximal.py)
+    couple_bn: bool = True  # a dead row's BatchNorm entries are pulled to zero with it
+    min_keep: Annotated[float, Field(ge=0, le=1)] = 0.0  # per layer, of rows and of columns
     updates_per_epoch: Annotated[int, Field(gt=0)] = 1
 
 

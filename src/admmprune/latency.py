@@ -130,21 +130,26 @@ def measure_paired(
         }
         models = {n: m for n, (m, _) in forms.items()}
         example_input = next(iter(forms.values()))[1]
+    modes = {n: m.training for n, m in models.items()}
     for m in models.values():
         m.eval()
     names = list(models)
     times: dict[str, list[float]] = {n: [] for n in names}
     cuda = example_input.is_cuda
-    for _ in range(3):
-        for n in names:
-            models[n](example_input)
-    for r in range(rounds):
-        for n in names[r % len(names) :] + names[: r % len(names)]:
-            if cuda:
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            models[n](example_input)
-            if cuda:
-                torch.cuda.synchronize()
-            times[n].append((time.perf_counter() - t0) * 1e3)
+    try:
+        for _ in range(3):
+            for n in names:
+                models[n](example_input)
+        for r in range(rounds):
+            for n in names[r % len(names) :] + names[: r % len(names)]:
+                if cuda:
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                models[n](example_input)
+                if cuda:
+                    torch.cuda.synchronize()
+                times[n].append((time.perf_counter() - t0) * 1e3)
+    finally:
+        for n, m in models.items():
+            m.train(modes[n])  # the caller's models come back as they were given
     return {n: statistics.median(t) for n, t in times.items()}

@@ -33,7 +33,7 @@ from .config import Recipe, RecipeError
 from .data import DataBundle, load_data
 from .distributed import World, shard_order
 from .groups import channel_groups
-from .latency import measure
+from .latency import measure_paired
 from .masks import Masks, prune
 from .models import build_model
 from .plots import write_plots
@@ -378,6 +378,9 @@ class _Run:
                 "rho": c.rho,
                 "rho_growth": c.rho_growth,
                 "reweight": c.reweight,
+                "debias": c.debias,
+                "couple_bn": c.couple_bn,
+                "min_keep": c.min_keep,
             },
         }
 
@@ -614,17 +617,14 @@ class _Run:
         xb = test.batch(torch.arange(min(64, len(test))))[0].to(self.p.device)
 
         # timed as deployed (see latency.py): BN folded where torch.fx can trace the model,
-        # conv nets in NHWC
-        def timed(fold_bn: bool) -> list[dict]:
-            return [
-                measure(m, xb, warmup=2, repeats=10, fold_bn=fold_bn, channels_last=xb.ndim == 4)
-                for m in (self.model, small)
-            ]
-
+        # conv nets in NHWC; in alternation, so that a busy machine slows both alike
+        models, channels_last = {"dense": self.model, "compact": small}, xb.ndim == 4
         try:
-            t_dense, t_small = timed(fold_bn=True)
+            fold_bn = True
+            t = measure_paired(models, xb, 10, fold_bn=True, channels_last=channels_last)
         except ValueError:  # torch.fx cannot trace this model
-            t_dense, t_small = timed(fold_bn=False)
+            fold_bn = False
+            t = measure_paired(models, xb, 10, channels_last=channels_last)
         return {
             "channels_removed": sum(report.removed.values()),
             "zero_channels_not_removable": report.total_not_removable,
@@ -634,12 +634,12 @@ class _Run:
             "macs_compact_sparse": after["sparse_macs"],  # zero weights (e.g. columns) skipped
             "params_compact": after["params"],
             "latency_batch": xb.shape[0],
-            "latency_threads": t_dense["threads"],
-            "latency_channels_last": t_dense["channels_last"],
-            "latency_bn_folded": t_dense["fold_bn"],
-            "latency_dense_ms": t_dense["median_ms"],
-            "latency_compact_ms": t_small["median_ms"],
-            "speedup": t_dense["median_ms"] / t_small["median_ms"],
+            "latency_threads": torch.get_num_threads(),
+            "latency_channels_last": channels_last,
+            "latency_bn_folded": fold_bn,
+            "latency_dense_ms": t["dense"],
+            "latency_compact_ms": t["compact"],
+            "speedup": t["dense"] / t["compact"],
         }
 
     def _storage(self) -> dict:
