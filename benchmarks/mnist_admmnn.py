@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from admmprune._io import safe_load
 from admmprune.config import parse_recipe
 from admmprune.data import load_data
 from admmprune.models import build_model
@@ -103,10 +104,6 @@ def train_dense(
         )
         sched.step()
     return model
-
-
-def _load(path: str) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _base(args, constraints: dict) -> dict:
@@ -269,7 +266,7 @@ def main() -> None:
 
     t0 = time.perf_counter()
     if args.dense:  # e.g. an earlier run's dense.pt: every longer run starts from the same model
-        dense = train_dense(args, data, device, 0, start_state=_load(args.dense))
+        dense = train_dense(args, data, device, 0, start_state=safe_load(args.dense, "--dense"))
         dense_path = Path(args.dense)
     else:
         dense = train_dense(args, data, device, args.dense_epochs)

@@ -89,10 +89,9 @@ def test_lambda_search_hits_the_target_and_rates_are_non_uniform(by):
     assert max(rates.values()) - min(rates.values()) > 0.05  # per-layer rates emerge
 
 
-@pytest.mark.parametrize("by", ["weights", "macs"])
-def test_a_mac_target_prunes_where_weights_cost_more_macs(by):
-    """Two convs with the same weights, the first applied at 4x the positions of the second:
-    a weight target thins them alike, a MAC target thins the expensive one harder."""
+def two_convs():
+    """Two 8-channel convs, the first at 4x the positions of the second (a pool between),
+    its rows and columns given spread norms as trained weights have."""
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Conv2d(8, 8, 3, padding=1), nn.MaxPool2d(2), nn.Conv2d(8, 8, 3, padding=1)
@@ -100,6 +99,15 @@ def test_a_mac_target_prunes_where_weights_cost_more_macs(by):
     with torch.no_grad():
         M = model[0].weight.view(8, -1)
         M.mul_(torch.randn(8, 1).mul(0.5).exp() * torch.randn(1, M.shape[1]).exp())
+    return model
+
+
+@pytest.mark.parametrize("by", ["weights", "macs"])
+def test_a_mac_target_prunes_where_weights_cost_more_macs(by):
+    """Two convs with the same weights, the first applied at 4x the positions of the second:
+    a weight target thins them alike, a MAC target thins the expensive one harder."""
+    model = two_convs()
+    with torch.no_grad():
         model[2].weight.copy_(model[0].weight)
     s = SSAuto(model, ["0", "2"], target=0.5, by=by, example_input=torch.randn(1, 8, 8, 8))
     s.update()
@@ -111,13 +119,7 @@ def test_a_mac_target_prunes_where_weights_cost_more_macs(by):
 
 
 def test_min_keep_is_a_floor_on_every_layers_rows_and_columns():
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(8, 8, 3, padding=1), nn.MaxPool2d(2), nn.Conv2d(8, 8, 3, padding=1)
-    )
-    with torch.no_grad():
-        M = model[0].weight.view(8, -1)
-        M.mul_(torch.randn(8, 1).mul(0.5).exp() * torch.randn(1, M.shape[1]).exp())
+    model = two_convs()
     x = torch.randn(1, 8, 8, 8)
     kept = {}
     for floor in (0.0, 0.5):

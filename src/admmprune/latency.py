@@ -62,6 +62,17 @@ def inference_form(
     return form, x
 
 
+def _once(model: nn.Module, x: torch.Tensor) -> float:
+    """Milliseconds of one ``model(x)``, the GPU synchronised on both sides."""
+    if x.is_cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    model(x)
+    if x.is_cuda:
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) * 1e3
+
+
 @torch.no_grad()
 def measure(
     model: nn.Module,
@@ -80,21 +91,10 @@ def measure(
         )
     was_training = model.training
     model.eval()
-    cuda = example_input.is_cuda
-
-    def once() -> float:
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        model(example_input)
-        if cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0
-
     try:
         for _ in range(warmup):
-            once()
-        times = sorted(once() * 1e3 for _ in range(repeats))
+            _once(model, example_input)
+        times = sorted(_once(model, example_input) for _ in range(repeats))
     finally:
         model.train(was_training)
     q = statistics.quantiles(times, n=10) if len(times) >= 2 else [times[0]] * 9
@@ -135,20 +135,13 @@ def measure_paired(
         m.eval()
     names = list(models)
     times: dict[str, list[float]] = {n: [] for n in names}
-    cuda = example_input.is_cuda
     try:
         for _ in range(3):
             for n in names:
                 models[n](example_input)
         for r in range(rounds):
             for n in names[r % len(names) :] + names[: r % len(names)]:
-                if cuda:
-                    torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                models[n](example_input)
-                if cuda:
-                    torch.cuda.synchronize()
-                times[n].append((time.perf_counter() - t0) * 1e3)
+                times[n].append(_once(models[n], example_input))
     finally:
         for n, m in models.items():
             m.train(modes[n])  # the caller's models come back as they were given

@@ -203,8 +203,8 @@ class SSAuto:
 
             per_layer = {c.name: c.positions for c in count(model, example_input)["layers"]}
             self.positions = {t.name: per_layer[t.module_name] for t in self.targets}
-        # BatchNorm affine entries that follow a target layer: {param name: (param, layer)}
-        self.bn: dict[str, tuple[str, str]] = {}
+        # BatchNorm affine entries that follow a target layer: {their name: the layer's weight}
+        self.bn: dict[str, str] = {}
         if couple_bn and example_input is not None:
             norms = _norm_after(model, {t.module_name for t in self.targets}, example_input)
             for t in self.targets:
@@ -231,18 +231,14 @@ class SSAuto:
                 check_finite(t.param, t.name, "at SSAuto start")
                 self.Z[t.name] = t.param.detach().float().clone()  # Z⁰ = W⁰: no pull at first
             for name in self.bn:
-                self.Z[name] = self._param(name).detach().float().clone()
-
-    def _param(self, name: str) -> nn.Parameter:
-        module, _, attr = name.rpartition(".")
-        return getattr(self.model.get_submodule(module), attr)
+                self.Z[name] = model.get_parameter(name).detach().float().clone()
 
     # the W-step ------------------------------------------------------------------------------
     def penalty(self) -> torch.Tensor:
         """``Σ_i rho/2 · ||W_i − Z_i||²`` in fp32 (the coupled BatchNorm entries included),
         differentiable in W; add it to the loss."""
         params = [(t.name, t.param) for t in self.targets]
-        params += [(name, self._param(name)) for name in self.bn]
+        params += [(name, self.model.get_parameter(name)) for name in self.bn]
         return sum(
             _ProximalPenalty.apply(P, self.Z[name].to(P.device), self.rho) for name, P in params
         )
@@ -376,10 +372,6 @@ class SSAuto:
             if self.reweight:
                 M = t.param.detach().float().reshape(t.param.shape[0], -1)
                 self._prev_norms[t.name] = (M.norm(dim=1), M.norm(dim=0))
-            for name, layer in self.bn.items():
-                if layer == t.name:  # a dead row's BatchNorm entries fade with it
-                    P = self._param(name).detach().float()
-                    self.Z[name] = P * rows.to(P.device)
             layers[t.name] = {
                 "rows": int(rows.sum()) / rows.numel(),
                 "cols": int(cols.sum()) / cols.numel(),
@@ -387,6 +379,9 @@ class SSAuto:
                 "primal": float((t.param.detach().float() - self.Z[t.name]).norm()),
                 "dual": dual,
             }
+        for name, layer in self.bn.items():  # a dead row's BatchNorm entries fade with it
+            P = self.model.get_parameter(name).detach().float()
+            self.Z[name] = P * self.kept[layer][0].to(P.device)
         stats = {
             "lambda": self.lam,
             "rho": self.rho,
