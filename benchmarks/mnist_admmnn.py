@@ -63,6 +63,28 @@ def allocate(model: torch.nn.Module, pattern: dict[str, float], rate: float) -> 
     return {n: round(min(1.0, s * pattern[n]), 6) for n in pattern}
 
 
+def parse_pattern(
+    parser: argparse.ArgumentParser, items: list[str] | None, default: dict[str, float]
+) -> dict[str, float]:
+    """``["conv1=0.5", ...]`` → ``{"conv1": 0.5, ...}``; every layer of ``default``, no other."""
+    if items is None:
+        return dict(default)
+    pattern = {}
+    for item in items:
+        name, _, keep = item.partition("=")
+        try:
+            pattern[name] = float(keep)
+        except ValueError:
+            parser.error(f"--pattern {item!r}: write LAYER=KEEP, e.g. fc1=0.009")
+        if not 0 < pattern[name] <= 1:
+            parser.error(f"--pattern {item!r}: KEEP must be in (0, 1]")
+    if set(pattern) != set(default):
+        parser.error(
+            f"--pattern must give exactly the layers {sorted(default)}, got {sorted(pattern)}"
+        )
+    return pattern
+
+
 def pct(acc) -> str:
     """An accuracy as a percentage for tables; "–" when there is none."""
     return "–" if acc is None else f"{100 * acc:.2f} %"
@@ -219,6 +241,13 @@ def main() -> None:
     p.add_argument("--dataset", default="mnist", choices=("mnist", "digits"))
     p.add_argument("--model", default="lenet5", choices=tuple(PATTERNS))
     p.add_argument("--quick", action="store_true", help="2 rates, short schedule, 20k images")
+    p.add_argument(
+        "--pattern",
+        nargs="+",
+        default=None,
+        metavar="LAYER=KEEP",
+        help="per-layer keep pattern scaled to each rate (default: the paper's, see PATTERNS)",
+    )
     p.add_argument("--rates", type=float, nargs="+", default=[20, 50, 71.2, 100, 200])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--dense", default=None, help="dense state_dict to start from (no training)")
@@ -231,7 +260,7 @@ def main() -> None:
         "--rho-growth",
         type=float,
         default=None,
-        help="rho factor per update (default: reach --rho-final at the last update)",
+        help="rho factor per update (default: reach --rho-final at each round's last update)",
     )
     p.add_argument("--rho-final", type=float, default=1.0)
     p.add_argument("--admm-optimizer", default="adam", choices=sorted(ADMM_OPTIMIZERS))
@@ -248,12 +277,13 @@ def main() -> None:
     )
     p.add_argument("--out", default="benchmarks/results/mnist_admmnn")
     args = p.parse_args()
+    args.pattern = parse_pattern(p, args.pattern, PATTERNS[args.model])
     if args.quick:
         args.rates = [71.2, 200]
         args.dense_epochs, args.compress_epochs, args.retrain_epochs = 3, 2, 1
         args.train_subset = args.train_subset or 20000
-    if args.rho_growth is None:
-        updates = max(2, args.compress_epochs * args.updates_per_epoch)
+    if args.rho_growth is None:  # every progressive round restarts rho at --rho
+        updates = max(2, args.compress_epochs * args.updates_per_epoch // args.rounds)
         args.rho_growth = (args.rho_final / args.rho) ** (1 / (updates - 1))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -294,7 +324,7 @@ def main() -> None:
         "runs": [],
     }
     for rate in args.rates:
-        keeps = allocate(dense, PATTERNS[args.model], rate)
+        keeps = allocate(dense, args.pattern, rate)
         for method in args.methods:
             t0 = time.perf_counter()
             run_dir = out / "runs" / f"{method}_{rate:g}x"

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -20,7 +22,8 @@ def test_mnist_admmnn_benchmark_tiny_run_writes_table_json_png(tmp_path):
     out = tmp_path / "bench"
     proc = run_script(
         "benchmarks/mnist_admmnn.py --dataset digits --rates 10 30 --dense-epochs 2 "
-        f"--compress-epochs 1 --retrain-epochs 1 --updates-per-epoch 2 --device cpu --out {out}"
+        f"--compress-epochs 1 --retrain-epochs 1 --updates-per-epoch 2 --device cpu --out {out} "
+        "--pattern conv1=0.4 conv2=0.2 fc1=0.02 fc2=0.2"
     )
     assert proc.returncode == 0, proc.stderr
     results = json.loads((out / "results.json").read_text())
@@ -30,10 +33,23 @@ def test_mnist_admmnn_benchmark_tiny_run_writes_table_json_png(tmp_path):
     for r in results["runs"]:
         assert abs(r["rate"] - r["target_rate"]) / r["target_rate"] < 0.01  # rate hit
         assert 0 <= r["accuracy"] <= 1
+        k = r["keep_fractions"]  # the given pattern, scaled by one factor
+        assert k["conv1"] / k["fc1"] == pytest.approx(20, rel=1e-3)
+        assert k["conv2"] == pytest.approx(k["fc2"], rel=1e-3)
     table = (out / "results.md").read_text()
     assert "| admm |" in table and "| 30x |" in table
     png = (out / "accuracy_vs_compression.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_mnist_admmnn_refuses_a_bad_pattern():
+    for pattern, message in (
+        ("conv1=0.2 conv2=0.1 fc1=x fc2=0.1", "write LAYER=KEEP"),
+        ("conv1=0.2 conv2=0.1 fc1=2 fc2=0.1", "KEEP must be in (0, 1]"),
+        ("conv1=0.2 fc1=0.01", "exactly the layers ['conv1', 'conv2', 'fc1', 'fc2']"),
+    ):
+        proc = run_script(f"benchmarks/mnist_admmnn.py --dataset digits --pattern {pattern}")
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
 
 
 def test_overhead_benchmark_small_run(tmp_path):

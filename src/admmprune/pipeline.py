@@ -381,6 +381,7 @@ class _Run:
                 "debias": c.debias,
                 "couple_bn": c.couple_bn,
                 "min_keep": c.min_keep,
+                "dual": c.dual,
             },
         }
 
