@@ -1,6 +1,7 @@
 """Recipes, the command line, checkpoints and resume."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -552,3 +553,27 @@ def test_ssauto_recipe_refuses_constraints(tmp_path, capsys):
     recipe = tiny_recipe(tmp_path / "run", method="ssauto", ssauto={"layers": ["fc1"]})
     assert main(["run", str(write(tmp_path / "r.yaml", recipe))]) == 2
     assert "ssauto.layers" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("updates_per_epoch", [0, 2])
+def test_admm_schedule_restarts_only_at_epoch_end_updates(tmp_path, updates_per_epoch):
+    """``lr_reset`` restarts a cosine schedule at each Z/U update that falls at an epoch end
+    (every ``update_every`` epochs); with updates inside the epochs one schedule spans the
+    stage (it once restarted every epoch there, leaving every other epoch at lr 0)."""
+    admm = {
+        "epochs": 4,
+        "update_every": 2,
+        "updates_per_epoch": updates_per_epoch,
+        "rho": 0.01,
+        "optimizer": {"name": "sgd", "lr": 0.02, "momentum": 0.9},
+        "schedule": {"name": "cosine"},
+    }
+    out = tmp_path / "run"
+    recipe = tiny_recipe(out, admm=admm, retrain={"epochs": 1})
+    assert main(["run", str(write(tmp_path / "r.yaml", recipe)), "--no-progress"]) == 0
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").open()]
+    lrs = [r["lr"] for r in rows if r["stage"] == "admm" and "epoch" in r and "event" not in r]
+    if updates_per_epoch:  # cosine over the 4 epochs: 0.02 · (1 + cos(π·e/4)) / 2
+        assert lrs == pytest.approx([0.02 * (1 + math.cos(math.pi * e / 4)) / 2 for e in range(4)])
+    else:  # cosine over each 2-epoch period, restarted at the updates
+        assert lrs == pytest.approx([0.02, 0.01, 0.02, 0.01])

@@ -82,7 +82,7 @@ class AdmmCfg(StageCfg):
     rho_growth: PosFloat = 1.0
     rho_max: PosFloat | None = None
     mode: Literal["penalty", "grad"] = "penalty"
-    lr_reset: bool = True  # reset the learning rate at every Z/U update (the authors' recipe)
+    lr_reset: bool = True  # restart the schedule at each epoch-end Z/U update (the authors' recipe)
     rounds: Annotated[int, Field(gt=0)] = 1  # progressive ADMM: rounds towards keep^{r/R}
     # > 0: Z/U updates this many times per epoch (no lr reset); 0: every update_every epochs
     updates_per_epoch: Annotated[int, Field(ge=0)] = 0

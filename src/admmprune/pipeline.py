@@ -289,9 +289,15 @@ class _Run:
             )
         return out
 
+    def _lr_resets(self) -> bool:
+        """The ADMM stage restarts its schedule at every Z/U update: only where the updates
+        fall at epoch ends (``updates_per_epoch: 0``); otherwise one schedule spans the stage."""
+        a = self.r.admm
+        return self.r.method == "admm" and a.lr_reset and a.updates_per_epoch == 0
+
     def _stage_objects(self, stage: str, cfg):
         opt = make_optimizer(self.model.parameters(), cfg.optimizer)
-        if stage == "admm" and self.r.admm.lr_reset:
+        if stage == "admm" and self._lr_resets():
             sched = make_scheduler(opt, cfg.schedule, self.r.admm.update_every)
         else:
             sched = make_scheduler(opt, cfg.schedule, cfg.epochs)
@@ -581,7 +587,7 @@ class _Run:
                     self.metric(stage="admm", **ev)
                 if events:
                     self._sync_method()
-                if self.r.admm.lr_reset and any(e["event"] == "update" for e in events):
+                if self._lr_resets() and any(e["event"] == "update" for e in events):
                     for g in opt.param_groups:  # restart the schedule from the base lr
                         g["lr"] = self.r.admm.optimizer.lr
                     sched = make_scheduler(opt, cfg.schedule, self.r.admm.update_every)
