@@ -45,7 +45,7 @@ PATTERNS = {
     "lenet300": {"fc1": 0.08, "fc2": 0.09, "fc3": 0.26},
 }
 METHODS = ("admm", "magnitude", "iterative", "gradual")
-ADMM_OPTIMIZERS = {  # the W-step's optimizer in the ADMM stage (--admm-optimizer)
+OPTIMIZERS = {  # the ADMM stage's W-step (--admm-optimizer) and retraining (--retrain-optimizer)
     "adam": {"name": "adam", "lr": 1e-3},
     "sgd": {"name": "sgd", "lr": 0.01, "momentum": 0.9},
 }
@@ -152,7 +152,7 @@ def recipe_for(args, method: str, keeps: dict, dense_path: Path, out: Path) -> d
         model={"name": args.model, "checkpoint": str(dense_path)},
         admm={
             "epochs": args.compress_epochs,
-            "optimizer": ADMM_OPTIMIZERS[args.admm_optimizer],
+            "optimizer": OPTIMIZERS[args.admm_optimizer],
             "updates_per_epoch": args.updates_per_epoch,
             "rho": args.rho,
             "rho_growth": args.rho_growth,
@@ -161,7 +161,7 @@ def recipe_for(args, method: str, keeps: dict, dense_path: Path, out: Path) -> d
         heuristic={"cycles": 3, "prune_every": args.gradual_every, "end": 0.75},
         retrain={
             "epochs": args.retrain_epochs,
-            "optimizer": {"name": "adam", "lr": 1e-3},
+            "optimizer": OPTIMIZERS[args.retrain_optimizer],
             "schedule": {"name": "cosine"},
         },
     )
@@ -263,7 +263,8 @@ def main() -> None:
         help="rho factor per update (default: reach --rho-final at each round's last update)",
     )
     p.add_argument("--rho-final", type=float, default=1.0)
-    p.add_argument("--admm-optimizer", default="adam", choices=sorted(ADMM_OPTIMIZERS))
+    p.add_argument("--admm-optimizer", default="adam", choices=sorted(OPTIMIZERS))
+    p.add_argument("--retrain-optimizer", default="adam", choices=sorted(OPTIMIZERS))
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--gradual-every", type=int, default=50)
     p.add_argument("--batch-size", type=int, default=128)
