@@ -225,10 +225,9 @@ class SSAuto:
                 for attr in ("weight", "bias"):
                     if bn is not None and getattr(model.get_submodule(bn), attr) is not None:
                         self.bn[f"{bn}.{attr}"] = t.name
-        floor = sum(
-            self.positions[t.name] * math.prod(self._floor(t.param.reshape(t.param.shape[0], -1)))
-            for t in self.targets
-        ) / sum(self.positions[t.name] * t.param.numel() for t in self.targets)
+        floor = sum(self.positions[t.name] * math.prod(self._floor(t)) for t in self.targets) / sum(
+            self.positions[t.name] * t.param.numel() for t in self.targets
+        )
         if floor > self.target:
             raise ValueError(
                 f"SSAuto(min_keep={min_keep:g}) alone keeps {floor:.1%} of the {by}, more than "
@@ -245,9 +244,14 @@ class SSAuto:
                 self.Z[t.name] = t.param.detach().float().clone()  # Z⁰ = W⁰: no pull at first
             for name in self.bn:
                 self.Z[name] = model.get_parameter(name).detach().float().clone()
-        # the scaled dual (``dual=True``; zero, so Z − U = Z, when off) and the pull target
+        # the scaled dual (``dual=True``; none when off) and the pull target
         self.U = {name: torch.zeros_like(Z) for name, Z in self.Z.items()} if self.dual else {}
-        self.T = dict(self.Z)
+        self._set_targets()
+
+    def _set_targets(self) -> None:
+        """``T = Z − U`` (``Z`` without ``dual``), what the W-step pulls towards; cached, since
+        the penalty is computed at every training step."""
+        self.T = {n: Z - self.U[n].to(Z.device) if self.dual else Z for n, Z in self.Z.items()}
 
     # the W-step ------------------------------------------------------------------------------
     def penalty(self) -> torch.Tensor:
@@ -274,9 +278,10 @@ class SSAuto:
             c_c = c_c / (nc + 1e-3 * float(nc.max() + 1e-12))
         return lam / self.rho * c_r, lam / self.rho * c_c
 
-    def _floor(self, M: torch.Tensor) -> tuple[int, int]:
-        """The fewest rows and columns a layer keeps (``min_keep``; at least one of each)."""
-        return tuple(max(1, math.ceil(self.min_keep * n)) for n in M.shape)
+    def _floor(self, t) -> tuple[int, int]:
+        """The fewest rows and columns layer ``t`` keeps (``min_keep``; at least one of each)."""
+        rows = t.param.shape[0]
+        return tuple(max(1, math.ceil(self.min_keep * n)) for n in (rows, t.param.numel() // rows))
 
     def _V(self, name: str, P: torch.Tensor) -> torch.Tensor:
         """What the prox acts on: ``W + U`` (``W`` without ``dual``), fp32, P's shape."""
@@ -292,7 +297,7 @@ class SSAuto:
             M = self._matrix(t)
             tr, tc = self._taus(t, M, lam)
             proxed = prox_rows_columns(M, tr, tc, self.iters)
-            r_min, c_min = self._floor(M)
+            r_min, c_min = self._floor(t)
             if self.min_keep and (proxed[1].sum() < r_min or proxed[2].sum() < c_min):
                 # this layer's thresholds scaled down (bisection on the factor) until it keeps
                 # min_keep of its rows and of its columns; factor 0 keeps everything
@@ -344,7 +349,7 @@ class SSAuto:
         rows_n = {n: int(r.sum()) for n, (_, r, _) in proxed.items()}
         cols_n = {n: int(c.sum()) for n, (_, _, c) in proxed.items()}
         kept = sum(weight[n] * rows_n[n] * cols_n[n] for n in proxed)
-        floors = {t.name: self._floor(t.param.reshape(t.param.shape[0], -1)) for t in self.targets}
+        floors = {t.name: self._floor(t) for t in self.targets}
         candidates = []
         for t in self.targets:
             Z, rows, cols = proxed[t.name]
@@ -409,7 +414,7 @@ class SSAuto:
         for name, U in self.U.items():  # U += W − Z, rescaled for the next rho
             W = self.model.get_parameter(name).detach().float()
             self.U[name] = (U.to(W.device) + W - self.Z[name].to(W.device)) / grow
-        self.T = {n: Z - self.U[n].to(Z.device) if self.dual else Z for n, Z in self.Z.items()}
+        self._set_targets()
         stats = {
             "lambda": self.lam,
             "rho": self.rho,
@@ -468,7 +473,7 @@ class SSAuto:
             )
         self.Z = {k: v.clone() for k, v in state["Z"].items()}
         self.U = {k: v.clone() for k, v in state.get("U", {}).items()}
-        self.T = {k: Z - self.U[k] if self.dual else Z for k, Z in self.Z.items()}
+        self._set_targets()
         self.kept = {k: (r.clone(), c.clone()) for k, (r, c) in state["kept"].items()}
         self._prev_norms = {k: (r.clone(), c.clone()) for k, (r, c) in state["prev_norms"].items()}
 
