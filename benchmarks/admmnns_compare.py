@@ -42,7 +42,7 @@ from admmprune.data import load_data
 from admmprune.latency import measure_paired
 from admmprune.models import build_model
 from admmprune.sparse import to_sparse
-from mnist_admmnn import PATTERNS, allocate, run_recipe, train_dense
+from mnist_admmnn import PATTERNS, allocate, parse_pattern, run_recipe, train_dense
 
 # Per model: the dataset, the non-structured rates, the structured spec (coupled channel
 # groups: filters go with their BN and every consumer's input slice, so compaction removes them),
@@ -73,6 +73,10 @@ SETUPS = {
         "dense_wd": 5e-4,
     },
 }
+
+
+KINDS = ("non-structured", "structured")
+QUANTIZERS = ("mixed", "masked", "ternary", "binary")  # in the order of main()'s table
 
 
 def nonstructured(model_name: str, dense: torch.nn.Module, rate: float) -> dict:
@@ -224,8 +228,44 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="one rate, 1-epoch stages, 10k images")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="default benchmarks/results/admmnns_compare[_MODEL]")
+    p.add_argument(
+        "--kinds",
+        nargs="+",
+        choices=KINDS,
+        default=list(KINDS),
+        help="which pruned models to build (default both)",
+    )
+    p.add_argument(
+        "--quantizers",
+        nargs="+",
+        choices=QUANTIZERS,
+        default=list(QUANTIZERS),
+        help="which quantizations of each pruned model (default all)",
+    )
+    p.add_argument(
+        "--structured",
+        nargs="+",
+        metavar="LAYER=KEEP",
+        help="LeNet-5: the share of filters/neurons each layer keeps, e.g. conv1=0.5 conv2=0.4 "
+        "fc1=0.1 (the default)",
+    )
+    p.add_argument(
+        "--bits",
+        nargs="+",
+        metavar="LAYER=BITS",
+        help="the mixed bit widths, e.g. conv1=5 conv2=4 fc1=3 fc2=4 (the LeNet-5 default)",
+    )
     args = p.parse_args()
     setup = SETUPS[args.model]
+    if args.model != "lenet5" and (args.structured or args.bits):
+        p.error("--structured and --bits are for --model lenet5")
+    if args.model == "lenet5":
+        keeps = {x["layers"]: x["keep"] for x in setup["structured"]}
+        keeps = parse_pattern(p, args.structured, keeps, "--structured")
+        setup = {**setup, "structured": [{"layers": k, "keep": v} for k, v in keeps.items()]}
+        bits = parse_pattern(p, args.bits, setup["mixed"][1], "--bits", kind=int, high=16)
+        label = "/".join(str(b) for b in bits.values())
+        setup["mixed"] = (f"mixed {label} bits", bits)
     args.dataset = args.dataset or setup["dataset"]
     args.rates = args.rates or setup["rates"]
     if args.quick:
@@ -263,9 +303,11 @@ def main() -> None:
     print(f"dense: {100 * dense_acc:.2f} %", flush=True)
 
     pruned = {}
-    for rate in args.rates:
-        pruned[f"non-structured {rate:g}x"] = (False, nonstructured(args.model, dense, rate))
-    pruned["structured"] = (True, setup["structured"])
+    if "non-structured" in args.kinds:
+        for rate in args.rates:
+            pruned[f"non-structured {rate:g}x"] = (False, nonstructured(args.model, dense, rate))
+    if "structured" in args.kinds:
+        pruned["structured"] = (True, setup["structured"])
     mixed_name, mixed = setup["mixed"]
     quant = {
         mixed_name: (mixed, "admm"),
@@ -273,6 +315,9 @@ def main() -> None:
         "ternary": ({"*": "ternary"}, "admm"),
         "binary": ({"*": "binary"}, "admm"),
     }
+    quant = dict(
+        (name, q) for (name, q), key in zip(quant.items(), QUANTIZERS) if key in args.quantizers
+    )
     rows = []
     for i, (pname, (structured, constraints)) in enumerate(pruned.items()):
         kind = "structured" if structured else "non-structured"

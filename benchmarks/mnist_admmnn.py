@@ -64,24 +64,31 @@ def allocate(model: torch.nn.Module, pattern: dict[str, float], rate: float) -> 
 
 
 def parse_pattern(
-    parser: argparse.ArgumentParser, items: list[str] | None, default: dict[str, float]
+    parser: argparse.ArgumentParser,
+    items: list[str] | None,
+    default: dict[str, float],
+    flag: str = "--pattern",
+    kind: type = float,
+    low: float = 0.0,
+    high: float = 1.0,
 ) -> dict[str, float]:
-    """``["conv1=0.5", ...]`` → ``{"conv1": 0.5, ...}``; every layer of ``default``, no other."""
+    """``["conv1=0.5", ...]`` → ``{"conv1": 0.5, ...}``; every layer of ``default``, no other;
+    each value of type ``kind`` in (``low``, ``high``]."""
     if items is None:
         return dict(default)
     pattern = {}
+    example = f"{next(iter(default))}={next(iter(default.values()))}"
     for item in items:
-        name, _, keep = item.partition("=")
+        name, _, value = item.partition("=")
         try:
-            pattern[name] = float(keep)
+            pattern[name] = kind(value)
         except ValueError:
-            parser.error(f"--pattern {item!r}: write LAYER=KEEP, e.g. fc1=0.009")
-        if not 0 < pattern[name] <= 1:
-            parser.error(f"--pattern {item!r}: KEEP must be in (0, 1]")
+            parser.error(f"{flag} {item!r}: write LAYER=VALUE, e.g. {example}")
+        if not low < pattern[name] <= high:
+            parser.error(f"{flag} {item!r}: the value must be in ({low:g}, {high:g}]")
     if set(pattern) != set(default):
-        parser.error(
-            f"--pattern must give exactly the layers {sorted(default)}, got {sorted(pattern)}"
-        )
+        layers, got = sorted(default), sorted(pattern)
+        parser.error(f"{flag} must give exactly the layers {layers}, got {got}")
     return pattern
 
 

@@ -115,7 +115,34 @@ def test_storage_formulas_match_a_hand_count():
     assert s["csr"]["bits"] == 3 * (1 + 3) + 3 * 2 + 64
     # structured: rows {0, 1}, columns {1, 7}: a 2x2 block with a zero, 2-bit codes, bitmaps 2 + 8
     assert s["structured"]["bits"] == 4 * 2 + 2 + 8 + 3 * 32
+    # hybrid: the same bitmaps, then the block's non-zeros (flat 0, 1, 3: gaps 1, 1, 2) relative
+    # with b = 1 (gap 2 fits), 1-bit codes into {±1.5}
+    assert s["hybrid"] == {
+        "bits": 3 * (1 + 1) + 2 * 32 + 2 + 8,
+        "value_bits": 3,
+        "index_bits": 3 + 2 + 8,
+        "codebook_bits": 64,
+        "b": 1,
+        "fillers": 0,
+        "rows": 2,
+        "cols": 2,
+    }
     assert (s["format"], s["bits"]) == ("relative", 76)
+
+
+def test_hybrid_wins_where_pruning_left_whole_rows_and_columns_empty():
+    """A pruned filter empties a row, a pruned input channel a column: indexing only the kept
+    block shortens the gaps; that pays once the non-zeros outnumber the bitmap bits."""
+    g = torch.Generator().manual_seed(0)
+    W = torch.zeros(64, 256)
+    rows, cols = torch.arange(0, 64, 4), torch.arange(0, 256, 4)
+    block = torch.randn(16, 64, generator=g) * (torch.rand(16, 64, generator=g) < 0.3)
+    W[rows.reshape(-1, 1), cols.reshape(1, -1)] = block
+    s = weight_storage(W)
+    assert s["format"] == "hybrid" and (s["hybrid"]["rows"], s["hybrid"]["cols"]) == (16, 64)
+    assert s["hybrid"]["b"] < s["relative"]["b"]
+    inner = weight_storage(block)["relative"]
+    assert s["hybrid"]["bits"] == inner["bits"] + 64 + 256
 
 
 def test_relative_indices_need_fillers_for_long_gaps():

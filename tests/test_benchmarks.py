@@ -44,8 +44,8 @@ def test_mnist_admmnn_benchmark_tiny_run_writes_table_json_png(tmp_path):
 
 def test_mnist_admmnn_refuses_a_bad_pattern():
     for pattern, message in (
-        ("conv1=0.2 conv2=0.1 fc1=x fc2=0.1", "write LAYER=KEEP"),
-        ("conv1=0.2 conv2=0.1 fc1=2 fc2=0.1", "KEEP must be in (0, 1]"),
+        ("conv1=0.2 conv2=0.1 fc1=x fc2=0.1", "write LAYER=VALUE"),
+        ("conv1=0.2 conv2=0.1 fc1=2 fc2=0.1", "the value must be in (0, 1]"),
         ("conv1=0.2 fc1=0.01", "exactly the layers ['conv1', 'conv2', 'fc1', 'fc2']"),
     ):
         proc = run_script(f"benchmarks/mnist_admmnn.py --dataset digits --pattern {pattern}")

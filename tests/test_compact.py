@@ -6,7 +6,7 @@ import torch_pruning as tp
 import torchvision
 from torch import nn
 
-from admmprune.compact import _output_layers, compact
+from admmprune.compact import _output_layers, compact, zero_dead_inputs
 from admmprune.models import build_model
 
 
@@ -80,6 +80,32 @@ def test_compacted_equals_masked(name):
     assert report.total_not_removable == 0
     assert sum(p.numel() for p in model.parameters()) == report.params_before  # original untouched
     assert small(torch.randn(5, c, s, s)).shape == (5, 10)  # any batch size
+
+
+@pytest.mark.parametrize("name", ["lenet5", "resnet20", "vgg16", "tv_mobilenet_v2"])
+def test_zero_dead_inputs_leaves_exactly_the_compact_models_weights(name):
+    """After it, each layer's non-zero rows × columns are the compact layer's shape (what the
+    storage accounting of a structured model must count), and the outputs do not change."""
+    make, (c, s) = MODELS[name]
+    torch.manual_seed(0)
+    model = make().eval()
+    randomize_bn(model)
+    x = torch.randn(2, c, s, s)
+    zero_random_group_channels(model, x)
+    small, _ = compact(model, x)
+    with torch.no_grad():
+        before = model(x)
+    zeroed = zero_dead_inputs(model, x)
+    assert zeroed > 0
+    with torch.no_grad():
+        assert torch.allclose(model(x), before, atol=1e-6, rtol=0)
+    kept = dict(small.named_modules())
+    for n, m in model.named_modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            W = m.weight.reshape(m.weight.shape[0], -1)
+            shape = (int(W.ne(0).any(1).sum()), int(W.ne(0).any(0).sum()))
+            w = kept[n].weight
+            assert shape == (w.shape[0], w[0].numel()), n
 
 
 def test_partially_zeroed_channels_are_kept_and_counted():

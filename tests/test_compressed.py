@@ -118,3 +118,57 @@ def test_malformed_files_are_refused(tmp_path, how, match):
     path.write_bytes(corrupt(path.read_bytes(), how))
     with pytest.raises(ValueError, match=match):
         ap.load_compressed(path)
+
+
+def hybrid_layer(quantized: bool) -> nn.Module:
+    """A Linear whose weight has empty rows and columns around a 30 %-dense block."""
+    g = torch.Generator().manual_seed(0)
+    layer = nn.Linear(512, 128)
+    block = torch.randn(32, 128, generator=g) * (torch.rand(32, 128, generator=g) < 0.3)
+    if quantized:
+        block = block.sign() * 0.25
+    with torch.no_grad():
+        layer.weight.zero_()
+        layer.weight[::4, ::4] = block
+    return nn.Sequential(layer)
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_hybrid_weights_round_trip_and_a_lying_header_is_refused(tmp_path, quantized):
+    model = hybrid_layer(quantized)
+    s = storage(model)
+    assert s["layers"]["0.weight"]["format"] == "hybrid"
+    path = tmp_path / "h.bin"
+    written = ap.export_compressed(model, path)
+    back = ap.load_compressed(path, nn.Sequential(nn.Linear(512, 128)))
+    assert torch.equal(back[0].weight, model[0].weight)
+
+    import json
+
+    data = path.read_bytes()
+    hlen = struct.unpack("<I", data[8:12])[0]
+    # the payload is the accounting's bits, each of its <= 6 sections padded to a whole byte
+    padding = (written - 12 - hlen) * 8 - s["total_bits"]
+    assert 0 <= padding < 6 * 8
+    header = json.loads(zlib.decompress(data[12 : 12 + hlen]))
+    entry = header["tensors"][0]  # [name, dtype, shape, "hybrid", book, rows, cols, b, entries]
+    assert entry[3] == "hybrid"
+    entry[5] -= 1  # claims one kept row fewer than the bitmap holds; sizes unchanged
+    h = zlib.compress(json.dumps(header).encode())
+    path.write_bytes(data[:8] + struct.pack("<I", len(h)) + h + data[12 + hlen :])
+    with pytest.raises(ValueError, match="bitmaps disagree"):
+        ap.load_compressed(path, nn.Sequential(nn.Linear(512, 128)))
+
+
+def test_version_1_files_still_load(tmp_path):
+    """Version 2 only added the hybrid format; a file without it reads the same under 1."""
+    model = pruned_quantized_lenet5()
+    assert "hybrid" not in {v["format"] for v in storage(model)["layers"].values()}
+    path = tmp_path / "v1.bin"
+    ap.export_compressed(model, path, SPEC)
+    data = bytearray(path.read_bytes())
+    data[7] = 1
+    path.write_bytes(bytes(data))
+    back = ap.load_compressed(path)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, back.state_dict()[k]), k

@@ -352,6 +352,7 @@ def test_coupled_channels_recipe_compacts_exactly(tmp_path):
     k = summary["compact"]
     assert k["zero_channels_not_removable"] == 0
     assert k["channels_removed"] > 200  # half of every coupled group
+    assert k["dead_input_weights_zeroed"] > 0  # consumers' slices of removed channels
     assert k["mac_reduction"] > 2.5  # conv MACs scale with in × out channels: about 4x
     constraints = {layer["constraint"] for layer in summary["layers"]}
     assert all(c.startswith("ChannelGroup(") for c in constraints)

@@ -101,10 +101,13 @@ def count(model: nn.Module, example_input: torch.Tensor) -> dict:
 #   csr         nnz · (c + ceil(log2 cols)) + (rows + 1) · ceil(log2(nnz + 1)) + codebook
 #   structured  the dense block of kept rows × kept columns · c + rows + cols (bitmaps of the
 #               kept ones) + codebook
+#   hybrid      rows + cols (the same bitmaps) + the kept block in relative format: pruning
+#               leaves whole rows and columns empty (a pruned filter, the inputs of a pruned
+#               channel), and gaps inside the smaller block are shorter, so b shrinks
 #
 # Every other tensor (biases, BatchNorm, buffers) is stored raw. The packed file of
-# :mod:`admmprune.compressed` writes each weight in its smallest format of dense, relative and
-# structured, with exactly these payload sizes.
+# :mod:`admmprune.compressed` writes each weight in its smallest format of dense, relative,
+# structured and hybrid, with exactly these payload sizes.
 
 
 def _bits_for(count: int) -> int:
@@ -157,6 +160,32 @@ def _gemm(W: torch.Tensor) -> torch.Tensor:
     return W.detach().reshape(W.shape[0], -1) if W.ndim >= 2 else W.detach().reshape(1, -1)
 
 
+def _relative(flat: torch.Tensor, raw: int) -> dict:
+    """The relative format of the 1-D ``flat`` with the ``b`` that minimises its bits."""
+    gaps = relative_gaps(flat)
+    nz = flat[flat != 0]
+    best = None
+    for b in range(1, max(2, math.ceil(math.log2(flat.numel() + 1))) + 1):
+        f = fillers(gaps, b)
+        code = value_code(nz, raw, with_zero=f > 0)
+        entries = nz.numel() + f
+        bits = entries * (code.bits + b) + code.table_bits
+        if best is None or bits < best["bits"]:
+            best = {
+                "bits": bits,
+                "value_bits": entries * code.bits,
+                "index_bits": entries * b,
+                "codebook_bits": code.table_bits,
+                "b": b,
+                "fillers": f,
+            }
+    return best
+
+
+# the formats a weight may be stored in (csr is counted for comparison, never chosen)
+FORMATS = ("dense", "relative", "structured", "hybrid")
+
+
 def weight_storage(W: torch.Tensor) -> dict:
     """Bits of ``W`` in every format (see above), the best one, and its split into value bits,
     index bits and codebook bits."""
@@ -176,23 +205,7 @@ def weight_storage(W: torch.Tensor) -> dict:
         "codebook_bits": dense_code.table_bits,
     }
 
-    gaps = relative_gaps(W)
-    best_rel = None
-    for b in range(1, max(2, math.ceil(math.log2(n + 1))) + 1):
-        f = fillers(gaps, b)
-        code = value_code(nz, raw, with_zero=f > 0)
-        entries = nnz + f
-        bits = entries * (code.bits + b) + code.table_bits
-        if best_rel is None or bits < best_rel["bits"]:
-            best_rel = {
-                "bits": bits,
-                "value_bits": entries * code.bits,
-                "index_bits": entries * b,
-                "codebook_bits": code.table_bits,
-                "b": b,
-                "fillers": f,
-            }
-    out["relative"] = best_rel
+    out["relative"] = _relative(W.detach().flatten(), raw)
 
     nz_code = value_code(nz, raw)
     col_bits, ptr_bits = _bits_for(cols), _bits_for(nnz + 1)
@@ -214,7 +227,15 @@ def weight_storage(W: torch.Tensor) -> dict:
         "rows": int(keep_r.sum()),
         "cols": int(keep_c.sum()),
     }
-    out["format"] = min(("dense", "relative", "structured"), key=lambda f: out[f]["bits"])
+    inner = _relative(block.flatten(), raw)
+    out["hybrid"] = {
+        **inner,
+        "bits": inner["bits"] + rows + cols,
+        "index_bits": inner["index_bits"] + rows + cols,
+        "rows": int(keep_r.sum()),
+        "cols": int(keep_c.sum()),
+    }
+    out["format"] = min(FORMATS, key=lambda f: out[f]["bits"])
     out["bits"] = out[out["format"]]["bits"]
     return out
 

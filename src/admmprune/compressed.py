@@ -9,9 +9,10 @@ Layout (little-endian)::
     payload                          each tensor's sections, each padded to a whole byte
 
 Every Conv/Linear weight is written in the smallest of the formats of
-:func:`admmprune.accounting.weight_storage` (dense codes, relative indices with fillers, or the
-structured block with row/column bitmaps), values as codes into a codebook of its distinct
-values when that is smaller; every other tensor raw. Nothing is pickled and nothing in the file
+:func:`admmprune.accounting.weight_storage` (dense codes, relative indices with fillers, the
+structured block with row/column bitmaps, or hybrid: those bitmaps with the block in relative
+format), values as codes into a codebook of its distinct values when that is smaller; every other
+tensor raw. Nothing is pickled and nothing in the file
 is executed: the model is built from a built-in name, or given by the caller.
 """
 
@@ -42,7 +43,8 @@ from .accounting import (
 __all__ = ["export_compressed", "load_compressed"]
 
 MAGIC = b"ADMMPRN"
-VERSION = 1
+VERSION = 2  # 2 added the hybrid format; version-1 files read unchanged
+_READS = (1, 2)
 _DTYPES = {
     str(d).removeprefix("torch."): d
     for d in (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.uint8)
@@ -95,31 +97,17 @@ def _encode_weight(W: torch.Tensor) -> tuple[dict, list[bytes]]:
             _pack(_codes(flat, code), code.bits),
         ]
     if fmt == "relative":
-        b = best["relative"]["b"]
-        gaps = relative_gaps(W)
-        f = (gaps - 1) >> b  # fillers before each non-zero
-        entries = int(gaps.numel() + f.sum())
-        nz = flat[flat != 0]
-        code = value_code(nz, raw_bits, with_zero=bool(f.sum() > 0))
-        real = torch.cumsum(f + 1, 0) - 1  # where each non-zero's entry sits
-        entry_gaps = torch.full((entries,), 1 << b, dtype=torch.int64)
-        entry_gaps[real] = gaps - (f << b)
-        vals = torch.zeros(entries, dtype=W.dtype)
-        vals[real] = nz
-        meta = {"format": "relative", "b": b, "entries": entries}
-        if code.codebook is None:
-            return {**meta, "book": 0}, [_pack(entry_gaps - 1, b), _raw(vals)]
-        return {**meta, "book": code.codebook.numel()}, [
-            _raw(code.codebook),
-            _pack(entry_gaps - 1, b),
-            _pack(_codes(vals, code), code.bits),
-        ]
+        return _encode_relative(flat, best["relative"]["b"], raw_bits)
     M = _gemm(W)
     keep_r, keep_c = M.ne(0).any(dim=1), M.ne(0).any(dim=0)
     block = M[keep_r][:, keep_c].flatten()
-    code = value_code(block, raw_bits)
-    meta = {"format": "structured", "rows": int(keep_r.sum()), "cols": int(keep_c.sum())}
+    meta = {"format": fmt, "rows": int(keep_r.sum()), "cols": int(keep_c.sum())}
     masks = [_pack(keep_r.long(), 1), _pack(keep_c.long(), 1)]
+    if fmt == "hybrid":
+        inner, sections = _encode_relative(block, best["hybrid"]["b"], raw_bits)
+        table = sections[:1] if inner["book"] else []
+        return {**inner, **meta}, [*table, *masks, *sections[len(table) :]]
+    code = value_code(block, raw_bits)
     if code.codebook is None:
         return {**meta, "book": 0}, [*masks, _raw(block)]
     return {**meta, "book": code.codebook.numel()}, [
@@ -129,12 +117,35 @@ def _encode_weight(W: torch.Tensor) -> tuple[dict, list[bytes]]:
     ]
 
 
+def _encode_relative(flat: torch.Tensor, b: int, raw_bits: int) -> tuple[dict, list[bytes]]:
+    """``flat`` as b-bit gaps (fillers where a gap exceeds 2^b) and values, codebook first."""
+    gaps = relative_gaps(flat)
+    f = (gaps - 1) >> b  # fillers before each non-zero
+    entries = int(gaps.numel() + f.sum())
+    nz = flat[flat != 0]
+    code = value_code(nz, raw_bits, with_zero=bool(f.sum() > 0))
+    real = torch.cumsum(f + 1, 0) - 1  # where each non-zero's entry sits
+    entry_gaps = torch.full((entries,), 1 << b, dtype=torch.int64)
+    entry_gaps[real] = gaps - (f << b)
+    vals = torch.zeros(entries, dtype=flat.dtype)
+    vals[real] = nz
+    meta = {"format": "relative", "b": b, "entries": entries}
+    if code.codebook is None:
+        return {**meta, "book": 0}, [_pack(entry_gaps - 1, b), _raw(vals)]
+    return {**meta, "book": code.codebook.numel()}, [
+        _raw(code.codebook),
+        _pack(entry_gaps - 1, b),
+        _pack(_codes(vals, code), code.bits),
+    ]
+
+
 # header entries are short lists: [name, dtype, shape, format, *numbers of that format]
 _FIELDS = {
     "raw": (),
     "dense": ("book",),
     "relative": ("book", "b", "entries"),
     "structured": ("book", "rows", "cols"),
+    "hybrid": ("book", "rows", "cols", "b", "entries"),
 }
 
 
@@ -200,11 +211,16 @@ def _sizes(e: dict) -> list[int]:
         return [n * item]
     if e["format"] == "dense":
         return [*table, _packed_len(n, bits)]
+    relative = [
+        _packed_len(e.get("entries", 0), e.get("b", 0)),
+        _packed_len(e.get("entries", 0), bits) if book else e.get("entries", 0) * item,
+    ]
     if e["format"] == "relative":
-        values = _packed_len(e["entries"], bits) if book else e["entries"] * item
-        return [*table, _packed_len(e["entries"], e["b"]), values]
+        return [*table, *relative]
     rows = e["shape"][0] if len(e["shape"]) >= 2 else 1
     cols = n // rows if rows else 0
+    if e["format"] == "hybrid":
+        return [*table, _packed_len(rows, 1), _packed_len(cols, 1), *relative]
     block = e["rows"] * e["cols"]
     values = _packed_len(block, bits) if book else block * item
     return [*table, _packed_len(rows, 1), _packed_len(cols, 1), values]
@@ -229,23 +245,29 @@ def _decode(e: dict, sections: list[bytes]) -> torch.Tensor:
 
     if fmt == "dense":
         return values(sections[0], n).reshape(shape)
+
+    def relative(gaps: bytes, data: bytes, count: int) -> torch.Tensor:
+        pos = torch.cumsum(_unpack(gaps, e["b"], e["entries"]) + 1, 0) - 1
+        if pos.numel() and int(pos[-1]) >= count:
+            raise _MalformedError(f"{e['name']!r}: indices run past the {count} entries")
+        out = torch.zeros(count, dtype=dtype)
+        out[pos] = values(data, e["entries"])
+        return out
+
     if fmt == "relative":
-        pos = torch.cumsum(_unpack(sections[0], e["b"], e["entries"]) + 1, 0) - 1
-        if pos.numel() and int(pos[-1]) >= n:
-            raise _MalformedError(f"{e['name']!r}: indices run past the tensor's {n} entries")
-        out = torch.zeros(n, dtype=dtype)
-        out[pos] = values(sections[1], e["entries"])
-        return out.reshape(shape)
+        return relative(sections[0], sections[1], n).reshape(shape)
     rows = shape[0] if len(shape) >= 2 else 1
     keep_r = _unpack(sections[0], 1, rows).bool()
     keep_c = _unpack(sections[1], 1, n // rows).bool()
     r, c = e["rows"], e["cols"]
     if int(keep_r.sum()) != r or int(keep_c.sum()) != c:
         raise _MalformedError(f"{e['name']!r}: row/column bitmaps disagree with the header")
+    if fmt == "hybrid":
+        block = relative(sections[2], sections[3], r * c)
+    else:
+        block = values(sections[2], r * c)
     M = torch.zeros(rows, n // rows, dtype=dtype)
-    M[keep_r.nonzero().reshape(-1, 1), keep_c.nonzero().reshape(1, -1)] = values(
-        sections[2], r * c
-    ).reshape(r, c)
+    M[keep_r.nonzero().reshape(-1, 1), keep_c.nonzero().reshape(1, -1)] = block.reshape(r, c)
     return M.reshape(shape)
 
 
@@ -253,8 +275,8 @@ def _read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     data = path.read_bytes()
     if len(data) < 12 or data[:7] != MAGIC:
         raise _MalformedError("not an admmprune compressed file (bad magic)")
-    if data[7] != VERSION:
-        raise _MalformedError(f"file format version {data[7]}, this admmprune reads {VERSION}")
+    if data[7] not in _READS:
+        raise _MalformedError(f"file format version {data[7]}, this admmprune reads {_READS}")
     (hlen,) = struct.unpack("<I", data[8:12])
     try:
         header = json.loads(zlib.decompress(data[12 : 12 + hlen]))

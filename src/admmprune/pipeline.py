@@ -27,7 +27,7 @@ from ._io import atomic_save, safe_load
 from .accounting import count, storage
 from .admm import ADMM, GROUP_COMBINABLE
 from .baselines import make_method
-from .compact import compact
+from .compact import compact, zero_dead_inputs
 from .compressed import export_compressed
 from .config import Recipe, RecipeError
 from .data import DataBundle, load_data
@@ -680,6 +680,12 @@ class _Run:
         }
 
     def _finish(self) -> dict:
+        dead = 0
+        if self.r.compact:
+            # a removed channel's consumer weights are stored (and counted) as zeros; the
+            # model's function is unchanged, so the accuracy below is measured after
+            x = self.p.data.test.batch(torch.arange(1))[0].to(self.p.device)
+            dead = zero_dead_inputs(self.model, x)
         final = self._evaluate()
         self.masks.detach()
         agree = self.world.all_equal([*self.masks.values(), *self.model.parameters()])
@@ -692,7 +698,7 @@ class _Run:
         names = self.p.extra["constraint_names"]
         summary = summarize(self.model, names, self.r, self.info, final)
         if self.r.compact:
-            summary["compact"] = self._compact()
+            summary["compact"] = {**self._compact(), "dead_input_weights_zeroed": dead}
         summary["storage"] = self._storage()
         if self.world.active:
             summary["distributed"] = {
