@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -128,6 +130,8 @@ def test_storage_formulas_match_a_hand_count():
         "cols": 2,
     }
     assert (s["format"], s["bits"]) == ("relative", 76)
+    # which 3 of 16 positions: log2 C(16, 3) = log2 560 bits, below the 9 relative spends
+    assert s["index_bound_bits"] == pytest.approx(math.log2(560))
 
 
 def test_hybrid_wins_where_pruning_left_whole_rows_and_columns_empty():
@@ -159,4 +163,5 @@ def test_storage_totals_cover_every_tensor():
     other = 2 * 32 + 4 * 2 * 32 + 64  # bias; BN weight, bias, running mean, var; batch count
     assert s["other_bits"] == other
     assert s["total_bits"] == 76 + other and s["total_raw"] == 16 * 32 + other
-    assert s["weights_value_bits"] == 3
+    assert s["weights_value_bits"] == 3 and s["weights_index_bits"] == 9
+    assert s["index_bound_bits"] == pytest.approx(math.log2(560))

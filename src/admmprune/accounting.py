@@ -160,6 +160,11 @@ def _gemm(W: torch.Tensor) -> torch.Tensor:
     return W.detach().reshape(W.shape[0], -1) if W.ndim >= 2 else W.detach().reshape(1, -1)
 
 
+def _log2_binomial(n: int, k: int) -> float:
+    """log2 C(n, k): the information in which k of n positions are non-zero."""
+    return (math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)) / math.log(2)
+
+
 def _relative(flat: torch.Tensor, raw: int) -> dict:
     """The relative format of the 1-D ``flat`` with the ``b`` that minimises its bits."""
     gaps = relative_gaps(flat)
@@ -235,6 +240,8 @@ def weight_storage(W: torch.Tensor) -> dict:
         "rows": int(keep_r.sum()),
         "cols": int(keep_c.sum()),
     }
+    # no format that can code every support of nnz among n positions needs fewer index bits
+    out["index_bound_bits"] = _log2_binomial(n, nnz)
     out["format"] = min(FORMATS, key=lambda f: out[f]["bits"])
     out["bits"] = out[out["format"]]["bits"]
     return out
@@ -252,9 +259,12 @@ def storage(model: nn.Module) -> dict:
     """Storage in bits of every tensor of ``model.state_dict()``.
 
     Returns ``{"layers": {weight name: weight_storage(W)}, "other_bits", "weights_raw",
-    "weights_bits", "weights_value_bits", "total_raw", "total_bits"}``: Conv/Linear weights in
-    their best format (``weights_value_bits`` leaves the index and codebook out, the way the
-    papers count), everything else raw. ``total_raw / total_bits`` is the compression rate.
+    "weights_bits", "weights_value_bits", "weights_index_bits", "index_bound_bits", "total_raw",
+    "total_bits"}``: Conv/Linear weights in their best format (``weights_value_bits`` leaves the
+    index and codebook out, the way the papers count), everything else raw.
+    ``index_bound_bits`` sums log2 C(n, nnz) per weight: the fewest index bits any format able to
+    code every support could spend (a structured support can be coded in fewer, because it is
+    not an arbitrary one). ``total_raw / total_bits`` is the compression rate.
     """
     weights = layer_weights(model)
     layers, other = {}, 0
@@ -271,6 +281,8 @@ def storage(model: nn.Module) -> dict:
         "weights_raw": weights_raw,
         "weights_bits": weights_bits,
         "weights_value_bits": sum(s[s["format"]]["value_bits"] for s in layers.values()),
+        "weights_index_bits": sum(s[s["format"]]["index_bits"] for s in layers.values()),
+        "index_bound_bits": sum(s["index_bound_bits"] for s in layers.values()),
         "total_raw": weights_raw + other,
         "total_bits": weights_bits + other,
     }

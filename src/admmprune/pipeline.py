@@ -670,6 +670,8 @@ class _Run:
             "weights_bits": s["weights_bits"],
             "weights_rate": s["weights_raw"] / s["weights_bits"],
             "weights_rate_without_index": s["weights_raw"] / max(s["weights_value_bits"], 1),
+            "weights_index_bits": s["weights_index_bits"],
+            "index_bound_bits": s["index_bound_bits"],
             "file_bytes": nbytes,
             "formats": {k: v["format"] for k, v in s["layers"].items()},
             "distinct_values": {
