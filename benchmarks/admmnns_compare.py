@@ -230,20 +230,11 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="one rate, 1-epoch stages, 10k images")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="default benchmarks/results/admmnns_compare[_MODEL]")
-    p.add_argument(
-        "--kinds",
-        nargs="+",
-        choices=KINDS,
-        default=list(KINDS),
-        help="which pruned models to build (default both)",
-    )
-    p.add_argument(
-        "--quantizers",
-        nargs="+",
-        choices=QUANTIZERS,
-        default=list(QUANTIZERS),
-        help="which quantizations of each pruned model (default all)",
-    )
+    for flag, choices, what in (
+        ("--kinds", KINDS, "which pruned models to build"),
+        ("--quantizers", QUANTIZERS, "which quantizations of each pruned model"),
+    ):
+        p.add_argument(flag, nargs="+", choices=choices, default=list(choices), help=what)
     p.add_argument(
         "--structured",
         nargs="+",

@@ -83,6 +83,28 @@ def test_admmnns_compare_tiny_run_writes_table_and_json(tmp_path):
     assert "| structured + ternary |" in (out / "results.md").read_text()
 
 
+def test_admmnns_compare_picks_kinds_quantizers_structure_and_bits(tmp_path):
+    out = tmp_path / "cmp"
+    proc = run_script(
+        "benchmarks/admmnns_compare.py --dataset digits --quick --rounds 1 --kinds structured "
+        "--quantizers mixed --structured conv1=0.3 conv2=0.2 fc1=0.05 "
+        f"--bits conv1=4 conv2=3 fc1=2 fc2=3 --out {out}"
+    )
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads((out / "results.json").read_text())
+    assert [r["config"] for r in res["rows"]] == ["structured", "structured + mixed 4/3/2/3 bits"]
+    summary = json.loads((out / "runs" / "prune0" / "summary.json").read_text())
+    assert summary["compact"]["dead_input_weights_zeroed"] > 0
+    kept = {x["name"]: x["kept"] for x in summary["layers"]}
+    assert kept["conv1.weight"] == 6 * 25  # 0.3 of 20 filters, one input channel
+    for args, message in (
+        ("--model resnet20 --bits conv1=4", "are for --model lenet5"),
+        ("--bits conv1=4 conv2=3 fc1=0 fc2=3", "must be in (0, 16]"),
+    ):
+        proc = run_script(f"benchmarks/admmnns_compare.py --dataset digits {args}")
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+
+
 def test_ssauto_vs_admm_tiny_run(tmp_path):
     out = tmp_path / "ss"
     proc = run_script(f"benchmarks/ssauto_vs_admm.py --dataset digits --quick --out {out}")

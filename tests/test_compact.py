@@ -64,15 +64,21 @@ MODELS = {
 }
 
 
-@pytest.mark.parametrize("name", list(MODELS))
-def test_compacted_equals_masked(name):
+def half_zeroed(name):
+    """A model of MODELS with half of every channel group zeroed, an input, and its compaction."""
     make, (c, s) = MODELS[name]
     torch.manual_seed(0)
     model = make().eval()
     randomize_bn(model)
     x = torch.randn(2, c, s, s)
     zero_random_group_channels(model, x)
-    small, report = compact(model, x)
+    return model, x, *compact(model, x)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_compacted_equals_masked(name):
+    model, x, small, report = half_zeroed(name)
+    c, s = x.shape[1], x.shape[2]
     with torch.no_grad():
         diff = (model(x) - small(x)).abs().max().item()
     assert diff <= 1e-5
@@ -86,13 +92,7 @@ def test_compacted_equals_masked(name):
 def test_zero_dead_inputs_leaves_exactly_the_compact_models_weights(name):
     """After it, each layer's non-zero rows × columns are the compact layer's shape (what the
     storage accounting of a structured model must count), and the outputs do not change."""
-    make, (c, s) = MODELS[name]
-    torch.manual_seed(0)
-    model = make().eval()
-    randomize_bn(model)
-    x = torch.randn(2, c, s, s)
-    zero_random_group_channels(model, x)
-    small, _ = compact(model, x)
+    model, x, small, _ = half_zeroed(name)
     with torch.no_grad():
         before = model(x)
     zeroed = zero_dead_inputs(model, x)

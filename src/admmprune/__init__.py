@@ -4,7 +4,7 @@ The public API is what this module re-exports; everything else is private.
 """
 
 from .admm import ADMM
-from .compact import CompactReport, compact
+from .compact import CompactReport, compact, zero_dead_inputs
 from .compressed import export_compressed, load_compressed
 from .constraints import (
     Channels,
@@ -47,4 +47,5 @@ __all__ = [
     "load_compressed",
     "prune",
     "select",
+    "zero_dead_inputs",
 ]
