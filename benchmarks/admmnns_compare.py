@@ -232,9 +232,10 @@ def main() -> None:
     p.add_argument("--out", default=None, help="default benchmarks/results/admmnns_compare[_MODEL]")
     for flag, choices, what in (
         ("--kinds", KINDS, "which pruned models to build"),
-        ("--quantizers", QUANTIZERS, "which quantizations of each pruned model"),
-    ):
-        p.add_argument(flag, nargs="+", choices=choices, default=list(choices), help=what)
+        ("--quantizers", QUANTIZERS, "which quantizations of each pruned model (default: all; "
+         "masked mapping only of the non-structured ones)"),
+    ):  # fmt: skip
+        p.add_argument(flag, nargs="+", choices=choices, help=what)
     p.add_argument(
         "--structured",
         nargs="+",
@@ -296,6 +297,7 @@ def main() -> None:
     print(f"dense: {100 * dense_acc:.2f} %", flush=True)
 
     pruned = {}
+    args.kinds = args.kinds or list(KINDS)
     if "non-structured" in args.kinds:
         for rate in args.rates:
             pruned[f"non-structured {rate:g}x"] = (False, nonstructured(args.model, dense, rate))
@@ -309,7 +311,9 @@ def main() -> None:
         "binary": ({"*": "binary"}, "admm"),
     }
     quant = dict(
-        (name, q) for (name, q), key in zip(quant.items(), QUANTIZERS) if key in args.quantizers
+        (name, q)
+        for (name, q), key in zip(quant.items(), QUANTIZERS)
+        if key in (args.quantizers or QUANTIZERS)
     )
     rows = []
     for i, (pname, (structured, constraints)) in enumerate(pruned.items()):
@@ -322,8 +326,8 @@ def main() -> None:
         print(f"{pname}: {100 * summary['accuracy']['final']:.2f} %, "
               f"{time.perf_counter() - t0:.0f} s", flush=True)  # fmt: skip
         for j, (qname, (layers, method)) in enumerate(quant.items()):
-            if structured and method == "masked_mapping":
-                continue  # one comparison of the two quantizers is enough
+            if structured and method == "masked_mapping" and args.quantizers is None:
+                continue  # by default one comparison of the two quantizers is enough
             t0 = time.perf_counter()
             qdir = out / "runs" / f"prune{i}_quant{j}"
             recipe = quant_recipe(
