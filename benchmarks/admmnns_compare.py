@@ -136,7 +136,7 @@ def quant_recipe(
         "rho_growth": 10 ** (3 / max(1, 2 * args.quant_epochs - 1)),  # 1e-3 → 1 at the end
         "updates_per_epoch": 2,
         "optimizer": SETUPS[args.model]["quant_optimizer"],
-        "schedule": {"name": "cosine"},
+        "schedule": {"name": args.quant_schedule},
     }
     return r
 
@@ -223,6 +223,12 @@ def main() -> None:
     p.add_argument("--prune-epochs", type=int, default=5)
     p.add_argument("--retrain-epochs", type=int, default=2)
     p.add_argument("--quant-epochs", type=int, default=2)
+    p.add_argument(
+        "--quant-schedule",
+        choices=("cosine", "constant"),
+        default="cosine",
+        help="learning rate in the quantization stage (cosine ends at 0 while rho is largest)",
+    )
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--train-subset", type=int, default=0, help="train on the first N images")
     p.add_argument("--rounds", type=int, default=30)
