@@ -76,7 +76,7 @@ SETUPS = {
 
 
 KINDS = ("non-structured", "structured")
-QUANTIZERS = ("mixed", "masked", "ternary", "binary")  # in the order of main()'s table
+QUANTIZERS = ("mixed", "masked", "ternary", "binary")  # the keys of main()'s quant table
 
 
 def nonstructured(model_name: str, dense: torch.nn.Module, rate: float) -> dict:
@@ -310,17 +310,13 @@ def main() -> None:
     if "structured" in args.kinds:
         pruned["structured"] = (True, setup["structured"])
     mixed_name, mixed = setup["mixed"]
-    quant = {
-        mixed_name: (mixed, "admm"),
-        f"{mixed_name.split(' (')[0]}, masked mapping": (mixed, "masked_mapping"),
-        "ternary": ({"*": "ternary"}, "admm"),
-        "binary": ({"*": "binary"}, "admm"),
+    quant = {  # --quantizers key → (table name, layers, method)
+        "mixed": (mixed_name, mixed, "admm"),
+        "masked": (f"{mixed_name.split(' (')[0]}, masked mapping", mixed, "masked_mapping"),
+        "ternary": ("ternary", {"*": "ternary"}, "admm"),
+        "binary": ("binary", {"*": "binary"}, "admm"),
     }
-    quant = dict(
-        (name, q)
-        for (name, q), key in zip(quant.items(), QUANTIZERS)
-        if key in (args.quantizers or QUANTIZERS)
-    )
+    quant = {name: q for key, (name, *q) in quant.items() if key in (args.quantizers or quant)}
     rows = []
     for i, (pname, (structured, constraints)) in enumerate(pruned.items()):
         kind = "structured" if structured else "non-structured"

@@ -1,5 +1,6 @@
 """The packed file: identical model back, size within 5 % of the accounting, bad files refused."""
 
+import json
 import struct
 import zlib
 
@@ -71,6 +72,16 @@ def test_dense_float_model_round_trips_into_a_given_instance(tmp_path):
         ap.load_compressed(path, nn.Sequential(nn.Linear(4, 2)))
 
 
+def edit_header(data: bytes, edit) -> bytes:
+    """The file with ``edit(entries)`` applied to its header's tensor entries, each
+    ``[name, dtype, shape, format, *numbers]``; the payload untouched."""
+    hlen = struct.unpack("<I", data[8:12])[0]
+    header = json.loads(zlib.decompress(data[12 : 12 + hlen]))
+    edit(header["tensors"])
+    h = zlib.compress(json.dumps(header).encode())
+    return data[:8] + struct.pack("<I", len(h)) + h + data[12 + hlen :]
+
+
 def corrupt(data: bytes, how: str) -> bytes:
     hlen = struct.unpack("<I", data[8:12])[0]
     if how == "magic":
@@ -84,19 +95,9 @@ def corrupt(data: bytes, how: str) -> bytes:
     if how == "header":
         return data[:12] + b"\xff" * hlen + data[12 + hlen :]
     if how == "format":
-        import json
-
-        header = json.loads(zlib.decompress(data[12 : 12 + hlen]))
-        header["tensors"][0][3] = "zip"
-        h = zlib.compress(json.dumps(header).encode())
-        return data[:8] + struct.pack("<I", len(h)) + h + data[12 + hlen :]
+        return edit_header(data, lambda t: t[0].__setitem__(3, "zip"))
     if how == "sizes":  # a header that lies about one tensor's sections
-        import json
-
-        header = json.loads(zlib.decompress(data[12 : 12 + hlen]))
-        header["tensors"][0][2] = [1, 1]  # [name, dtype, shape, format, ...]
-        h = zlib.compress(json.dumps(header).encode())
-        return data[:8] + struct.pack("<I", len(h)) + h + data[12 + hlen :]
+        return edit_header(data, lambda t: t[0].__setitem__(2, [1, 1]))
     raise AssertionError(how)
 
 
@@ -143,19 +144,17 @@ def test_hybrid_weights_round_trip_and_a_lying_header_is_refused(tmp_path, quant
     back = ap.load_compressed(path, nn.Sequential(nn.Linear(512, 128)))
     assert torch.equal(back[0].weight, model[0].weight)
 
-    import json
-
     data = path.read_bytes()
     hlen = struct.unpack("<I", data[8:12])[0]
     # the payload is the accounting's bits, each of its <= 6 sections padded to a whole byte
     padding = (written - 12 - hlen) * 8 - s["total_bits"]
     assert 0 <= padding < 6 * 8
-    header = json.loads(zlib.decompress(data[12 : 12 + hlen]))
-    entry = header["tensors"][0]  # [name, dtype, shape, "hybrid", book, rows, cols, b, entries]
-    assert entry[3] == "hybrid"
-    entry[5] -= 1  # claims one kept row fewer than the bitmap holds; sizes unchanged
-    h = zlib.compress(json.dumps(header).encode())
-    path.write_bytes(data[:8] + struct.pack("<I", len(h)) + h + data[12 + hlen :])
+
+    def one_row_fewer(tensors):  # [name, dtype, shape, "hybrid", book, rows, cols, b, entries]
+        assert tensors[0][3] == "hybrid"
+        tensors[0][5] -= 1  # fewer kept rows than the bitmap holds; the sizes do not change
+
+    path.write_bytes(edit_header(data, one_row_fewer))
     with pytest.raises(ValueError, match="bitmaps disagree"):
         ap.load_compressed(path, nn.Sequential(nn.Linear(512, 128)))
 

@@ -237,8 +237,8 @@ def weight_storage(W: torch.Tensor) -> dict:
         **inner,
         "bits": inner["bits"] + rows + cols,
         "index_bits": inner["index_bits"] + rows + cols,
-        "rows": int(keep_r.sum()),
-        "cols": int(keep_c.sum()),
+        "rows": out["structured"]["rows"],
+        "cols": out["structured"]["cols"],
     }
     # no format that can code every support of nnz among n positions needs fewer index bits
     out["index_bound_bits"] = _log2_binomial(n, nnz)

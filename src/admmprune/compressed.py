@@ -12,8 +12,8 @@ Every Conv/Linear weight is written in the smallest of the formats of
 :func:`admmprune.accounting.weight_storage` (dense codes, relative indices with fillers, the
 structured block with row/column bitmaps, or hybrid: those bitmaps with the block in relative
 format), values as codes into a codebook of its distinct values when that is smaller; every other
-tensor raw. Nothing is pickled and nothing in the file
-is executed: the model is built from a built-in name, or given by the caller.
+tensor raw. Nothing is pickled and nothing in the file is executed: the model is built from a
+built-in name, or given by the caller.
 """
 
 from __future__ import annotations
@@ -211,16 +211,18 @@ def _sizes(e: dict) -> list[int]:
         return [n * item]
     if e["format"] == "dense":
         return [*table, _packed_len(n, bits)]
-    relative = [
-        _packed_len(e.get("entries", 0), e.get("b", 0)),
-        _packed_len(e.get("entries", 0), bits) if book else e.get("entries", 0) * item,
-    ]
+
+    def relative() -> list[int]:  # b-bit gaps, then the values (codes or raw)
+        entries = e["entries"]
+        values = _packed_len(entries, bits) if book else entries * item
+        return [_packed_len(entries, e["b"]), values]
+
     if e["format"] == "relative":
-        return [*table, *relative]
+        return [*table, *relative()]
     rows = e["shape"][0] if len(e["shape"]) >= 2 else 1
     cols = n // rows if rows else 0
     if e["format"] == "hybrid":
-        return [*table, _packed_len(rows, 1), _packed_len(cols, 1), *relative]
+        return [*table, _packed_len(rows, 1), _packed_len(cols, 1), *relative()]
     block = e["rows"] * e["cols"]
     values = _packed_len(block, bits) if book else block * item
     return [*table, _packed_len(rows, 1), _packed_len(cols, 1), values]

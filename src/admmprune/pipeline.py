@@ -374,7 +374,7 @@ class _Run:
     def _method_options(self) -> dict:
         """SS-Auto's settings; MACs are counted on one test image."""
         c = self.r.ssauto
-        x1 = self.p.data.test.batch(torch.arange(1))[0].to(self.p.device)
+        x1 = self._test_inputs(1)
         return {
             "updates_per_epoch": c.updates_per_epoch,
             "ssauto_kwargs": {
@@ -612,16 +612,20 @@ class _Run:
         if stage == "quantize":
             self._hard_quantize()
 
+    def _test_inputs(self, n: int) -> torch.Tensor:
+        """The first ``n`` test inputs (fewer if the test set is smaller), on the run's device."""
+        test = self.p.data.test
+        return test.batch(torch.arange(min(n, len(test))))[0].to(self.p.device)
+
     def _compact(self) -> dict:
         """Remove the zero channel groups; MACs, parameters and measured latency before/after.
 
         The compact model is not pickled: rebuild it from ``model.pt`` with :func:`compact`.
         """
-        test = self.p.data.test
-        x = test.batch(torch.arange(1))[0].to(self.p.device)
+        x = self._test_inputs(1)
         small, report = compact(self.model, x)
         before, after = count(self.model, x), count(small, x)
-        xb = test.batch(torch.arange(min(64, len(test))))[0].to(self.p.device)
+        xb = self._test_inputs(64)
 
         # timed as deployed (see latency.py): BN folded where torch.fx can trace the model,
         # conv nets in NHWC; in alternation, so that a busy machine slows both alike
@@ -686,8 +690,7 @@ class _Run:
         if self.r.compact:
             # a removed channel's consumer weights are stored (and counted) as zeros; the
             # model's function is unchanged, so the accuracy below is measured after
-            x = self.p.data.test.batch(torch.arange(1))[0].to(self.p.device)
-            dead = zero_dead_inputs(self.model, x)
+            dead = zero_dead_inputs(self.model, self._test_inputs(1))
         final = self._evaluate()
         self.masks.detach()
         agree = self.world.all_equal([*self.masks.values(), *self.model.parameters()])
