@@ -17,9 +17,13 @@ set                    levels                                        projection
 =====================  ============================================  ===========================
 
 For fixed ``q`` the nearest level is the exact projection. The set of an M-bit layer is the
-union over ``q``; we pick ``q`` on a grid of ``GRID`` scales of ``max|w|`` (the authors' scan
-around ``max|w|/L``) by the least squared error, so ``Quantized``'s projection is exact on the
-grid. ``support`` is all-true: quantization constrains values, not positions.
+union over ``q``, and we take the ``q`` of least squared error exactly (:func:`best_scale`): with
+levels ``q·m_k``, the error ``E(q) = Σ_i (|w_i| − q·m_{k_i(q)})²`` is a quadratic in ``q`` between
+the breakpoints ``q = |w_i| / t_k`` (``t_k = (m_k + m_{k+1})/2``) where a weight changes level, so
+its minimum is the best of the closed-form minimisers ``q* = Σ|w|m / Σm²`` of the pieces, clamped
+to each piece; every ``q`` above ``max|w| / t_0`` zeroes every weight (the worst error). The
+authors' grid scan around ``max|w|/L`` misses the best ``q`` by up to ~50 % more error.
+``support`` is all-true: quantization constrains values, not positions.
 
 Pruning and quantization together (ADMM-NN-S): prune first, then run :class:`~admmprune.ADMM`
 with these sets and ``support=masks``, so only the kept weights are quantized and the zeros stay
@@ -28,6 +32,7 @@ zero (for ``Binary`` the kept weights are ``±a`` and the pruned ones 0).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 
 import torch
@@ -35,10 +40,158 @@ import torch
 from .constraints import Constraint, Projection, topk_mask
 from .masks import hold_fixed
 
-__all__ = ["Binary", "MaskedMapping", "Quantized", "Ternary", "levels_for", "nearest_level"]
+__all__ = [
+    "Binary",
+    "MaskedMapping",
+    "Quantized",
+    "Ternary",
+    "best_scale",
+    "levels_for",
+    "nearest_level",
+]
 
-#: scales of the q grid, as fractions of max|w| / L (uniform) or of max|w| (pow2)
-GRID = torch.linspace(0.05, 1.25, 121, dtype=torch.float64)
+#: breakpoints swept at once; more are swept in chunks of about this many (bounded memory)
+_CHUNK = 1 << 21
+#: most breakpoints swept in all (≈ 15 s on one CPU core); beyond, a window around the Lloyd q
+_MAX_EXACT = 1 << 25
+#: the coarse scan that seeds the Lloyd steps, in units of max|w| / m_L
+_SEED = torch.linspace(0.05, 1.25, 25, dtype=torch.float64)
+
+
+def best_scale(x: torch.Tensor, m: torch.Tensor) -> float:
+    """The exact ``argmin_q Σ_i (|x_i| − q·m_{k_i(q)})²`` over ``q > 0``, levels ``q·m``.
+
+    ``m``: sorted float64 ``[0, m_1, …, m_L]``; ``k_i(q)`` is the nearest level (the lower one on a
+    tie). A few Lloyd steps give an upper bound ``E_0``; two lower bounds on ``E(q)`` — the weights
+    rounded to zero, ``Σ_{|x| ≤ q·t_0} x²``, and the saturated ones,
+    ``Σ_{|x| > q·m_L} (|x| − q·m_L)²`` — bracket every ``q`` that can beat it. Inside the bracket
+    the breakpoints are swept in increasing ``u = 1/q`` (chunked, each chunk's start state computed
+    directly), with ``S_am = Σ |x|·m_k`` and ``S_mm = Σ m_k²`` as running sums: on each piece
+    ``E = Σ x² − 2q·S_am + q²·S_mm``, minimised in closed form.
+
+    Exact whenever the bracket holds at most ``_MAX_EXACT`` (2^25) breakpoints, about ``n·L``: e.g.
+    every layer up to 8 bits with 250 k weights, up to 4 bits with 4 M. Beyond, the sweep covers
+    a window of that many breakpoints around the Lloyd fixed point: exact inside it, the best
+    ``q`` unless it lies outside (tested: with the budget forced down to 1/20 of the breakpoints,
+    the error stays within 1e-6 of the exact one). Returns 0.0 when ``x`` is all zero.
+    """
+    a = x.detach().flatten().double().abs()
+    a = a[a > 0].sort().values
+    if a.numel() == 0:
+        return 0.0
+    m = m.to(a.device)
+    t = (m[1:] + m[:-1]) / 2
+    dm, dmm = m[1:] - m[:-1], m[1:].pow(2) - m[:-1].pow(2)
+    saa = float(a.pow(2).sum())
+    seeds = [_error(a, m, t, float(q))[0] for q in _SEED * (float(a[-1]) / float(m[-1]))]
+    best_q = float(_SEED[seeds.index(min(seeds))]) * float(a[-1]) / float(m[-1])
+    best_q, best_e = _lloyd(a, m, t, best_q)
+    u_lo, u_hi = _window(a, t, *_bracket(a, m, t, best_e), 1.0 / best_q)
+    bounds = [u_lo, *_chunk_bounds(a, t, u_lo, u_hi), u_hi]
+    for u1, u2 in itertools.pairwise(bounds):
+        e, q = _sweep(a, m, t, dm, dmm, saa, u1, u2)
+        if e < best_e:
+            best_e, best_q = e, q
+    return best_q
+
+
+def _count(a: torch.Tensor, t: torch.Tensor, u_lo: float, u_hi: float) -> int:
+    """How many breakpoints ``u = t_k / |x_i|`` lie in ``[u_lo, u_hi)``."""
+    hi = torch.searchsorted(t, a * u_hi) if u_hi < float("inf") else torch.full_like(a, t.numel())
+    return int((hi - torch.searchsorted(t, a * u_lo)).sum())
+
+
+def _window(a, t, u_lo: float, u_hi: float, u0: float) -> tuple[float, float]:
+    """The bracket, narrowed around ``u0`` to ``[u0/(1+r), u0·(1+r)]`` when it holds more than
+    ``_MAX_EXACT`` breakpoints (high bit widths on large layers); ``r`` by bisection."""
+    if _count(a, t, u_lo, u_hi) <= _MAX_EXACT:
+        return u_lo, u_hi
+    lo, hi = 0.0, 1.0
+    while _count(a, t, max(u_lo, u0 / (1 + hi)), min(u_hi, u0 * (1 + hi))) <= _MAX_EXACT:
+        lo, hi = hi, 2 * hi
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        inside = _count(a, t, max(u_lo, u0 / (1 + mid)), min(u_hi, u0 * (1 + mid)))
+        lo, hi = (mid, hi) if inside <= _MAX_EXACT else (lo, mid)
+    return max(u_lo, u0 / (1 + lo)), min(u_hi, u0 * (1 + lo))
+
+
+def _error(a: torch.Tensor, m: torch.Tensor, t: torch.Tensor, q: float) -> tuple[float, float]:
+    """``E(q)`` and the closed-form ``q*`` of ``q``'s assignment (a Lloyd step)."""
+    mk = m[torch.searchsorted(t * q, a)]
+    smm = float(mk.pow(2).sum())
+    e = float((a - q * mk).pow(2).sum())
+    return e, (float((a * mk).sum()) / smm if smm > 0 else q)
+
+
+def _lloyd(a, m, t, q: float, steps: int = 8) -> tuple[float, float]:
+    """Alternate nearest levels and the least-squares ``q`` (never increases the error)."""
+    e, nxt = _error(a, m, t, q)
+    for _ in range(steps):
+        e2, nxt2 = _error(a, m, t, nxt)
+        if e2 >= e:
+            break
+        q, e, nxt = nxt, e2, nxt2
+    return q, e
+
+
+def _bracket(a, m, t, ub: float) -> tuple[float, float]:
+    """``[u_lo, u_hi]`` in ``u = 1/q`` outside which ``E(q) ≥ ub`` provably (``a`` sorted)."""
+    zeroed = torch.cumsum(a.pow(2), 0)  # weights at or under q·t_0 round to zero
+    j = int(torch.searchsorted(zeroed, zeroed.new_tensor([ub]), right=True))
+    u_lo = float(t[0]) / float(a[j]) if j < a.numel() else 0.0
+    top = float(m[-1])
+
+    def saturated(q: float) -> float:
+        return float((a - q * top).clamp_min(0).pow(2).sum())
+
+    lo, hi = 0.0, float(a[-1]) / top  # saturated(hi) = 0 ≤ ub
+    if saturated(lo) <= ub:
+        return u_lo, float("inf")
+    for _ in range(64):  # bisection for the least q with saturated(q) ≤ ub
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if saturated(mid) <= ub else (mid, hi)
+    return u_lo, 1.0 / lo if lo > 0 else float("inf")
+
+
+def _chunk_bounds(a: torch.Tensor, t: torch.Tensor, u_lo: float, u_hi: float) -> list[float]:
+    """Inner chunk boundaries in ``(u_lo, u_hi)``, about ``_CHUNK`` breakpoints per chunk, at
+    quantiles of the breakpoints of an evenly spaced subsample of the (sorted) weights."""
+    chunks = -(-_count(a, t, u_lo, u_hi) // _CHUNK)
+    if chunks <= 1:
+        return []
+    u = (t.reshape(1, -1) / a[::chunks].reshape(-1, 1)).flatten()
+    u = u[(u > u_lo) & (u < u_hi)].sort().values
+    if u.numel() == 0:
+        return []
+    idx = torch.linspace(0, u.numel() - 1, chunks + 1)[1:-1].long()
+    return sorted(set(u[idx].tolist()))
+
+
+def _sweep(a, m, t, dm, dmm, saa: float, u1: float, u2: float) -> tuple[float, float]:
+    """The least error and its ``q`` over ``u = 1/q`` in ``[u1, u2]``."""
+    k0 = torch.searchsorted(t, a * u1)  # levels at u1: thresholds t_k < |x|·u1 are passed
+    k1 = torch.searchsorted(t, a * u2) if u2 < float("inf") else torch.full_like(k0, t.numel())
+    sam0, smm0 = float((a * m[k0]).sum()), float(m[k0].pow(2).sum())
+    count = k1 - k0
+    total = int(count.sum())
+    who = torch.repeat_interleave(torch.arange(a.numel(), device=a.device), count)
+    start = torch.cumsum(count, 0) - count
+    k = k0[who] + torch.arange(total, device=a.device) - start[who]
+    u = t[k] / a[who]
+    order = torch.argsort(u, stable=True)
+    u, k, who = u[order], k[order], who[order]
+    sam = torch.cat([a.new_tensor([sam0]), sam0 + torch.cumsum(a[who] * dm[k], 0)])
+    smm = torch.cat([a.new_tensor([smm0]), smm0 + torch.cumsum(dmm[k], 0)])
+    # piece j spans u in [edges[j], edges[j+1]], i.e. q in [1/edges[j+1], 1/edges[j]]
+    edges = torch.cat([a.new_tensor([u1]), u, a.new_tensor([u2])])
+    q_hi, q_lo = 1 / edges[:-1], 1 / edges[1:]
+    live = smm > 0  # all weights on level 0: the error is Σx², never better than that
+    q = torch.where(live, sam / smm.clamp_min(1e-300), 0.0)
+    q = torch.minimum(torch.maximum(q, q_lo), q_hi)
+    e = torch.where(live, saa - 2 * q * sam + q * q * smm, saa)
+    j = int(torch.argmin(e))
+    return float(e[j]), float(q[j])
 
 
 def nearest_level(x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
@@ -101,25 +254,22 @@ class Quantized(_Levels):
             dtype=dtype, device=device
         )
 
-    def candidates(self, x: torch.Tensor) -> torch.Tensor:
-        """The grid of ``q`` searched for ``x``."""
-        top = float(x.abs().max()) if x.numel() else 0.0
-        base = top / self.L if self.levels == "uniform" else top
-        return GRID * base
+    def multipliers(self) -> torch.Tensor:
+        """The level magnitudes in units of ``q``, sorted: ``[0, m_1, …, m_L]`` (float64)."""
+        return self.level_set(1.0, torch.float64)[self.L :]
 
-    def errors(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Squared projection error of ``x`` for every candidate ``q``: ``(q, error)``."""
-        qs = self.candidates(x)
-        errs = torch.empty_like(qs)
-        for i, q in enumerate(qs.tolist()):
-            levels = self.level_set(q, x.dtype, x.device)
-            errs[i] = float((x - nearest_level(x, levels)).pow(2).sum()) if q > 0 else 0.0
-        return qs, errs
+    def error(self, x: torch.Tensor, q: float) -> float:
+        """Squared projection error ``||x − Π_q(x)||²`` of ``x`` onto the levels of scale ``q``."""
+        if q <= 0:
+            return float(x.double().pow(2).sum())
+        x = x.double()
+        return float(
+            (x - nearest_level(x, self.level_set(q, torch.float64, x.device))).pow(2).sum()
+        )
 
     def scale(self, x: torch.Tensor) -> float:
-        """The ``q`` on the grid with the least squared error (the first one on ties)."""
-        qs, errs = self.errors(x)
-        return float(qs[int(torch.argmin(errs))])
+        """The ``q`` with the least squared error, exactly (see :func:`best_scale`)."""
+        return best_scale(x, self.multipliers())
 
     def project(self, W: torch.Tensor, groups: int = 1) -> Projection:
         x = W.detach().float()
