@@ -72,14 +72,20 @@ def test_dense_float_model_round_trips_into_a_given_instance(tmp_path):
         ap.load_compressed(path, nn.Sequential(nn.Linear(4, 2)))
 
 
+def reseal(data: bytes) -> bytes:
+    """``data`` (a file whose body was edited) with its trailing CRC-32 made to match again, so
+    the parser's own checks are what is tested."""
+    return data[:-4] + struct.pack("<I", zlib.crc32(data[:-4]))
+
+
 def edit_header(data: bytes, edit) -> bytes:
     """The file with ``edit(entries)`` applied to its header's tensor entries, each
-    ``[name, dtype, shape, format, *numbers]``; the payload untouched."""
+    ``[name, dtype, shape, format, *numbers]``; the payload untouched, the CRC resealed."""
     hlen = struct.unpack("<I", data[8:12])[0]
     header = json.loads(zlib.decompress(data[12 : 12 + hlen]))
     edit(header["tensors"])
     h = zlib.compress(json.dumps(header).encode())
-    return data[:8] + struct.pack("<I", len(h)) + h + data[12 + hlen :]
+    return reseal(data[:8] + struct.pack("<I", len(h)) + h + data[12 + hlen :])
 
 
 def corrupt(data: bytes, how: str) -> bytes:
@@ -92,8 +98,12 @@ def corrupt(data: bytes, how: str) -> bytes:
         return data[:-3]
     if how == "appended":
         return data + b"\x00"
+    if how == "truncated, resealed":
+        return reseal(data[:-7] + data[-4:])
+    if how == "appended, resealed":
+        return reseal(data[:-4] + b"\x00" + data[-4:])
     if how == "header":
-        return data[:12] + b"\xff" * hlen + data[12 + hlen :]
+        return reseal(data[:12] + b"\xff" * hlen + data[12 + hlen :])
     if how == "format":
         return edit_header(data, lambda t: t[0].__setitem__(3, "zip"))
     if how == "sizes":  # a header that lies about one tensor's sections
@@ -106,8 +116,10 @@ def corrupt(data: bytes, how: str) -> bytes:
     [
         ("magic", "bad magic"),
         ("version", "version 9"),
-        ("truncated", "truncated"),
-        ("appended", "truncated or appended"),
+        ("truncated", "checksum mismatch"),
+        ("appended", "checksum mismatch"),
+        ("truncated, resealed", "truncated"),
+        ("appended, resealed", "truncated or appended"),
         ("header", "unreadable header"),
         ("sizes", "truncated or appended"),
         ("format", "bad tensor entry"),
@@ -147,7 +159,7 @@ def test_hybrid_weights_round_trip_and_a_lying_header_is_refused(tmp_path, quant
     data = path.read_bytes()
     hlen = struct.unpack("<I", data[8:12])[0]
     # the payload is the accounting's bits, each of its <= 6 sections padded to a whole byte
-    padding = (written - 12 - hlen) * 8 - s["total_bits"]
+    padding = (written - 12 - hlen - 4) * 8 - s["total_bits"]  # 4: the CRC-32
     assert 0 <= padding < 6 * 8
 
     def one_row_fewer(tensors):  # [name, dtype, shape, "hybrid", book, rows, cols, b, entries]
@@ -159,15 +171,38 @@ def test_hybrid_weights_round_trip_and_a_lying_header_is_refused(tmp_path, quant
         ap.load_compressed(path, nn.Sequential(nn.Linear(512, 128)))
 
 
-def test_version_1_files_still_load(tmp_path):
-    """Version 2 only added the hybrid format; a file without it reads the same under 1."""
+@pytest.mark.parametrize("version", [1, 2])
+def test_older_versions_still_load(tmp_path, version):
+    """Version 2 only added the hybrid format, 3 the trailing CRC-32; a file without either
+    reads the same under 1 and 2."""
     model = pruned_quantized_lenet5()
     assert "hybrid" not in {v["format"] for v in storage(model)["layers"].values()}
     path = tmp_path / "v1.bin"
     ap.export_compressed(model, path, SPEC)
-    data = bytearray(path.read_bytes())
-    data[7] = 1
+    data = bytearray(path.read_bytes()[:-4])
+    data[7] = version
     path.write_bytes(bytes(data))
     back = ap.load_compressed(path)
     for k, v in model.state_dict().items():
         assert torch.equal(v, back.state_dict()[k]), k
+
+
+def every_byte_flipped(data: bytes):
+    """Each single-byte corruption of ``data``: every position, with two different values."""
+    for i in range(len(data)):
+        for delta in (1, 0x80):
+            yield data[:i] + bytes([data[i] ^ delta]) + data[i + 1 :]
+
+
+def test_every_single_byte_corruption_of_a_packed_file_is_refused(tmp_path):
+    model = nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 2))
+    with torch.no_grad():
+        model[0].weight[:, ::2] = 0  # sparse and dense layers both
+    path = tmp_path / "small.admmprune"
+    ap.export_compressed(model, path)
+    data = path.read_bytes()
+    assert len(data) > 100
+    for bad in every_byte_flipped(data):
+        path.write_bytes(bad)
+        with pytest.raises(ValueError):
+            ap.load_compressed(path, nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 2)))

@@ -7,6 +7,7 @@ Layout (little-endian)::
     header                           zlib-compressed JSON: the model to build (optional) and,
                                      per state_dict tensor, its dtype, shape, format and sizes
     payload                          each tensor's sections, each padded to a whole byte
+    CRC-32                           uint32, of everything before it (version 3 on)
 
 Every Conv/Linear weight is written in the smallest of the formats of
 :func:`admmprune.accounting.weight_storage` (dense codes, relative indices with fillers, the
@@ -43,8 +44,9 @@ from .accounting import (
 __all__ = ["export_compressed", "load_compressed"]
 
 MAGIC = b"ADMMPRN"
-VERSION = 2  # 2 added the hybrid format; version-1 files read unchanged
-_READS = (1, 2)
+VERSION = 3  # 2 added the hybrid format, 3 the CRC-32; older files read unchanged
+_READS = (1, 2, 3)
+_CRC = 4  # bytes of the trailing CRC-32 (version 3 on)
 _DTYPES = {
     str(d).removeprefix("torch."): d
     for d in (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.uint8)
@@ -174,6 +176,7 @@ def export_compressed(
         json.dumps({"model": model_spec, "tensors": entries}, separators=(",", ":")).encode(), 9
     )
     data = MAGIC + bytes([VERSION]) + struct.pack("<I", len(header)) + header + b"".join(payload)
+    data += struct.pack("<I", zlib.crc32(data))
     atomic_write_bytes(Path(path), data)
     return len(data)
 
@@ -279,6 +282,10 @@ def _read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         raise _MalformedError("not an admmprune compressed file (bad magic)")
     if data[7] not in _READS:
         raise _MalformedError(f"file format version {data[7]}, this admmprune reads {_READS}")
+    if data[7] >= 3:  # a CRC-32 detects every error burst of up to 32 bits
+        data, (crc,) = data[:-_CRC], struct.unpack("<I", data[-_CRC:])
+        if zlib.crc32(data) != crc:
+            raise _MalformedError("checksum mismatch (the file is corrupt or truncated)")
     (hlen,) = struct.unpack("<I", data[8:12])
     try:
         header = json.loads(zlib.decompress(data[12 : 12 + hlen]))

@@ -24,7 +24,22 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from . import constraints
 
-__all__ = ["Recipe", "RecipeError", "load_recipe", "parse_recipe"]
+__all__ = [
+    "Recipe",
+    "RecipeError",
+    "differing_keys",
+    "load_recipe",
+    "parse_recipe",
+    "parse_set",
+]
+
+#: keys that say where and how a run is shown or placed, not what it computes: a run resumes
+#: under other values of these (``data.dir`` / ``data.path`` only while they hold the same data)
+NOT_IDENTITY = frozenset(
+    {"output_dir", "device", "progress", "logging", "data.dir", "data.path", "data.download"}
+    | {"data.num_workers"}
+)
+DATA_LOCATION = ("data.dir", "data.path")
 
 CONSTRAINT_TYPES = {
     "unstructured": constraints.Unstructured,
@@ -143,6 +158,13 @@ class CoupledCfg(_Strict):
     norm: Literal["l2", "l1"] = "l2"
 
 
+class LoggingCfg(_Strict):
+    """Where metrics go besides ``metrics.jsonl``: ``tensorboard: true`` writes every scalar to
+    ``RUN_DIR/tensorboard`` too (extra ``[tensorboard]``)."""
+
+    tensorboard: bool = False
+
+
 class ModelCfg(_Strict):
     name: str
     kwargs: dict[str, Any] = {}
@@ -173,7 +195,8 @@ class Recipe(_Strict):
     output_dir: str = "runs/run"
     device: str = "auto"
     amp: bool = False
-    progress: bool = True
+    progress: bool = True  # progress bars (on a terminal only; elsewhere a line per epoch)
+    logging: LoggingCfg = LoggingCfg()
     model: ModelCfg
     # How the compression stage (the `admm` section's epochs) induces sparsity.
     method: Literal["admm", "magnitude", "iterative", "gradual", "ssauto"] = "admm"
@@ -368,17 +391,76 @@ def _allowed_at(loc) -> list[str]:
     return list(getattr(model, "model_fields", {}))
 
 
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` → ``{"a.b": 1}`` (lists and scalars are leaves)."""
+    out = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out
+
+
+def differing_keys(saved: dict, now: dict, ignore=NOT_IDENTITY) -> list[str]:
+    """The dotted keys whose values differ between two recipe dumps, as ``key (old → new)``,
+    leaving out ``ignore`` and everything under it."""
+    a, b = flatten(saved), flatten(now)
+
+    def ignored(key: str) -> bool:
+        return any(key == k or key.startswith(k + ".") for k in ignore)
+
+    keys = sorted(k for k in set(a) | set(b) if not ignored(k) and a.get(k) != b.get(k))
+    return [f"{k} ({a.get(k, '<unset>')!r} → {b.get(k, '<unset>')!r})" for k in keys]
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """``["admm.rho=0.01", "seed=3"]`` → ``{"admm.rho": 0.01, "seed": 3}`` (values read as
+    YAML: numbers, booleans, null, lists)."""
+    out = {}
+    for item in items:
+        key, eq, text = item.partition("=")
+        if not eq or not key or any(not part for part in key.split(".")):
+            raise RecipeError(
+                f"--set {item!r}: write KEY.PATH=VALUE, e.g. --set admm.rho=0.01 or "
+                "--set 'constraints.fc1={unstructured: 0.1}'."
+            )
+        try:
+            out[key] = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise RecipeError(f"--set {item!r}: the value is not valid YAML: {exc}") from None
+    return out
+
+
+def _override(raw: dict, dotted: str, value: Any) -> None:
+    node, path = raw, []
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        path.append(p)
+        if node.get(p) is None:  # absent, or `data: null`: an empty section
+            node[p] = {}
+        node = node[p]
+        if not isinstance(node, dict):
+            raise RecipeError(
+                f"cannot set {dotted}: {'.'.join(path)} is {node!r}, not a section of keys."
+            )
+    node[leaf] = value
+
+
 def parse_recipe(raw: Any, overrides: dict | None = None) -> Recipe:
-    """Validate a recipe given as a dict (e.g. parsed YAML); raise :class:`RecipeError`."""
+    """Validate a recipe given as a dict (e.g. parsed YAML); raise :class:`RecipeError`.
+
+    ``overrides`` maps dotted keys to values (``--set``, ``--data-dir``), applied before
+    validation, so they are checked like the file.
+    """
+    if raw is None:
+        raw = {}
     if not isinstance(raw, dict):
         raise RecipeError(f"a recipe is a YAML mapping, got {type(raw).__name__}.")
     raw = _from_authors(raw)
     for dotted, value in (overrides or {}).items():
-        node = raw
-        *parents, leaf = dotted.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
+        _override(raw, dotted, value)
     try:
         return Recipe.model_validate(raw)
     except ValidationError as err:
@@ -391,7 +473,11 @@ def load_recipe(path: str | Path, overrides: dict | None = None) -> Recipe:
     if not path.is_file():
         raise RecipeError(f"recipe {str(path)!r} does not exist.")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise RecipeError(
+            f"recipe {str(path)!r} is not UTF-8 text (byte {exc.start}); save it as UTF-8."
+        ) from None
     except yaml.YAMLError as exc:
         raise RecipeError(f"recipe {str(path)!r} is not valid YAML: {exc}") from None
     return parse_recipe(raw, overrides)

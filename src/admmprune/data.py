@@ -7,6 +7,7 @@ on a CPU than per-image PIL transforms.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,6 +78,26 @@ class DataBundle:
     num_classes: int
     in_channels: int
     input_size: int
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the images and labels (in-memory data) or of the file lists: the same
+        data read from another folder has the same fingerprint."""
+        h = hashlib.sha256(f"{self.num_classes},{self.in_channels},{self.input_size}".encode())
+        for part in (self.train, self.val, self.test):
+            if isinstance(part, TensorImages):
+                for t in (part.x, part.y):
+                    h.update(str((t.dtype, tuple(t.shape))).encode())
+                    h.update(t.contiguous().numpy().view(np.uint8).reshape(-1))
+            elif part is None:
+                h.update(b"none")
+            else:  # e.g. an ImageFolder: file names relative to its root, and labels
+                root, samples = str(getattr(part, "root", "")), getattr(part, "samples", None)
+                if isinstance(samples, list):
+                    listing = [(str(f).removeprefix(root), y) for f, y in samples]
+                else:
+                    listing = len(part)
+                h.update(repr(listing).encode())
+        return h.hexdigest()
 
 
 def _need_dir(name: str, data_dir: str | None) -> Path:
@@ -164,11 +185,19 @@ def _npz(path: str | None, val_size: int, augment: bool) -> DataBundle:
         p = files[0]
     if not p.is_file():
         raise ValueError(f"npz file {str(p)!r} does not exist.")
-    with np.load(p) as z:
-        missing = {"x_train", "y_train", "x_test", "y_test"} - set(z.files)
-        if missing:
-            raise ValueError(f"{str(p)!r} lacks arrays {sorted(missing)} (has {z.files}).")
-        arrays = {k: z[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            missing = {"x_train", "y_train", "x_test", "y_test"} - set(z.files)
+            if missing:
+                raise ValueError(f"{str(p)!r} lacks arrays {sorted(missing)} (has {z.files}).")
+            arrays = {k: z[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+    except ValueError:
+        raise
+    except Exception as exc:
+        raise ValueError(
+            f"cannot read npz file {str(p)!r}: {type(exc).__name__}: {exc} (truncated or not an "
+            "npz written by numpy.savez?)."
+        ) from None
 
     def nchw(a):
         t = torch.from_numpy(np.ascontiguousarray(a))

@@ -16,6 +16,7 @@ import json
 import shutil
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,13 +24,13 @@ import torch
 import yaml
 from torch import nn
 
-from ._io import atomic_save, safe_load
+from ._io import atomic_save, atomic_save_plain, safe_load
 from .accounting import count, storage
 from .admm import ADMM, GROUP_COMBINABLE
 from .baselines import make_method
 from .compact import compact, zero_dead_inputs
 from .compressed import export_compressed
-from .config import Recipe, RecipeError
+from .config import DATA_LOCATION, Recipe, RecipeError, differing_keys
 from .data import DataBundle, load_data
 from .distributed import World, shard_order
 from .groups import channel_groups
@@ -71,6 +72,13 @@ class Prepared:
     default: object
     resume_state: dict | None = None
     extra: dict = field(default_factory=dict)
+    #: the exact command that continues this run after Ctrl-C (the CLI fills it in)
+    continue_command: str | None = None
+
+    def resume_hint(self) -> str:
+        return self.continue_command or (
+            f"admmprune run RECIPE --output-dir {self.run_dir} --resume"
+        )
 
 
 def _recipe_dump(recipe: Recipe) -> dict:
@@ -115,20 +123,15 @@ def prepare(
             f"data.batch_size {recipe.data.batch_size} does not split over {world.size} "
             f"processes; use a multiple of {world.size} (it is the global batch)."
         )
-    resume_state = None
-    if resume:
-        ckpt = run_dir / _CKPT
-        if not ckpt.is_file():
-            raise RecipeError(f"--resume: no checkpoint at {str(ckpt)!r}; start without --resume.")
-        resume_state = safe_load(ckpt, "run checkpoint")
-        if not isinstance(resume_state, dict) or resume_state.get("format") != _FORMAT:
-            raise RecipeError(f"{str(ckpt)!r} is not an admmprune run checkpoint.")
-        if resume_state["recipe"] != _recipe_dump(recipe):
+    resume_state = _load_resume_state(run_dir, recipe) if resume else None
+    if recipe.logging.tensorboard:
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
             raise RecipeError(
-                f"the recipe differs from the one {str(run_dir)!r} was started with "
-                f"(saved in {str(run_dir / 'recipe.yaml')!r}); resume with that recipe or use "
-                "--force."
-            )
+                "logging.tensorboard needs the tensorboard extra: "
+                "pip install 'admmprune[tensorboard]' (or set logging.tensorboard: false)."
+            ) from None
     try:
         device = resolve_device(recipe.device)
         d = recipe.data
@@ -152,6 +155,9 @@ def prepare(
         )
         if recipe.model.checkpoint:
             _load_start_weights(model, recipe.model.checkpoint)
+        fingerprint = data.fingerprint()
+        if resume_state is not None:
+            _same_data(run_dir, resume_state, recipe, fingerprint)
         spec, default = recipe.spec()
         constraint_names, combinable = {}, set()
         if spec or default is not None:  # unmatched / conflicting / wrong-rank keys fail here
@@ -192,9 +198,46 @@ def prepare(
         raise
     except ValueError as exc:
         raise RecipeError(str(exc)) from None
-    extra = {"groups": groups, "constraint_names": constraint_names, "quant_names": quant_names}
+    extra = {
+        "groups": groups,
+        "constraint_names": constraint_names,
+        "quant_names": quant_names,
+        "data_fingerprint": fingerprint,
+    }
     model = model.to(device)
     return Prepared(recipe, run_dir, data, model, device, spec, default, resume_state, extra)
+
+
+def _load_resume_state(run_dir: Path, recipe: Recipe) -> dict:
+    """The run's checkpoint, verified, for a recipe that computes the same run."""
+    ckpt = run_dir / _CKPT
+    if not ckpt.is_file():
+        raise RecipeError(f"--resume: no checkpoint at {str(ckpt)!r}; start without --resume.")
+    try:
+        state = safe_load(ckpt, "run checkpoint")
+    except ValueError as exc:
+        raise RecipeError(f"--resume: {exc}") from None
+    if not isinstance(state, dict) or state.get("format") != _FORMAT:
+        raise RecipeError(f"{str(ckpt)!r} is not an admmprune run checkpoint.")
+    diff = differing_keys(state["recipe"], _recipe_dump(recipe))
+    if diff:
+        raise RecipeError(
+            f"the recipe differs from the one {str(run_dir)!r} was started with, in: "
+            f"{'; '.join(diff)}. Resume with the recipe saved in "
+            f"{str(run_dir / 'recipe.yaml')!r}, or use --force to delete the run and start over."
+        )
+    return state
+
+
+def _same_data(run_dir: Path, state: dict, recipe: Recipe, fingerprint: str) -> None:
+    """A run resumes from another data folder only if it holds the very same data."""
+    saved = differing_keys(state["recipe"], _recipe_dump(recipe), ignore=())
+    moved = [d for d in saved if d.split(" ")[0] in DATA_LOCATION]
+    if moved and state.get("data_fingerprint") != fingerprint:
+        raise RecipeError(
+            f"{'; '.join(moved)}: the data there is not the data {str(run_dir)!r} was started "
+            "with (different images or labels); point it at the original data, or use --force."
+        )
 
 
 class _StopFlag:
@@ -234,6 +277,9 @@ class _Run:
         self.quant: ADMM | MaskedMapping | None = None  # the quantize stage's method
         self.info: dict = {"times": {}}
         self.metrics_lines = 0
+        self._clock = time.perf_counter()  # stage time counted up to here
+        self._started = (time.perf_counter(), 0)  # this process's start: time, batches done
+        self._tb = None  # TensorBoard writer (logging.tensorboard)
 
     # files -------------------------------------------------------------------------------------
     def metric(self, **row) -> None:
@@ -242,6 +288,32 @@ class _Run:
         with open(self.dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
         self.metrics_lines += 1
+        if self.r.logging.tensorboard:
+            self._tensorboard(row)
+
+    def _tensorboard(self, row: dict) -> None:
+        """Every numeric scalar of a metrics row, tagged ``stage/event/key`` (nested dicts such
+        as per-layer values flatten to ``stage/event/key/layer``), step = the row's number."""
+        from .config import flatten
+
+        if self._tb is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.dir / "tensorboard"))
+        stage, event = row.get("stage", "run"), row.get("event", "epoch")
+        for key, value in flatten(row).items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                self._tb.add_scalar(f"{stage}/{event}/{key.replace('.', '/')}", value,
+                                    self.metrics_lines)  # fmt: skip
+        self._tb.flush()
+
+    def _tick(self, stage: str) -> None:
+        """Add the time since the last tick to the stage's seconds (saved with checkpoints, so
+        a resumed run's seconds count every session)."""
+        now = time.perf_counter()
+        times = self.info["times"]
+        times[stage] = times.get(stage, 0.0) + now - self._clock
+        self._clock = now
 
     def _truncate_metrics(self, lines: int) -> None:
         if not self.world.main:
@@ -251,7 +323,8 @@ class _Run:
         path.write_text("".join(kept))
         self.metrics_lines = len(kept)
 
-    def save(self, stage: str, epoch: int, batch: int, opt, sched) -> None:
+    def save(self, stage: str, epoch: int, batch: int, opt, sched, sums=None) -> None:
+        self._tick(stage)
         if not self.world.main:
             return
         rng = {"torch": torch.get_rng_state()}
@@ -274,6 +347,8 @@ class _Run:
                 "rng": rng,
                 "metrics_lines": self.metrics_lines,
                 "info": self.info,
+                "epoch_sums": sums,  # the interrupted epoch's running loss/accuracy sums
+                "data_fingerprint": self.p.extra["data_fingerprint"],
             },
             self.dir / _CKPT,
         )
@@ -500,7 +575,7 @@ class _Run:
             if "cuda" in st["rng"] and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(st["rng"]["cuda"])
             self.log(
-                f"resuming {self.dir} at {st['stage']} epoch {st['epoch']} batch {st['batch']}"
+                f"resuming {self.dir}: {self._position(st['stage'], st['epoch'], st['batch'])}"
             )
         else:
             self.info["start_acc"] = self._evaluate()["test_acc"]
@@ -521,7 +596,8 @@ class _Run:
             opt = sched = None
         epoch = state["epoch"] if state else 0
         batch = state["batch"] if state else 0
-        t0 = time.perf_counter()
+        carry = state.get("epoch_sums") if state and batch else None
+        self._clock = time.perf_counter()
         while epoch < cfg.epochs:
             on_step = None
             if stage == "admm":
@@ -563,14 +639,13 @@ class _Run:
                 desc=f"{stage} {epoch + 1}/{cfg.epochs}",
                 should_stop=lambda: self._any(flag.stop),
                 on_step=on_step,
+                carry=carry,
+                status=self._eta(si, epoch),
             )
             if res.interrupted:
-                self.save(stage, epoch, res.batches, opt, sched)
-                raise Interrupted(
-                    f"interrupted in {stage} epoch {epoch + 1}, batch {res.batches}; checkpoint "
-                    f"saved in {self.dir}. Continue with: admmprune run RECIPE --resume"
-                )
-            batch = 0
+                self.save(stage, epoch, res.batches, opt, sched, sums=res.sums)
+                self._interrupted(stage, epoch, res.batches)
+            batch, carry = 0, None
             epoch += 1
             row = {
                 "stage": stage,
@@ -597,20 +672,56 @@ class _Run:
                 f"[{stage} {epoch}/{cfg.epochs}] loss {res.loss:.4f} train acc {res.accuracy:.4f} "
                 f"test acc {row['test_acc']:.4f}"
                 + (f" penalty {res.penalty:.3g}" if stage == "admm" else "")
+                + f" ({self._eta(si, epoch)(0)})"
             )
             self.save(stage, epoch, 0, opt, sched)
             if flag.stop:
-                raise Interrupted(
-                    f"interrupted after {stage} epoch {epoch}; checkpoint saved in {self.dir}. "
-                    "Continue with: admmprune run RECIPE --resume"
-                )
-        self.info["times"][stage] = self.info["times"].get(stage, 0.0) + time.perf_counter() - t0
+                self._interrupted(stage, epoch, 0)
+        self._tick(stage)
         if stage == "pretrain":
             self.info.setdefault("dense_acc", self._evaluate()["test_acc"])
         if stage == "retrain" and cfg.epochs == 0:
             self.save(stage, 0, 0, opt, sched)
         if stage == "quantize":
             self._hard_quantize()
+
+    def _interrupted(self, stage: str, epoch: int, batch: int):
+        raise Interrupted(
+            f"interrupted {'in ' if batch else ''}{self._position(stage, epoch, batch)}; "
+            f"checkpoint saved in {self.dir}. Continue with: {self.p.resume_hint()}"
+        )
+
+    def _position(self, stage: str, epoch: int, batch: int) -> str:
+        """Where a checkpoint stands, for people: epochs and batches counted from 1."""
+        epochs, steps = getattr(self.r, stage).epochs, self._steps_per_epoch()
+        if batch:
+            return f"{stage} epoch {epoch + 1}/{epochs}, after batch {batch}/{steps}"
+        if epoch == 0:
+            return f"the start of {stage}"
+        return f"after {stage} epoch {epoch}/{epochs}"
+
+    def _planned_batches(self) -> list[int]:
+        """Batches each stage trains, in STAGES order."""
+        spe = self._steps_per_epoch()
+        out = []
+        for stage in STAGES:
+            off = stage == "quantize" and not self.r.quantize.layers
+            out.append(0 if off else getattr(self.r, stage).epochs * spe)
+        return out
+
+    def _eta(self, si: int, epoch: int) -> Callable[[int], str]:
+        """``status(b)`` for the progress bar: the whole run's time left at this pace."""
+        plan = self._planned_batches()
+        before = sum(plan[:si]) + epoch * self._steps_per_epoch()
+        total = sum(plan)
+        t0, done0 = self._started
+
+        def status(b: int) -> str:
+            done = before + b
+            rate = (time.perf_counter() - t0) / max(done - done0, 1)
+            return f"ETA {_duration(rate * (total - done))}"
+
+        return status
 
     def _test_inputs(self, n: int) -> torch.Tensor:
         """The first ``n`` test inputs (fewer if the test set is smaller), on the run's device."""
@@ -698,7 +809,7 @@ class _Run:
             raise RuntimeError("ranks disagree on the final masks or weights; please report it.")
         if not self.world.main:
             return summarize(self.model, self.p.extra["constraint_names"], self.r, self.info, final)
-        torch.save(self.model.state_dict(), self.dir / "model.pt")
+        atomic_save_plain(self.model.state_dict(), self.dir / "model.pt")
         self.masks.save(self.dir / "masks.pt")
         names = self.p.extra["constraint_names"]
         summary = summarize(self.model, names, self.r, self.info, final)
@@ -715,6 +826,15 @@ class _Run:
         (self.dir / "layers.md").write_text(layer_table(summary) + "\n")
         write_plots(self.dir, summary)
         return summary
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
 
 def run(prepared: Prepared, log=print) -> dict:

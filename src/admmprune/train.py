@@ -7,6 +7,7 @@ run resumed from any batch sees exactly the batches the uninterrupted run would 
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -74,6 +75,12 @@ class EpochResult:
     penalty: float
     batches: int  # batches done in this epoch so far (all of them unless interrupted)
     interrupted: bool
+    sums: dict  # the running sums behind loss/accuracy/penalty: pass back as ``carry``
+
+
+def _on_terminal() -> bool:
+    """Progress bars redraw in place: worth it on a terminal, noise in a log file."""
+    return sys.stderr.isatty()
 
 
 def _batches(dataset: Dataset, order: torch.Tensor, batch_size: int, num_workers: int = 0):
@@ -108,19 +115,28 @@ def train_epoch(
     desc: str = "",
     should_stop: Callable[[], bool] = lambda: False,
     on_step: Callable[[int], None] | None = None,
+    carry: dict | None = None,
+    status: Callable[[int], str] | None = None,
 ) -> EpochResult:
     """One epoch over ``dataset`` in ``order`` from batch ``start_batch``; stops early (after a
     whole batch) when ``should_stop()`` turns true. ``on_step(b)`` runs after the optimizer step
-    of batch ``b`` (1-based within the epoch)."""
+    of batch ``b`` (1-based within the epoch).
+
+    ``carry``: the ``sums`` of the interrupted part of this epoch, so the epoch's loss and
+    accuracy count all of its batches. ``progress``: a bar on a terminal only, its postfix
+    ending with ``status(b)`` (e.g. the whole run's ETA).
+    """
     model.train()
     loader = _batches(dataset, order[start_batch * batch_size :], batch_size, num_workers)
     total = (len(order) + batch_size - 1) // batch_size
     bar = None
-    if progress:
+    if progress and _on_terminal():
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total, initial=start_batch, desc=desc, leave=False, dynamic_ncols=True)
-    loss_sum, correct, seen, pen_sum, done = 0.0, 0, 0, 0.0, start_batch
+    c = carry or {}
+    loss_sum, correct, seen = c.get("loss_sum", 0.0), c.get("correct", 0), c.get("seen", 0)
+    pen_sum, done = c.get("pen_sum", 0.0), start_batch
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with _autocast(device, amp):
@@ -142,15 +158,17 @@ def train_epoch(
         done += 1
         if bar is not None:
             bar.update(1)
+            extra = {"run": status(done)} if status is not None else {}
             bar.set_postfix(
-                loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}", refresh=False
+                loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}", **extra, refresh=False
             )
         if should_stop() and done < total:
             break
     if bar is not None:
         bar.close()
-    seen = max(seen, 1)
-    return EpochResult(loss_sum / seen, correct / seen, pen_sum / seen, done, done < total)
+    sums = {"loss_sum": loss_sum, "correct": correct, "seen": seen, "pen_sum": pen_sum}
+    n = max(seen, 1)
+    return EpochResult(loss_sum / n, correct / n, pen_sum / n, done, done < total, sums)
 
 
 @torch.no_grad()

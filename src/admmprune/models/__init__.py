@@ -1,12 +1,21 @@
 """Model zoo: the networks of the pruning papers, torchvision's, or any ``pkg.module:factory``.
 
-Every factory takes ``num_classes``, ``in_channels`` and ``input_size`` (the data's shape), so a
-recipe names a model and the data fills in the rest.
+The built-in factories take ``num_classes``, ``in_channels`` and ``input_size`` (the data's
+shape), so a recipe names a model and the data fills in the rest. A user factory
+``pkg.module:factory`` gets the recipe's ``model.kwargs``, plus each of ``num_classes``,
+``in_channels`` and ``input_size`` that it names as a parameter (``kwargs`` win)::
+
+    def factory(num_classes: int, width: int = 64) -> nn.Module: ...
+
+The module is imported from the current folder first, as ``python -m`` would.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
+import os
+import sys
 from collections.abc import Callable
 
 from torch import nn
@@ -54,10 +63,9 @@ def build_model(
     An import path runs the user's own code: only names the user wrote explicitly get imported.
     """
     kwargs = dict(kwargs or {})
+    shape = {"num_classes": num_classes, "in_channels": in_channels, "input_size": input_size}
     if name in MODELS:
-        return MODELS[name](
-            num_classes=num_classes, in_channels=in_channels, input_size=input_size, **kwargs
-        )
+        return _call(name, MODELS[name], {**shape, **kwargs}, kwargs)
     tv = name.removeprefix("torchvision:")
     if name.startswith("torchvision:") or (":" not in name and tv in _torchvision_names()):
         import torchvision
@@ -68,17 +76,13 @@ def build_model(
             raise ValueError(
                 f"torchvision's {tv} expects 3-channel images, the data has {in_channels}."
             )
-        return torchvision.models.get_model(tv, num_classes=num_classes, **kwargs)
+        factory = torchvision.models.get_model_builder(tv)
+        return _call(name, factory, {"num_classes": num_classes, **kwargs}, kwargs)
     if is_import_path(name):
-        module_name, _, attr = name.partition(":")
-        try:
-            factory = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as exc:
-            raise ValueError(f"cannot import model factory {name!r}: {exc}") from None
-        try:
-            model = factory(**kwargs)
-        except TypeError as exc:  # most often: kwargs the factory does not take
-            raise ValueError(f"model factory {name!r} with kwargs {kwargs}: {exc}") from None
+        factory = _import_factory(name)
+        params = _parameters(factory)
+        named = {k: v for k, v in shape.items() if k in params}
+        model = _call(name, factory, {**named, **kwargs}, kwargs)
         if not isinstance(model, nn.Module):
             raise ValueError(f"{name!r} returned {type(model).__name__}, not an nn.Module.")
         return model
@@ -86,3 +90,43 @@ def build_model(
         f"unknown model {name!r}; built in: {', '.join(MODELS)}; or any torchvision model "
         "(e.g. resnet18), or an import path 'package.module:factory'."
     )
+
+
+def _parameters(factory: Callable) -> dict[str, inspect.Parameter]:
+    try:
+        return dict(inspect.signature(factory).parameters)
+    except (TypeError, ValueError):  # a builtin without a signature
+        return {}
+
+
+def _import_factory(name: str) -> Callable:
+    """``pkg.mod:fn``, with the current folder on the import path for this import only."""
+    module_name, _, attr = name.partition(":")
+    added = os.getcwd() not in sys.path
+    if added:
+        sys.path.insert(0, os.getcwd())
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"cannot import model factory {name!r}: {exc}") from None
+    finally:
+        if added:
+            sys.path.remove(os.getcwd())
+
+
+def _call(name: str, factory: Callable, arguments: dict, user_kwargs: dict) -> nn.Module:
+    """``factory(**arguments)``; arguments it does not take are an error naming those it does."""
+    params = _parameters(factory)
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    accepted = [k for k, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    unknown = sorted(set(user_kwargs) - set(accepted)) if params and not takes_any else []
+    if unknown:
+        raise ValueError(
+            f"model {name!r} does not take {', '.join(map(repr, unknown))} in model.kwargs; "
+            f"it accepts: {', '.join(accepted) or 'no arguments'}."
+        )
+    try:
+        return factory(**arguments)
+    except TypeError as exc:  # e.g. a keyword swallowed by **kwargs further down
+        hint = f"; it accepts: {', '.join(accepted)}" if accepted and not takes_any else ""
+        raise ValueError(f"model {name!r} with kwargs {user_kwargs}: {exc}{hint}") from None
