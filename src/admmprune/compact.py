@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .accounting import count
+
 __all__ = ["CompactReport", "compact", "zero_dead_inputs"]
 
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm, nn.LayerNorm)
@@ -35,6 +37,13 @@ class CompactReport:
     not_removable: dict[str, int] = field(default_factory=dict)  # zero in some producers only
     params_before: int = 0
     params_after: int = 0
+    macs_before: int = 0  # Conv/Linear MACs per sample of the example input's shape
+    macs_after: int = 0
+    sparse_macs_after: int = 0  # of those, with a non-zero weight (e.g. after column pruning)
+
+    @property
+    def mac_reduction(self) -> float:
+        return self.macs_before / max(self.macs_after, 1)
 
     @property
     def total_not_removable(self) -> int:
@@ -127,7 +136,10 @@ def compact(
         names = _name_of(model)
         lookup = dict(small.named_modules())
         ignored = [lookup[names[m]] for m in ignored_layers]
-    report = CompactReport(params_before=sum(p.numel() for p in small.parameters()))
+    report = CompactReport(
+        params_before=sum(p.numel() for p in small.parameters()),
+        macs_before=count(small, example_input)["macs"],
+    )
     DG, plans = _removable(small, example_input, ignored)
     names = _name_of(small)
     for root, handler, idxs, partial in plans:
@@ -138,6 +150,8 @@ def compact(
             DG.get_pruning_group(root, handler, idxs).prune()
             report.removed[name] = len(idxs)
     report.params_after = sum(p.numel() for p in small.parameters())
+    after = count(small, example_input)
+    report.macs_after, report.sparse_macs_after = after["macs"], after["sparse_macs"]
     small.train(was_training)
     return small, report
 

@@ -25,7 +25,7 @@ import yaml
 from torch import nn
 
 from ._io import atomic_save, atomic_save_plain, safe_load
-from .accounting import count, storage
+from .accounting import storage
 from .admm import ADMM, GROUP_COMBINABLE
 from .baselines import make_method
 from .compact import compact, zero_dead_inputs
@@ -50,7 +50,7 @@ from .train import (
     train_epoch,
 )
 
-__all__ = ["Interrupted", "Prepared", "prepare", "run"]
+__all__ = ["Interrupted", "Prepared", "plan", "prepare", "run"]
 
 STAGES = ("pretrain", "admm", "retrain", "quantize")
 _CKPT = "checkpoint.pt"
@@ -735,7 +735,6 @@ class _Run:
         """
         x = self._test_inputs(1)
         small, report = compact(self.model, x)
-        before, after = count(self.model, x), count(small, x)
         xb = self._test_inputs(64)
 
         # timed as deployed (see latency.py): BN folded where torch.fx can trace the model,
@@ -750,11 +749,11 @@ class _Run:
         return {
             "channels_removed": sum(report.removed.values()),
             "zero_channels_not_removable": report.total_not_removable,
-            "macs_dense": before["macs"],
-            "macs_compact": after["macs"],
-            "mac_reduction": before["macs"] / max(after["macs"], 1),
-            "macs_compact_sparse": after["sparse_macs"],  # zero weights (e.g. columns) skipped
-            "params_compact": after["params"],
+            "macs_dense": report.macs_before,
+            "macs_compact": report.macs_after,
+            "mac_reduction": report.mac_reduction,
+            "macs_compact_sparse": report.sparse_macs_after,  # zero weights (e.g. columns) skipped
+            "params_compact": report.params_after,
             "latency_batch": xb.shape[0],
             "latency_threads": torch.get_num_threads(),
             "latency_channels_last": channels_last,
@@ -826,6 +825,48 @@ class _Run:
         (self.dir / "layers.md").write_text(layer_table(summary) + "\n")
         write_plots(self.dir, summary)
         return summary
+
+
+def plan(p: Prepared) -> str:
+    """What :func:`run` would do with ``p``, for people (``admmprune check``)."""
+    r, d = p.recipe, p.data
+    val = f", {len(d.val):,} validation" if d.val is not None else ""
+    lines = [
+        f"recipe OK: model {r.model.name} on {r.data.name} ({len(d.train):,} training, "
+        f"{len(d.test):,} test images{val}; {d.num_classes} classes), device {p.device}, "
+        f"seed {r.seed}",
+        "run dir: "
+        + (
+            f"{p.run_dir} (resumes: {_Run(p, log=lambda *a: None)._position(*_at(p))})"
+            if p.resume_state
+            else f"{p.run_dir} ({'replaced: --force' if p.run_dir.exists() else 'new'})"
+        ),
+        "stages:",
+    ]
+    method = r.method if r.method != "admm" or r.admm.epochs else "one-shot projection"
+    for stage in STAGES:
+        cfg = getattr(r, stage)
+        if stage == "quantize" and not r.quantize.layers:
+            continue
+        what = {"admm": f"compress ({method})", "quantize": f"quantize ({r.quantize.method})"}
+        lines.append(
+            f"  {stage:<9} {cfg.epochs:>3} epochs  {what.get(stage, 'train')}, "
+            f"{cfg.optimizer.name} lr {cfg.optimizer.lr:g}, {cfg.schedule.name} schedule"
+        )
+    lines.append("  then: hard prune" + (", compact" if r.compact else "") + ", storage, report")
+    names = p.extra["constraint_names"]
+    lines.append(f"constrained layers ({len(names)}):")
+    lines += [f"  {name:<30} {what}" for name, what in names.items()]
+    if p.extra["quant_names"]:
+        lines.append(f"quantized layers ({len(p.extra['quant_names'])}):")
+        lines += [f"  {name:<30} {what}" for name, what in p.extra["quant_names"].items()]
+    lines.append("nothing was written.")
+    return "\n".join(lines)
+
+
+def _at(p: Prepared) -> tuple[str, int, int]:
+    st = p.resume_state
+    return st["stage"], st["epoch"], st["batch"]
 
 
 def _duration(seconds: float) -> str:

@@ -97,13 +97,17 @@ def format_summary(summary: dict) -> str:
         f"weights kept); whole model {p['rate']:.1f}× ({p['nonzero']:,} of {p['params']:,} "
         "parameters non-zero)",
     ]
-    if "compact" in summary:
+    if summary.get("compact", {}).get("channels_removed"):  # nothing removed: nothing to say
         k = summary["compact"]
+        speed = (
+            f"measured {k['speedup']:.2f}x faster"
+            if k["speedup"] >= 1
+            else f"measured {1 / k['speedup']:.2f}x slower"
+        )
         lines.append(
             f"compacted: {k['channels_removed']} channels removed, {k['mac_reduction']:.2f}x fewer "
-            f"MACs, measured {k['speedup']:.2f}x faster (batch {k['latency_batch']}, "
-            f"{k['latency_threads']} threads); {k['zero_channels_not_removable']} zero channels "
-            "could not be removed"
+            f"MACs, {speed} (batch {k['latency_batch']}, {k['latency_threads']} threads); "
+            f"{k['zero_channels_not_removable']} zero channels could not be removed"
         )
     if "storage" in summary:
         st = summary["storage"]
