@@ -42,4 +42,7 @@ def test_structured_example_runs_and_compacts_exactly(capsys):
     x = ns["torch"].randn(2, 3, 32, 32)
     with torch.no_grad():
         assert (ns["model"](x) - ns["small"](x)).abs().max() <= 1e-5
-    assert "channels removed" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "channels removed" in out
+    r = ns["report"]
+    assert f"{r.macs_before:,} → {r.macs_after:,} MACs" in out and r.mac_reduction > 2

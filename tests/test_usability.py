@@ -248,13 +248,16 @@ def test_every_single_byte_corruption_of_a_masks_file_is_refused(tmp_path):
 
 
 def test_plain_torch_files_still_load(tmp_path):
-    """Masks and checkpoints written before the seal (plain torch.save) still read."""
+    """Masks and checkpoints written before the seal (plain torch.save) still read, and sealed
+    files read with torch.load."""
     model = nn.Sequential(nn.Linear(4, 3))
     masks = ap.prune(model, {"0": ap.Unstructured(0.5)})
     torch.save(masks.state_dict(), tmp_path / "old.pt")
     assert torch.equal(ap.Masks.load(tmp_path / "old.pt", model)["0.weight"], masks["0.weight"])
     atomic_save({"x": torch.ones(2)}, tmp_path / "new.pt")
     assert torch.equal(safe_load(tmp_path / "new.pt", "x")["x"], torch.ones(2))
+    # and a sealed file is still an ordinary torch file for other tools
+    assert torch.equal(torch.load(tmp_path / "new.pt", weights_only=True)["x"], torch.ones(2))
 
 
 def test_any_load_error_names_the_file(tmp_path):

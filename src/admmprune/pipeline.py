@@ -24,7 +24,7 @@ import torch
 import yaml
 from torch import nn
 
-from ._io import atomic_save, atomic_save_plain, safe_load
+from ._io import atomic_save, safe_load
 from .accounting import storage
 from .admm import ADMM, GROUP_COMBINABLE
 from .baselines import make_method
@@ -808,7 +808,7 @@ class _Run:
             raise RuntimeError("ranks disagree on the final masks or weights; please report it.")
         if not self.world.main:
             return summarize(self.model, self.p.extra["constraint_names"], self.r, self.info, final)
-        atomic_save_plain(self.model.state_dict(), self.dir / "model.pt")
+        atomic_save(self.model.state_dict(), self.dir / "model.pt")
         self.masks.save(self.dir / "masks.pt")
         names = self.p.extra["constraint_names"]
         summary = summarize(self.model, names, self.r, self.info, final)
