@@ -542,7 +542,7 @@ class _Run:
         return self.quant if stage == "quantize" and isinstance(self.quant, ADMM) else None
 
     def _steps_per_epoch(self) -> int:
-        return -(-len(self.p.data.train) // self.r.data.batch_size)
+        return _steps_per_epoch(self.p)
 
     def _hard_prune(self) -> Masks:
         if self.method is not None:
@@ -575,7 +575,7 @@ class _Run:
             if "cuda" in st["rng"] and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(st["rng"]["cuda"])
             self.log(
-                f"resuming {self.dir}: {self._position(st['stage'], st['epoch'], st['batch'])}"
+                f"resuming {self.dir}: {_position(self.p, st['stage'], st['epoch'], st['batch'])}"
             )
         else:
             self.info["start_acc"] = self._evaluate()["test_acc"]
@@ -687,18 +687,9 @@ class _Run:
 
     def _interrupted(self, stage: str, epoch: int, batch: int):
         raise Interrupted(
-            f"interrupted {'in ' if batch else ''}{self._position(stage, epoch, batch)}; "
+            f"interrupted {'in ' if batch else ''}{_position(self.p, stage, epoch, batch)}; "
             f"checkpoint saved in {self.dir}. Continue with: {self.p.resume_hint()}"
         )
-
-    def _position(self, stage: str, epoch: int, batch: int) -> str:
-        """Where a checkpoint stands, for people: epochs and batches counted from 1."""
-        epochs, steps = getattr(self.r, stage).epochs, self._steps_per_epoch()
-        if batch:
-            return f"{stage} epoch {epoch + 1}/{epochs}, after batch {batch}/{steps}"
-        if epoch == 0:
-            return f"the start of {stage}"
-        return f"after {stage} epoch {epoch}/{epochs}"
 
     def _planned_batches(self) -> list[int]:
         """Batches each stage trains, in STAGES order."""
@@ -837,7 +828,7 @@ def plan(p: Prepared) -> str:
         f"seed {r.seed}",
         "run dir: "
         + (
-            f"{p.run_dir} (resumes: {_Run(p, log=lambda *a: None)._position(*_at(p))})"
+            f"{p.run_dir} (resumes: {_position(p, *_at(p))})"
             if p.resume_state
             else f"{p.run_dir} ({'replaced: --force' if p.run_dir.exists() else 'new'})"
         ),
@@ -862,6 +853,20 @@ def plan(p: Prepared) -> str:
         lines += [f"  {name:<30} {what}" for name, what in p.extra["quant_names"].items()]
     lines.append("nothing was written.")
     return "\n".join(lines)
+
+
+def _steps_per_epoch(p: Prepared) -> int:
+    return -(-len(p.data.train) // p.recipe.data.batch_size)
+
+
+def _position(p: Prepared, stage: str, epoch: int, batch: int) -> str:
+    """Where a checkpoint stands, for people: epochs and batches counted from 1."""
+    epochs, steps = getattr(p.recipe, stage).epochs, _steps_per_epoch(p)
+    if batch:
+        return f"{stage} epoch {epoch + 1}/{epochs}, after batch {batch}/{steps}"
+    if epoch == 0:
+        return f"the start of {stage}"
+    return f"after {stage} epoch {epoch}/{epochs}"
 
 
 def _at(p: Prepared) -> tuple[str, int, int]:
