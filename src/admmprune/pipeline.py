@@ -25,22 +25,18 @@ import yaml
 from torch import nn
 
 from ._io import atomic_save, safe_load
-from .accounting import storage
-from .admm import ADMM, GROUP_COMBINABLE
-from .baselines import make_method
-from .compact import compact, zero_dead_inputs
-from .compressed import export_compressed
+from .admm import GROUP_COMBINABLE
+from .compact import zero_dead_inputs
 from .config import DATA_LOCATION, Recipe, RecipeError, differing_keys
 from .data import DataBundle, load_data
 from .distributed import World, shard_order
+from .finish import compact_stats, model_spec, storage_stats, write_run_files
 from .groups import channel_groups
-from .latency import measure_paired
-from .masks import Masks, prune
+from .masks import Masks
 from .models import build_model
-from .plots import write_plots
-from .quantization import MaskedMapping
-from .report import layer_table, summarize
+from .report import summarize
 from .select import select
+from .stages import STAGES
 from .train import (
     batch_order,
     evaluate,
@@ -52,7 +48,6 @@ from .train import (
 
 __all__ = ["Interrupted", "Prepared", "plan", "prepare", "run"]
 
-STAGES = ("pretrain", "admm", "retrain", "quantize")
 _CKPT = "checkpoint.pt"
 _FORMAT = "admmprune.checkpoint"
 
@@ -107,44 +102,12 @@ def prepare(
     side by side on the very same tensors; the recipe's batch sizes still apply).
     """
     run_dir = Path(recipe.output_dir)
-    if resume and force:
-        raise RecipeError("--resume and --force contradict each other; choose one.")
-    if run_dir.exists() and not run_dir.is_dir():
-        raise RecipeError(f"output_dir {str(run_dir)!r} exists and is not a folder.")
-    existing = run_dir.is_dir() and any(run_dir.iterdir())
-    if existing and not (resume or force):
-        raise RecipeError(
-            f"output_dir {str(run_dir)!r} is not empty; pass --resume to continue that run, "
-            "--force to delete it and start over, or choose another output_dir."
-        )
-    world = World()
-    if world.active and recipe.data.batch_size % world.size:
-        raise RecipeError(
-            f"data.batch_size {recipe.data.batch_size} does not split over {world.size} "
-            f"processes; use a multiple of {world.size} (it is the global batch)."
-        )
+    _check_run_dir(run_dir, resume, force)
+    _check_environment(recipe)
     resume_state = _load_resume_state(run_dir, recipe) if resume else None
-    if recipe.logging.tensorboard:
-        try:
-            import tensorboard  # noqa: F401
-        except ImportError:
-            raise RecipeError(
-                "logging.tensorboard needs the tensorboard extra: "
-                "pip install 'admmprune[tensorboard]' (or set logging.tensorboard: false)."
-            ) from None
     try:
         device = resolve_device(recipe.device)
-        d = recipe.data
-        data = data or load_data(
-            d.name,
-            data_dir=d.dir,
-            path=d.path,
-            download=d.download,
-            augment=d.augment,
-            val_size=d.val_size,
-            image_size=d.image_size,
-            seed=recipe.seed,
-        )
+        data = data or _load(recipe)
         torch.manual_seed(recipe.seed)
         model = build_model(
             recipe.model.name,
@@ -159,36 +122,8 @@ def prepare(
         if resume_state is not None:
             _same_data(run_dir, resume_state, recipe, fingerprint)
         spec, default = recipe.spec()
-        constraint_names, combinable = {}, set()
-        if spec or default is not None:  # unmatched / conflicting / wrong-rank keys fail here
-            for t in select(model, spec, default):
-                constraint_names[t.name] = repr(t.constraint)
-                if isinstance(t.constraint, GROUP_COMBINABLE):
-                    combinable.add(t.name)  # may also sit in a channel group (filter + column)
-        groups = []
-        for c in recipe.coupled():
-            x1 = data.test.batch(torch.arange(1))[0]
-            new = channel_groups(model, x1, c.keep, layers=c.layers, norm=c.norm)
-            if not new:
-                raise RecipeError(
-                    f"coupled_channels layers {c.layers!r} matches no channel group; use a glob "
-                    "on layer names, e.g. 'layer3*' (the output layer is never pruned)."
-                )
-            groups += new
-            for g in new:
-                for pname, _ in g.members:
-                    if pname in combinable:
-                        combinable.discard(pname)  # one group per parameter
-                        constraint_names[pname] = f"{g!r} & {constraint_names[pname]}"
-                        continue
-                    if pname in constraint_names:
-                        raise RecipeError(
-                            f"{pname!r} is in coupled_channels group {g.name!r} and also in "
-                            "constraints or an earlier coupled_channels entry; constrain each "
-                            "parameter once (only a columns or unstructured constraint may "
-                            "sit on top of a channel group: filter + column)."
-                        )
-                    constraint_names[pname] = repr(g)
+        x1 = data.test.batch(torch.arange(1))[0]
+        constraint_names, groups = _constrained(model, recipe, spec, default, x1)
         quant_names = {}
         if recipe.quantize.layers:
             quant_names = {
@@ -206,6 +141,86 @@ def prepare(
     }
     model = model.to(device)
     return Prepared(recipe, run_dir, data, model, device, spec, default, resume_state, extra)
+
+
+def _check_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
+    if resume and force:
+        raise RecipeError("--resume and --force contradict each other; choose one.")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RecipeError(f"output_dir {str(run_dir)!r} exists and is not a folder.")
+    existing = run_dir.is_dir() and any(run_dir.iterdir())
+    if existing and not (resume or force):
+        raise RecipeError(
+            f"output_dir {str(run_dir)!r} is not empty; pass --resume to continue that run, "
+            "--force to delete it and start over, or choose another output_dir."
+        )
+
+
+def _check_environment(recipe: Recipe) -> None:
+    """Process count and optional extras the recipe needs."""
+    world = World()
+    if world.active and recipe.data.batch_size % world.size:
+        raise RecipeError(
+            f"data.batch_size {recipe.data.batch_size} does not split over {world.size} "
+            f"processes; use a multiple of {world.size} (it is the global batch)."
+        )
+    if recipe.logging.tensorboard:
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            raise RecipeError(
+                "logging.tensorboard needs the tensorboard extra: "
+                "pip install 'admmprune[tensorboard]' (or set logging.tensorboard: false)."
+            ) from None
+
+
+def _load(recipe: Recipe) -> DataBundle:
+    d = recipe.data
+    return load_data(
+        d.name,
+        data_dir=d.dir,
+        path=d.path,
+        download=d.download,
+        augment=d.augment,
+        val_size=d.val_size,
+        image_size=d.image_size,
+        seed=recipe.seed,
+    )
+
+
+def _constrained(model, recipe: Recipe, spec, default, x1) -> tuple[dict, list]:
+    """Each constrained parameter's constraint (as text) and the coupled channel groups;
+    unmatched, conflicting or wrong-rank keys fail here."""
+    constraint_names, combinable = {}, set()
+    if spec or default is not None:
+        for t in select(model, spec, default):
+            constraint_names[t.name] = repr(t.constraint)
+            if isinstance(t.constraint, GROUP_COMBINABLE):
+                combinable.add(t.name)  # may also sit in a channel group (filter + column)
+    groups = []
+    for c in recipe.coupled():
+        new = channel_groups(model, x1, c.keep, layers=c.layers, norm=c.norm)
+        if not new:
+            raise RecipeError(
+                f"coupled_channels layers {c.layers!r} matches no channel group; use a glob "
+                "on layer names, e.g. 'layer3*' (the output layer is never pruned)."
+            )
+        groups += new
+        for g in new:
+            for pname, _ in g.members:
+                if pname in combinable:
+                    combinable.discard(pname)  # one group per parameter
+                    constraint_names[pname] = f"{g!r} & {constraint_names[pname]}"
+                    continue
+                if pname in constraint_names:
+                    raise RecipeError(
+                        f"{pname!r} is in coupled_channels group {g.name!r} and also in "
+                        "constraints or an earlier coupled_channels entry; constrain each "
+                        "parameter once (only a columns or unstructured constraint may "
+                        "sit on top of a channel group: filter + column)."
+                    )
+                constraint_names[pname] = repr(g)
+    return constraint_names, groups
 
 
 def _load_resume_state(run_dir: Path, recipe: Recipe) -> dict:
@@ -265,21 +280,29 @@ class _StopFlag:
 
 
 class _Run:
-    def __init__(self, p: Prepared, log=print) -> None:
+    """The runner: the epoch loop, batch order, DDP, metrics rows, checkpoints, Ctrl-C and
+    resume, written once for every stage (:mod:`admmprune.stages`), then the finishing steps
+    (:mod:`admmprune.finish`)."""
+
+    def __init__(self, p: Prepared, log=print, stages=STAGES) -> None:
         self.world = World()
         self.p, self.r = p, p.recipe
         self.log = log if self.world.main else (lambda *a, **k: None)  # rank 0 alone speaks
         self.dir = p.run_dir
         self._ddp = None
         self.model = p.model
-        self.method = None  # the compression stage's method (ADMM or a heuristic)
-        self.masks: Masks | None = None
-        self.quant: ADMM | MaskedMapping | None = None  # the quantize stage's method
+        self.masks: Masks | None = None  # from the hard prune on; shared by the later stages
+        self.stages = [cls(self) for cls in stages]
         self.info: dict = {"times": {}}
         self.metrics_lines = 0
         self._clock = time.perf_counter()  # stage time counted up to here
         self._started = (time.perf_counter(), 0)  # this process's start: time, batches done
         self._tb = None  # TensorBoard writer (logging.tensorboard)
+        self.flag = _StopFlag()
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return _steps_per_epoch(self.p)
 
     # files -------------------------------------------------------------------------------------
     def metric(self, **row) -> None:
@@ -341,9 +364,8 @@ class _Run:
                 "model": self.model.state_dict(),
                 "optimizer": opt.state_dict() if opt is not None else None,
                 "scheduler": sched.state_dict() if sched is not None else None,
-                "method": self.method.state_dict() if self.method is not None else None,
                 "masks": self.masks.state_dict() if self.masks is not None else None,
-                "quant": self.quant.state_dict() if self.quant is not None else None,
+                **{k: v for stage in self.stages for k, v in stage.state_dict().items()},
                 "rng": rng,
                 "metrics_lines": self.metrics_lines,
                 "info": self.info,
@@ -354,7 +376,7 @@ class _Run:
         )
 
     # stages ------------------------------------------------------------------------------------
-    def _evaluate(self) -> dict:
+    def evaluate(self) -> dict:
         bs, amp = self.r.data.eval_batch_size, self.r.amp
         acc, loss = evaluate(self.model, self.p.data.test, self.p.device, bs, amp)
         out = {"test_acc": acc, "test_loss": loss}
@@ -364,81 +386,61 @@ class _Run:
             )
         return out
 
-    def _lr_resets(self) -> bool:
-        """The ADMM stage restarts its schedule at every Z/U update: only where the updates
-        fall at epoch ends (``updates_per_epoch: 0``); otherwise one schedule spans the stage."""
-        a = self.r.admm
-        return self.r.method == "admm" and a.lr_reset and a.updates_per_epoch == 0
-
-    def _stage_objects(self, stage: str, cfg):
-        opt = make_optimizer(self.model.parameters(), cfg.optimizer)
-        if stage == "admm" and self._lr_resets():
-            sched = make_scheduler(opt, cfg.schedule, self.r.admm.update_every)
+    # the loop ------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        st = self.p.resume_state
+        names = [stage.name for stage in self.stages]
+        start = names.index(st["stage"]) if st else 0
+        if st:
+            self._restore(st)
         else:
-            sched = make_scheduler(opt, cfg.schedule, cfg.epochs)
-        return opt, sched
+            self.info["start_acc"] = self.evaluate()["test_acc"]
+        with self.flag:
+            for si in range(start, len(self.stages)):
+                self._run_stage(si, st if (st and si == start) else None)
+        return self._finish()
 
-    def _begin_stage(self, stage: str, state: dict | None):
-        """Build the stage's optimizer, scheduler, ADMM or masks; from ``state`` when resuming."""
-        cfg = getattr(self.r, stage)
-        opt, sched = self._stage_objects(stage, cfg)
-        if stage == "admm" and self.method is None:
-            a = self.r.admm
-            options = (
-                self._method_options()
-                if self.r.method == "ssauto"
-                else (
-                    {
-                        "rounds": a.rounds,
-                        "update_every": a.update_every,
-                        "updates_per_epoch": a.updates_per_epoch,
-                        "admm_kwargs": {
-                            "rho": a.rho,
-                            "rho_growth": a.rho_growth,
-                            "rho_max": a.rho_max,
-                            "mode": a.mode,
-                            "groups": self.p.extra["groups"],
-                        },
-                    }
-                    if self.r.method == "admm"
-                    else {
-                        k: v
-                        for k, v in self.r.heuristic.model_dump().items()
-                        if k
-                        in {"iterative": ("cycles",), "gradual": ("prune_every", "end")}.get(
-                            self.r.method, ()
-                        )
-                    }
-                )
-            )
-            self.method = make_method(
-                self.r.method,
-                self.model,
-                self.p.spec,
-                self.p.default,
-                opt,
-                epochs=cfg.epochs,
-                steps_per_epoch=self._steps_per_epoch(),
-                **options,
-            )
-            start = (state["epoch"], state.get("method")) if state else (0, None)
-            for row in self.method.start(*start):
-                self.metric(stage="admm", **row)
-        if stage == "retrain":
-            if state is not None and state.get("masks") is not None:
-                self.masks = Masks.from_state_dict(self.model, state["masks"])
-            elif self.masks is None:
-                self.masks = self._hard_prune()
-            self.masks.attach(opt)
-        if stage == "quantize":
-            if state is not None and state.get("masks") is not None:
-                self.masks = Masks.from_state_dict(self.model, state["masks"])
-            self.masks.attach(opt)
-            self.quant = self._quantizer()
-            if isinstance(self.quant, MaskedMapping):
-                self.quant.attach(opt)
-            if state is not None and state.get("quant") is not None:
-                self.quant.load_state_dict(state["quant"])
+    def _restore(self, st: dict) -> None:
+        """Model, masks, info, metrics file and RNG as the checkpoint left them."""
+        self.model.load_state_dict(st["model"])
+        if st.get("masks") is not None:
+            self.masks = Masks.from_state_dict(self.model, st["masks"])
+        self.info = st["info"]
+        self._truncate_metrics(st["metrics_lines"])
+        torch.set_rng_state(st["rng"]["torch"])
+        if "cuda" in st["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(st["rng"]["cuda"])
+        self.log(f"resuming {self.dir}: {self._where(st['stage'], st['epoch'], st['batch'])}")
+
+    def _run_stage(self, si: int, state: dict | None) -> None:
+        stage = self.stages[si]
+        if not stage.active(self.r):
+            return
+        opt, sched = self._begin(stage, state) if stage.trains() else (None, None)
+        epoch = state["epoch"] if state else 0
+        batch = state["batch"] if state else 0
+        carry = state.get("epoch_sums") if state and batch else None
+        self._clock = time.perf_counter()
+        while epoch < stage.epochs:
+            res = self._train_epoch(si, epoch, batch, carry, opt)
+            if res.interrupted:
+                self.save(stage.name, epoch, res.batches, opt, sched, sums=res.sums)
+                self._interrupted(stage.name, epoch, res.batches)
+            batch, carry = 0, None
+            epoch += 1
+            sched = self._end_epoch(si, epoch, res, opt, sched)
+            self.save(stage.name, epoch, 0, opt, sched)
+            if self.flag.stop:
+                self._interrupted(stage.name, epoch, 0)
+        self._tick(stage.name)
+        stage.end()
+
+    def _begin(self, stage, state: dict | None):
+        """The stage's optimizer and schedule, and whatever the stage builds on them; the
+        optimizer and schedule state from ``state`` when resuming."""
+        opt = make_optimizer(self.model.parameters(), stage.cfg.optimizer)
+        sched = make_scheduler(opt, stage.cfg.schedule, stage.schedule_epochs())
+        stage.begin(opt, state)
         if state is not None and state.get("optimizer") is not None:
             opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["scheduler"])
@@ -446,55 +448,51 @@ class _Run:
                 self.masks.attach(opt)  # re-zero the loaded optimizer state off the support
         return opt, sched
 
-    def _method_options(self) -> dict:
-        """SS-Auto's settings; MACs are counted on one test image."""
-        c = self.r.ssauto
-        x1 = self._test_inputs(1)
-        return {
-            "updates_per_epoch": c.updates_per_epoch,
-            "ssauto_kwargs": {
-                "target": c.target,
-                "by": c.by,
-                "example_input": x1,
-                "rho": c.rho,
-                "rho_growth": c.rho_growth,
-                "reweight": c.reweight,
-                "debias": c.debias,
-                "couple_bn": c.couple_bn,
-                "min_keep": c.min_keep,
-                "dual": c.dual,
-            },
-        }
+    def _train_epoch(self, si: int, epoch: int, batch: int, carry: dict | None, opt):
+        stage, w = self.stages[si], self.world
+        stage.before_epoch(epoch)
+        order = batch_order(len(self.p.data.train), self.r.seed, si, epoch)
+        return train_epoch(
+            self._train_model(),
+            self.p.data.train,
+            opt,
+            order=shard_order(order, self.r.data.batch_size, w.rank, w.size),
+            batch_size=self.r.data.batch_size // w.size,
+            device=self.p.device,
+            start_batch=batch,
+            admm=stage.penalty(),
+            amp=self.r.amp,
+            num_workers=self.r.data.num_workers,
+            progress=self.r.progress,
+            desc=f"{stage.name} {epoch + 1}/{stage.epochs}",
+            should_stop=lambda: self._any(self.flag.stop),
+            on_step=stage.on_step(epoch),
+            carry=carry,
+            status=self._eta(si, epoch),
+        )
 
-    def _quantizer(self) -> ADMM | MaskedMapping:
-        """ADMM on the quantization sets, projecting only the weights the masks keep (or the
-        authors' masked mapping)."""
-        q = self.r.quantize
-        spec = self.r.quantize_spec()
-        support = {
-            t.name: self.masks[t.name]
-            if t.name in self.masks
-            else torch.ones_like(t.param, dtype=torch.bool)
-            for t in select(self.model, spec)
+    def _end_epoch(self, si: int, epoch: int, res, opt, sched):
+        """The epoch's metrics row and log line; returns the (possibly new) schedule."""
+        stage = self.stages[si]
+        row = {
+            "stage": stage.name,
+            "epoch": epoch,
+            "train_loss": res.loss,
+            "train_acc": res.accuracy,
+            "lr": opt.param_groups[0]["lr"],
         }
-        if q.method == "masked_mapping":
-            return MaskedMapping(self.model, spec, support=support, share=q.mapping_share)
-        return ADMM(self.model, spec, support=support, rho=q.rho, rho_growth=q.rho_growth)
-
-    def _hard_quantize(self) -> None:
-        """``W ← Π_S(W)`` on the quantization sets: every kept weight lands on a level."""
-        if self.quant is None:  # no quantize epochs: one-shot nearest levels
-            self.masks.detach()
-            self.quant = self._quantizer()
-        if isinstance(self.quant, MaskedMapping):
-            self.quant.finish()
-        else:
-            self.quant.prune()
-        self.quant = None
-        after = self._evaluate()
-        self.info["quantized_acc"] = after["test_acc"]
-        self.metric(stage="quantize", event="hard_quantize", **after)
-        self.log(f"[quantize] weights on their levels, test acc {after['test_acc']:.4f}")
+        sched.step()
+        extra, sched = stage.end_epoch(epoch, res, opt, sched)
+        row.update(extra)
+        row.update(self.evaluate())
+        self.metric(**row)
+        self.log(
+            f"[{stage.name} {epoch}/{stage.epochs}] loss {res.loss:.4f} train acc "
+            f"{res.accuracy:.4f} test acc {row['test_acc']:.4f}"
+            + (f" penalty {row['penalty']:.3g}" if "penalty" in row else "")
+            + f" ({self._eta(si, epoch)(0)})"
+        )
+        return sched
 
     # ranks -----------------------------------------------------------------------------------
     def _train_model(self) -> nn.Module:
@@ -518,192 +516,27 @@ class _Run:
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
         return bool(t.item())
 
-    def _sync_admm(self, solver) -> None:
-        """Rank 0's solver state on every rank (ADMM's Z, U, T; SS-Auto's Z; frozen weights)."""
-        if not self.world.active or solver is None:
-            return
-        if isinstance(solver, ADMM):
-            tensors = [x for st in solver._state.values() for x in (st.Z, st.U, st.T)]
-        elif isinstance(solver, MaskedMapping):
-            tensors = list(solver.frozen.values())
-        else:
-            tensors = list(solver.Z.values())
-        self.world.broadcast(tensors)
-
-    def _sync_method(self) -> None:
-        self._sync_admm(getattr(self.method, "admm", None))
-        if getattr(self.method, "masks", None) is not None:
-            self.world.broadcast([*self.method.masks.values(), *self.model.parameters()])
-
-    def _admm_of(self, stage: str) -> ADMM | None:
-        """The ADMM whose penalty joins the loss in ``stage`` (None: plain training)."""
-        if stage == "admm":
-            return self.method.admm
-        return self.quant if stage == "quantize" and isinstance(self.quant, ADMM) else None
-
-    def _steps_per_epoch(self) -> int:
-        return _steps_per_epoch(self.p)
-
-    def _hard_prune(self) -> Masks:
-        if self.method is not None:
-            masks = self.method.finish()
-            self.method = None
-        elif self.p.extra["groups"]:  # no compression epochs: one-shot (joint) projection
-            groups = self.p.extra["groups"]
-            masks = ADMM(self.model, self.p.spec, default=self.p.default, groups=groups).prune()
-        else:
-            masks = prune(self.model, self.p.spec, self.p.default)
-        self.world.broadcast([*masks.values(), *self.model.parameters()])
-        kept, total = masks.total_kept()
-        after = self._evaluate()
-        self.info["pruned_acc"] = after["test_acc"]
-        self.metric(stage="prune", kept=kept, total=total, **after)
-        self.log(
-            f"[prune] kept {kept}/{total} constrained weights ({total / kept:.1f}x), "
-            f"test acc {after['test_acc']:.4f} before retraining"
-        )
-        return masks
-
-    def run(self) -> dict:
-        st = self.p.resume_state
-        start_stage = STAGES.index(st["stage"]) if st else 0
-        if st:
-            self.model.load_state_dict(st["model"])
-            self.info = st["info"]
-            self._truncate_metrics(st["metrics_lines"])
-            torch.set_rng_state(st["rng"]["torch"])
-            if "cuda" in st["rng"] and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(st["rng"]["cuda"])
-            self.log(
-                f"resuming {self.dir}: {_position(self.p, st['stage'], st['epoch'], st['batch'])}"
-            )
-        else:
-            self.info["start_acc"] = self._evaluate()["test_acc"]
-        with _StopFlag() as flag:
-            for si in range(start_stage, len(STAGES)):
-                stage = STAGES[si]
-                here = st if (st and si == start_stage) else None
-                self._run_stage(si, stage, here, flag)
-        return self._finish()
-
-    def _run_stage(self, si: int, stage: str, state: dict | None, flag: _StopFlag) -> None:
-        cfg = getattr(self.r, stage)
-        if stage == "quantize" and not self.r.quantize.layers:
-            return
-        if stage == "retrain" or cfg.epochs > 0:
-            opt, sched = self._begin_stage(stage, state)
-        else:
-            opt = sched = None
-        epoch = state["epoch"] if state else 0
-        batch = state["batch"] if state else 0
-        carry = state.get("epoch_sums") if state and batch else None
-        self._clock = time.perf_counter()
-        while epoch < cfg.epochs:
-            on_step = None
-            if stage == "admm":
-                base = epoch * self._steps_per_epoch()
-
-                def on_step(b, base=base):
-                    rows = self.method.after_step(base + b)
-                    for row in rows:
-                        self.metric(stage="admm", **row)
-                    if rows:
-                        self._sync_method()
-
-            elif stage == "quantize" and isinstance(self.quant, MaskedMapping):
-                while self.quant.steps < epoch + 1:  # idempotent when resuming mid-epoch
-                    self.metric(stage="quantize", event="freeze", frozen=self.quant.step())
-            elif stage == "quantize":
-                every = max(1, self._steps_per_epoch() // self.r.quantize.updates_per_epoch)
-
-                def on_step(b, every=every):
-                    if b % every == 0:
-                        layers = self.quant.update()
-                        self.metric(stage="quantize", event="update", layers=layers)
-                        self._sync_admm(self.quant)
-
-            w = self.world
-            order = batch_order(len(self.p.data.train), self.r.seed, si, epoch)
-            res = train_epoch(
-                self._train_model(),
-                self.p.data.train,
-                opt,
-                order=shard_order(order, self.r.data.batch_size, w.rank, w.size),
-                batch_size=self.r.data.batch_size // w.size,
-                device=self.p.device,
-                start_batch=batch,
-                admm=self._admm_of(stage),
-                amp=self.r.amp,
-                num_workers=self.r.data.num_workers,
-                progress=self.r.progress,
-                desc=f"{stage} {epoch + 1}/{cfg.epochs}",
-                should_stop=lambda: self._any(flag.stop),
-                on_step=on_step,
-                carry=carry,
-                status=self._eta(si, epoch),
-            )
-            if res.interrupted:
-                self.save(stage, epoch, res.batches, opt, sched, sums=res.sums)
-                self._interrupted(stage, epoch, res.batches)
-            batch, carry = 0, None
-            epoch += 1
-            row = {
-                "stage": stage,
-                "epoch": epoch,
-                "train_loss": res.loss,
-                "train_acc": res.accuracy,
-                "lr": opt.param_groups[0]["lr"],
-            }
-            sched.step()
-            if stage == "admm":
-                row["penalty"] = res.penalty
-                events = self.method.end_epoch(epoch)
-                for ev in events:
-                    self.metric(stage="admm", **ev)
-                if events:
-                    self._sync_method()
-                if self._lr_resets() and any(e["event"] == "update" for e in events):
-                    for g in opt.param_groups:  # restart the schedule from the base lr
-                        g["lr"] = self.r.admm.optimizer.lr
-                    sched = make_scheduler(opt, cfg.schedule, self.r.admm.update_every)
-            row.update(self._evaluate())
-            self.metric(**row)
-            self.log(
-                f"[{stage} {epoch}/{cfg.epochs}] loss {res.loss:.4f} train acc {res.accuracy:.4f} "
-                f"test acc {row['test_acc']:.4f}"
-                + (f" penalty {res.penalty:.3g}" if stage == "admm" else "")
-                + f" ({self._eta(si, epoch)(0)})"
-            )
-            self.save(stage, epoch, 0, opt, sched)
-            if flag.stop:
-                self._interrupted(stage, epoch, 0)
-        self._tick(stage)
-        if stage == "pretrain":
-            self.info.setdefault("dense_acc", self._evaluate()["test_acc"])
-        if stage == "retrain" and cfg.epochs == 0:
-            self.save(stage, 0, 0, opt, sched)
-        if stage == "quantize":
-            self._hard_quantize()
-
     def _interrupted(self, stage: str, epoch: int, batch: int):
         raise Interrupted(
-            f"interrupted {'in ' if batch else ''}{_position(self.p, stage, epoch, batch)}; "
+            f"interrupted {'in ' if batch else ''}{self._where(stage, epoch, batch)}; "
             f"checkpoint saved in {self.dir}. Continue with: {self.p.resume_hint()}"
         )
 
     def _planned_batches(self) -> list[int]:
-        """Batches each stage trains, in STAGES order."""
-        spe = self._steps_per_epoch()
-        out = []
-        for stage in STAGES:
-            off = stage == "quantize" and not self.r.quantize.layers
-            out.append(0 if off else getattr(self.r, stage).epochs * spe)
-        return out
+        """Batches each stage trains, in order."""
+        return [
+            stage.epochs * self.steps_per_epoch if stage.active(self.r) else 0
+            for stage in self.stages
+        ]
+
+    def _where(self, name: str, epoch: int, batch: int) -> str:
+        epochs = next(stage.epochs for stage in self.stages if stage.name == name)
+        return _position(name, epochs, self.steps_per_epoch, epoch, batch)
 
     def _eta(self, si: int, epoch: int) -> Callable[[int], str]:
         """``status(b)`` for the progress bar: the whole run's time left at this pace."""
         plan = self._planned_batches()
-        before = sum(plan[:si]) + epoch * self._steps_per_epoch()
+        before = sum(plan[:si]) + epoch * self.steps_per_epoch
         total = sum(plan)
         t0, done0 = self._started
 
@@ -714,107 +547,40 @@ class _Run:
 
         return status
 
-    def _test_inputs(self, n: int) -> torch.Tensor:
+    def test_inputs(self, n: int) -> torch.Tensor:
         """The first ``n`` test inputs (fewer if the test set is smaller), on the run's device."""
         test = self.p.data.test
         return test.batch(torch.arange(min(n, len(test))))[0].to(self.p.device)
 
-    def _compact(self) -> dict:
-        """Remove the zero channel groups; MACs, parameters and measured latency before/after.
-
-        The compact model is not pickled: rebuild it from ``model.pt`` with :func:`compact`.
-        """
-        x = self._test_inputs(1)
-        small, report = compact(self.model, x)
-        xb = self._test_inputs(64)
-
-        # timed as deployed (see latency.py): BN folded where torch.fx can trace the model,
-        # conv nets in NHWC; in alternation, so that a busy machine slows both alike
-        models, channels_last = {"dense": self.model, "compact": small}, xb.ndim == 4
-        try:
-            fold_bn = True
-            t = measure_paired(models, xb, 10, fold_bn=True, channels_last=channels_last)
-        except ValueError:  # torch.fx cannot trace this model
-            fold_bn = False
-            t = measure_paired(models, xb, 10, channels_last=channels_last)
-        return {
-            "channels_removed": sum(report.removed.values()),
-            "zero_channels_not_removable": report.total_not_removable,
-            "macs_dense": report.macs_before,
-            "macs_compact": report.macs_after,
-            "mac_reduction": report.mac_reduction,
-            "macs_compact_sparse": report.sparse_macs_after,  # zero weights (e.g. columns) skipped
-            "params_compact": report.params_after,
-            "latency_batch": xb.shape[0],
-            "latency_threads": torch.get_num_threads(),
-            "latency_channels_last": channels_last,
-            "latency_bn_folded": fold_bn,
-            "latency_dense_ms": t["dense"],
-            "latency_compact_ms": t["compact"],
-            "speedup": t["dense"] / t["compact"],
-        }
-
-    def _storage(self) -> dict:
-        """Storage accounting, and the packed file (``model.admmprune``) with its real size."""
-        s = storage(self.model)
-        d = self.p.data
-        spec = {
-            "name": self.r.model.name,
-            "num_classes": d.num_classes,
-            "in_channels": d.in_channels,
-            "input_size": d.input_size,
-            "kwargs": self.r.model.kwargs,
-        }
-        nbytes = export_compressed(self.model, self.dir / "model.admmprune", spec)
-        return {
-            "model_spec": spec,
-            "total_raw_bits": s["total_raw"],
-            "total_bits": s["total_bits"],
-            "rate": s["total_raw"] / s["total_bits"],
-            "weights_raw_bits": s["weights_raw"],
-            "weights_bits": s["weights_bits"],
-            "weights_rate": s["weights_raw"] / s["weights_bits"],
-            "weights_rate_without_index": s["weights_raw"] / max(s["weights_value_bits"], 1),
-            "weights_index_bits": s["weights_index_bits"],
-            "index_bound_bits": s["index_bound_bits"],
-            "file_bytes": nbytes,
-            "formats": {k: v["format"] for k, v in s["layers"].items()},
-            "distinct_values": {
-                name: int(p.detach().unique().numel())
-                for name, p in self.model.named_parameters()
-                if name in self.p.extra["quant_names"]
-            },
-        }
-
     def _finish(self) -> dict:
-        dead = 0
-        if self.r.compact:
-            # a removed channel's consumer weights are stored (and counted) as zeros; the
-            # model's function is unchanged, so the accuracy below is measured after
-            dead = zero_dead_inputs(self.model, self._test_inputs(1))
-        final = self._evaluate()
+        """The finishing steps (:mod:`admmprune.finish`) in order; rank 0 writes the files."""
+        x1 = self.test_inputs(1)
+        # a removed channel's consumer weights are stored (and counted) as zeros; the model's
+        # function is unchanged, so the accuracy below is measured after
+        dead = zero_dead_inputs(self.model, x1) if self.r.compact else 0
+        final = self.evaluate()
         self.masks.detach()
         agree = self.world.all_equal([*self.masks.values(), *self.model.parameters()])
         if not agree:
             raise RuntimeError("ranks disagree on the final masks or weights; please report it.")
-        if not self.world.main:
-            return summarize(self.model, self.p.extra["constraint_names"], self.r, self.info, final)
-        atomic_save(self.model.state_dict(), self.dir / "model.pt")
-        self.masks.save(self.dir / "masks.pt")
         names = self.p.extra["constraint_names"]
         summary = summarize(self.model, names, self.r, self.info, final)
+        if not self.world.main:
+            return summary
+        atomic_save(self.model.state_dict(), self.dir / "model.pt")
+        self.masks.save(self.dir / "masks.pt")
         if self.r.compact:
-            summary["compact"] = {**self._compact(), "dead_input_weights_zeroed": dead}
-        summary["storage"] = self._storage()
+            stats = compact_stats(self.model, x1, self.test_inputs(64))
+            summary["compact"] = {**stats, "dead_input_weights_zeroed": dead}
+        spec, packed = model_spec(self.r, self.p.data), self.dir / "model.admmprune"
+        summary["storage"] = storage_stats(self.model, packed, spec, self.p.extra["quant_names"])
         if self.world.active:
             summary["distributed"] = {
                 "world_size": self.world.size,
                 "backend": self.world.backend,
                 "masks_and_weights_identical_on_all_ranks": agree,
             }
-        (self.dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        (self.dir / "layers.md").write_text(layer_table(summary) + "\n")
-        write_plots(self.dir, summary)
+        write_run_files(self.dir, summary)
         return summary
 
 
@@ -828,20 +594,18 @@ def plan(p: Prepared) -> str:
         f"seed {r.seed}",
         "run dir: "
         + (
-            f"{p.run_dir} (resumes: {_position(p, *_at(p))})"
+            f"{p.run_dir} (resumes: {_resume_position(p)})"
             if p.resume_state
             else f"{p.run_dir} ({'replaced: --force' if p.run_dir.exists() else 'new'})"
         ),
         "stages:",
     ]
-    method = r.method if r.method != "admm" or r.admm.epochs else "one-shot projection"
     for stage in STAGES:
-        cfg = getattr(r, stage)
-        if stage == "quantize" and not r.quantize.layers:
+        if not stage.active(r):
             continue
-        what = {"admm": f"compress ({method})", "quantize": f"quantize ({r.quantize.method})"}
+        cfg = getattr(r, stage.name)
         lines.append(
-            f"  {stage:<9} {cfg.epochs:>3} epochs  {what.get(stage, 'train')}, "
+            f"  {stage.name:<9} {cfg.epochs:>3} epochs  {stage.describe(r)}, "
             f"{cfg.optimizer.name} lr {cfg.optimizer.lr:g}, {cfg.schedule.name} schedule"
         )
     lines.append("  then: hard prune" + (", compact" if r.compact else "") + ", storage, report")
@@ -855,23 +619,23 @@ def plan(p: Prepared) -> str:
     return "\n".join(lines)
 
 
+def _resume_position(p: Prepared) -> str:
+    st = p.resume_state
+    epochs = getattr(p.recipe, st["stage"]).epochs
+    return _position(st["stage"], epochs, _steps_per_epoch(p), st["epoch"], st["batch"])
+
+
 def _steps_per_epoch(p: Prepared) -> int:
     return -(-len(p.data.train) // p.recipe.data.batch_size)
 
 
-def _position(p: Prepared, stage: str, epoch: int, batch: int) -> str:
+def _position(stage: str, epochs: int, steps: int, epoch: int, batch: int) -> str:
     """Where a checkpoint stands, for people: epochs and batches counted from 1."""
-    epochs, steps = getattr(p.recipe, stage).epochs, _steps_per_epoch(p)
     if batch:
         return f"{stage} epoch {epoch + 1}/{epochs}, after batch {batch}/{steps}"
     if epoch == 0:
         return f"the start of {stage}"
     return f"after {stage} epoch {epoch}/{epochs}"
-
-
-def _at(p: Prepared) -> tuple[str, int, int]:
-    st = p.resume_state
-    return st["stage"], st["epoch"], st["batch"]
 
 
 def _duration(seconds: float) -> str:
@@ -883,7 +647,7 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
 
-def run(prepared: Prepared, log=print) -> dict:
+def run(prepared: Prepared, log=print, stages=STAGES) -> dict:
     """Run (or resume) a prepared recipe; returns the summary written to ``summary.json``.
 
     Under torchrun every rank calls this after :func:`prepare`; rank 0 alone writes.
@@ -900,4 +664,4 @@ def run(prepared: Prepared, log=print) -> dict:
             yaml.safe_dump(_recipe_dump(p.recipe), sort_keys=False)
         )
     world.barrier()
-    return _Run(p, log).run()
+    return _Run(p, log, stages).run()
