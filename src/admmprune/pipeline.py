@@ -1,12 +1,13 @@
-"""A recipe's run: pretrain → ADMM → hard prune → masked retrain (→ ADMM quantization → hard
-quantize) → compact → report, resumable.
+"""A recipe's run: the stages of :mod:`admmprune.stages` (pretrain → compress → hard prune →
+masked retrain → quantize → hard quantize) driven by one runner, then the finishing steps of
+:mod:`admmprune.finish` (compact, storage, packed file, report); resumable.
 
 Everything that can be wrong with a recipe (model, data, checkpoint, constraint spec) is checked
 in :func:`prepare`, before the run dir is created, so a bad recipe leaves nothing behind.
 
 A checkpoint is written atomically at every epoch boundary (and, on Ctrl-C, after the batch in
-flight): model, optimizer, scheduler, ADMM Z/U/rho, masks, RNG state, and the position
-(stage, epoch, batch). ``resume`` continues from it exactly: batch order is a function of
+flight): model, optimizer, scheduler, masks, RNG state, every stage's ``state_dict()``
+entries (ADMM Z/U/rho, the quantizer), and the position (stage, epoch, batch). ``resume`` continues from it exactly: batch order is a function of
 (seed, stage, epoch), so the resumed run sees the same batches as an uninterrupted one.
 """
 
