@@ -7,8 +7,9 @@ in :func:`prepare`, before the run dir is created, so a bad recipe leaves nothin
 
 A checkpoint is written atomically at every epoch boundary (and, on Ctrl-C, after the batch in
 flight): model, optimizer, scheduler, masks, RNG state, every stage's ``state_dict()``
-entries (ADMM Z/U/rho, the quantizer), and the position (stage, epoch, batch). ``resume`` continues from it exactly: batch order is a function of
-(seed, stage, epoch), so the resumed run sees the same batches as an uninterrupted one.
+entries (ADMM Z/U/rho, the quantizer), and the position (stage, epoch, batch). ``resume``
+continues from it exactly: batch order is a function of (seed, stage, epoch), so the resumed
+run sees the same batches as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -394,6 +395,9 @@ class _Run:
         start = names.index(st["stage"]) if st else 0
         if st:
             self._restore(st)
+            done = sum(self._planned_batches()[:start])
+            done += st["epoch"] * self.steps_per_epoch + st["batch"]
+            self._started = (time.perf_counter(), done)  # the ETA's pace: this process's
         else:
             self.info["start_acc"] = self.evaluate()["test_acc"]
         with self.flag:
