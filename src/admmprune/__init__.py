@@ -7,6 +7,7 @@ from .admm import ADMM
 from .compact import CompactReport, compact, zero_dead_inputs
 from .compressed import export_compressed, load_compressed
 from .constraints import (
+    NM,
     Channels,
     Columns,
     Constraint,
@@ -25,6 +26,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ADMM",
+    "NM",
     "Binary",
     "ChannelGroup",
     "Channels",

@@ -16,6 +16,7 @@ Constraints in YAML map a key to ``{type: keep}`` pairs; several pairs intersect
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -184,8 +185,10 @@ class DataCfg(_Strict):
     num_workers: Annotated[int, Field(ge=0)] = 0
 
 
-Keep = Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]
-ConstraintCfg = dict[Literal["unstructured", "filters", "channels", "columns"], Keep] | None
+#: ``nm: "2:4"`` (n kept of every m consecutive weights), the others a kept fraction
+ConstraintCfg = (
+    dict[Literal["unstructured", "filters", "channels", "columns", "nm"], float | str] | None
+)
 
 
 class Recipe(_Strict):
@@ -219,6 +222,15 @@ class Recipe(_Strict):
         for key, pairs in value.items():
             if pairs is not None and not pairs:
                 raise ValueError(f"{key}: give at least one {{type: keep}} pair, or null")
+            for kind, keep in (pairs or {}).items():
+                _check_pair(f"constraints[{key!r}]", kind, keep)
+        return value
+
+    @field_validator("default_constraint")
+    @classmethod
+    def _default_pairs(cls, value):
+        for kind, keep in (value or {}).items():
+            _check_pair("default_constraint", kind, keep)
         return value
 
     @field_validator("device")
@@ -296,6 +308,22 @@ class Recipe(_Strict):
         return _module_types("quantize.layers", {k: make(b) for k, b in q.layers.items()})
 
 
+def _parse_nm(text: str) -> tuple[int, int]:
+    n, sep, m = str(text).partition(":")
+    if not (sep and n.strip().isdigit() and m.strip().isdigit()) or not 1 <= int(n) <= int(m):
+        raise ValueError(f"nm: {text!r} must read 'N:M' with 1 <= N <= M, e.g. '2:4'")
+    return int(n), int(m)
+
+
+def _check_pair(where: str, kind: str, keep) -> None:
+    if kind == "nm":
+        _parse_nm(keep)
+    elif isinstance(keep, str) or not (math.isfinite(keep) and 0 < keep <= 1):
+        raise ValueError(
+            f"{where}.{kind}: {keep!r}: keep is the fraction KEPT, in (0, 1]; e.g. 0.1 keeps 10 %"
+        )
+
+
 def _module_types(section: str, spec: dict) -> dict:
     """Keys ``type:Name`` become the module type ``torch.nn.Name``; other keys stay names/globs."""
     import torch.nn as nn
@@ -314,7 +342,10 @@ def _module_types(section: str, spec: dict) -> dict:
 def to_constraint(pairs: dict[str, float] | None) -> constraints.Constraint | None:
     if pairs is None:
         return None
-    parts = [CONSTRAINT_TYPES[kind](keep) for kind, keep in pairs.items()]
+    parts = [
+        constraints.NM(*_parse_nm(keep)) if kind == "nm" else CONSTRAINT_TYPES[kind](keep)
+        for kind, keep in pairs.items()
+    ]
     return parts[0] if len(parts) == 1 else constraints.Intersection(*parts)
 
 

@@ -24,6 +24,7 @@ from typing import NamedTuple
 import torch
 
 __all__ = [
+    "NM",
     "Channels",
     "Columns",
     "Constraint",
@@ -246,6 +247,62 @@ class Channels(_KeepFraction):
         chans = topk_mask(norms, keep_count(self.keep, norms.numel())).view(groups, 1, per_group, 1)
         support = chans.expand_as(G).reshape(W.shape)
         return Projection(W * support, support)
+
+
+class NM(Constraint):
+    """N:M (semi-structured) sparsity: at most ``n`` non-zero weights in every group of ``m``
+    consecutive columns of each GEMM row (2:4 is what sparse tensor cores run).
+
+    Π_S(W) keeps, in each group, the ``n`` entries of largest ``|w|`` (ties to the lower index)
+    and zeros the rest: the groups are disjoint, so this is the exact projection. The GEMM row
+    length (``in/groups · kernel``) must be a multiple of ``m``.
+    """
+
+    min_ndim = 2
+
+    def __init__(self, n: int, m: int) -> None:
+        ints = all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in (n, m))
+        if not ints or not 1 <= n <= m:
+            raise ValueError(
+                f"NM(n={n!r}, m={m!r}): keep n of every m consecutive weights, integers with "
+                "1 <= n <= m, e.g. NM(2, 4)."
+            )
+        self.n, self.m = int(n), int(m)
+
+    @property
+    def keep(self) -> float:
+        return self.n / self.m
+
+    def check(self, W: torch.Tensor, layer: str, groups: int = 1) -> None:
+        super().check(W, layer, groups)
+        cols = W[0].numel()
+        if cols % self.m:
+            raise ValueError(
+                f"{self!r} on {layer!r}: its GEMM rows have {cols} columns, not a multiple of "
+                f"m={self.m}; use an m that divides {cols}, or leave {layer!r} out."
+            )
+
+    def project(self, W: torch.Tensor, groups: int = 1) -> Projection:
+        scores = _scores_dtype(W).detach().abs().reshape(-1, self.m)
+        order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+        support = torch.zeros_like(scores, dtype=torch.bool)
+        support.scatter_(1, order[:, : self.n], True)
+        support = support.view_as(W)
+        return Projection(torch.where(support, W, 0), support)
+
+    def with_keep(self, fn: Callable[[float], float]) -> Constraint:
+        """``n`` follows the schedule ``fn`` of the kept fraction (never below this ``n``)."""
+        n = min(self.m, max(self.n, math.floor(fn(self.keep) * self.m + 0.5)))
+        return NM(n, self.m)
+
+    def __repr__(self) -> str:
+        return f"NM({self.n}, {self.m})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, NM) and (other.n, other.m) == (self.n, self.m)
+
+    def __hash__(self) -> int:
+        return hash(("NM", self.n, self.m))
 
 
 class Intersection(Constraint):
