@@ -81,6 +81,18 @@ def test_q_beats_a_fine_brute_force_grid(bits, kind):
             assert e <= c.error(x, q * (1 + d)) + 1e-12 and e <= c.error(x, q * (1 - d)) + 1e-12
 
 
+def test_pow2_q_uses_its_top_level():
+    """pow2 levels are scale-free: the q returned is the smallest optimal one, whose top level
+    some weight reaches (q <= max|x| / 0.75), not one with idle levels above the weights."""
+    g = torch.Generator().manual_seed(5)
+    for bits in (3, 4, 6):
+        c = ap.Quantized(bits, "pow2")
+        x = torch.randn(200, generator=g)
+        q = c.scale(x)
+        assert q <= float(x.abs().max()) / 0.75 + 1e-12
+        assert c.error(x, q) <= brute_best_error(c, x) + 1e-9
+
+
 def test_windowed_q_search_matches_the_exact_one(monkeypatch):
     """Past the breakpoint budget the sweep covers a window around the Lloyd q: forced here to
     1/20 of the breakpoints, the error stays within 1e-6 of the exact sweep's."""

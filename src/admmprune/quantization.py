@@ -58,7 +58,7 @@ _MAX_EXACT = 1 << 25
 _SEED = torch.linspace(0.05, 1.25, 25, dtype=torch.float64)
 
 
-def best_scale(x: torch.Tensor, m: torch.Tensor) -> float:
+def best_scale(x: torch.Tensor, m: torch.Tensor, q_max: float | None = None) -> float:
     """The exact ``argmin_q Σ_i (|x_i| − q·m_{k_i(q)})²`` over ``q > 0``, levels ``q·m``.
 
     ``m``: sorted float64 ``[0, m_1, …, m_L]``; ``k_i(q)`` is the nearest level (the lower one on a
@@ -73,7 +73,8 @@ def best_scale(x: torch.Tensor, m: torch.Tensor) -> float:
     every layer up to 8 bits with 250 k weights, up to 4 bits with 4 M. Beyond, the sweep covers
     a window of that many breakpoints around the Lloyd fixed point: exact inside it, the best
     ``q`` unless it lies outside (tested: with the budget forced down to 1/20 of the breakpoints,
-    the error stays within 1e-6 of the exact one). Returns 0.0 when ``x`` is all zero.
+    the error stays within 1e-6 of the exact one). ``q_max``: a bound the caller knows the
+    minimum to be attained under (pow2 levels). Returns 0.0 when ``x`` is all zero.
     """
     a = x.detach().flatten().double().abs()
     a = a[a > 0].sort().values
@@ -86,7 +87,14 @@ def best_scale(x: torch.Tensor, m: torch.Tensor) -> float:
     seeds = [_error(a, m, t, float(q))[0] for q in _SEED * (float(a[-1]) / float(m[-1]))]
     best_q = float(_SEED[seeds.index(min(seeds))]) * float(a[-1]) / float(m[-1])
     best_q, best_e = _lloyd(a, m, t, best_q)
-    u_lo, u_hi = _window(a, t, *_bracket(a, m, t, best_e), 1.0 / best_q)
+    if q_max is not None:  # the caller knows the minimum is attained at some q <= q_max
+        while best_q > q_max:  # (for pow2 levels halving q never increases the error)
+            best_q /= 2
+        best_e = min(best_e, _error(a, m, t, best_q)[0])
+    u_lo, u_hi = _bracket(a, m, t, best_e)
+    if q_max is not None:
+        u_lo = max(u_lo, 1.0 / q_max)
+    u_lo, u_hi = _window(a, t, u_lo, u_hi, 1.0 / best_q)
     bounds = [u_lo, *_chunk_bounds(a, t, u_lo, u_hi), u_hi]
     for u1, u2 in itertools.pairwise(bounds):
         e, q = _sweep(a, m, t, dm, dmm, saa, u1, u2)
@@ -268,8 +276,15 @@ class Quantized(_Levels):
         )
 
     def scale(self, x: torch.Tensor) -> float:
-        """The ``q`` with the least squared error, exactly (see :func:`best_scale`)."""
-        return best_scale(x, self.multipliers())
+        """The ``q`` with the least squared error, exactly (see :func:`best_scale`).
+
+        pow2 levels are scale-free: while no weight reaches the top level (``max|x| <= 0.75q``),
+        ``q/2`` keeps every level in use and adds one below, so it is at least as good; the
+        smallest such q is returned (``q <= max|x| / 0.75``), not one with idle top levels.
+        """
+        top = float(x.abs().max()) if x.numel() else 0.0
+        q_max = top / 0.75 if self.levels == "pow2" and self.L > 1 and top > 0 else None
+        return best_scale(x, self.multipliers(), q_max)
 
     def project(self, W: torch.Tensor, groups: int = 1) -> Projection:
         x = W.detach().float()
