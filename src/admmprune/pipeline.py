@@ -29,7 +29,7 @@ from torch import nn
 from ._io import atomic_save, safe_load
 from .admm import GROUP_COMBINABLE
 from .compact import zero_dead_inputs
-from .config import DATA_LOCATION, Recipe, RecipeError, differing_keys
+from .config import DATA_LOCATION, Recipe, RecipeError, differing_keys, flatten
 from .data import DataBundle, load_data
 from .distributed import World, shard_order
 from .finish import compact_stats, model_spec, storage_stats, write_run_files
@@ -248,8 +248,8 @@ def _load_resume_state(run_dir: Path, recipe: Recipe) -> dict:
 
 def _same_data(run_dir: Path, state: dict, recipe: Recipe, fingerprint: str) -> None:
     """A run resumes from another data folder only if it holds the very same data."""
-    saved = differing_keys(state["recipe"], _recipe_dump(recipe), ignore=())
-    moved = [d for d in saved if d.split(" ")[0] in DATA_LOCATION]
+    a, b = flatten(state["recipe"]), flatten(_recipe_dump(recipe))
+    moved = [f"{k} ({a.get(k)!r} → {b.get(k)!r})" for k in DATA_LOCATION if a.get(k) != b.get(k)]
     if moved and state.get("data_fingerprint") != fingerprint:
         raise RecipeError(
             f"{'; '.join(moved)}: the data there is not the data {str(run_dir)!r} was started "
@@ -319,8 +319,6 @@ class _Run:
     def _tensorboard(self, row: dict) -> None:
         """Every numeric scalar of a metrics row, tagged ``stage/event/key`` (nested dicts such
         as per-layer values flatten to ``stage/event/key/layer``), step = the row's number."""
-        from .config import flatten
-
         if self._tb is None:
             from torch.utils.tensorboard import SummaryWriter
 

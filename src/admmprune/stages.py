@@ -143,8 +143,9 @@ class Compress(Stage):
         r = self.run.r
         if r.method == "ssauto":
             c = r.ssauto
-            names = ("target", "by", "rho", "rho_growth", "reweight", "debias", "couple_bn")
-            kwargs = {k: getattr(c, k) for k in (*names, "min_keep", "dual")}
+            names = ("target", "by", "rho", "rho_growth", "reweight", "debias", "couple_bn",
+                     "min_keep", "dual")  # fmt: skip
+            kwargs = {k: getattr(c, k) for k in names}
             kwargs["example_input"] = self.run.test_inputs(1)  # MACs counted on one image
             return {"updates_per_epoch": c.updates_per_epoch, "ssauto_kwargs": kwargs}
         if r.method == "admm":
