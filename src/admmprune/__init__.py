@@ -18,6 +18,7 @@ from .constraints import (
 )
 from .groups import ChannelGroup, channel_groups
 from .masks import Masks, prune
+from .oneshot import LayerReport, OneShotReport, oneshot
 from .proximal import SSAuto
 from .quantization import Binary, MaskedMapping, Quantized, Ternary
 from .select import Target, select
@@ -35,8 +36,10 @@ __all__ = [
     "Constraint",
     "Filters",
     "Intersection",
+    "LayerReport",
     "MaskedMapping",
     "Masks",
+    "OneShotReport",
     "Projection",
     "Quantized",
     "SSAuto",
@@ -47,6 +50,7 @@ __all__ = [
     "compact",
     "export_compressed",
     "load_compressed",
+    "oneshot",
     "prune",
     "select",
     "zero_dead_inputs",

@@ -104,6 +104,9 @@ def count(model: nn.Module, example_input: torch.Tensor) -> dict:
 #   hybrid      rows + cols (the same bitmaps) + the kept block in relative format: pruning
 #               leaves whole rows and columns empty (a pruned filter, the inputs of a pruned
 #               channel), and gaps inside the smaller block are shorter, so b shrinks
+#   nm          N:M (every m consecutive GEMM columns hold at most n non-zeros, m in 4/8/16):
+#               rows · cols/m · n entries of c + log2(m) bits + codebook (2:4: 2 index bits
+#               per kept weight, the layout sparse tensor cores read)
 #
 # Every other tensor (biases, BatchNorm, buffers) is stored raw. The packed file of
 # :mod:`admmprune.compressed` writes each weight in its smallest format of dense, relative,
@@ -187,8 +190,50 @@ def _relative(flat: torch.Tensor, raw: int) -> dict:
     return best
 
 
+#: group sizes the N:M format is tried with (powers of two: an index is exactly log2 m bits)
+NM_GROUPS = (4, 8, 16)
+
+
+def nm_layout(W: torch.Tensor) -> tuple[int, int] | None:
+    """The ``(n, m)`` of the N:M format that stores ``W`` in the fewest entries (every group
+    of ``m`` consecutive GEMM columns holding at most ``n`` non-zeros), or None if none saves
+    anything."""
+    M = _gemm(W)
+    best = None
+    for m in NM_GROUPS:
+        if M.shape[1] % m:
+            continue
+        n = int(M.reshape(-1, m).ne(0).sum(1).max()) if M.numel() else 0
+        if 0 < n < m and (best is None or n / m < best[0] / best[1]):
+            best = (n, m)
+    return best
+
+
+def _nm(W: torch.Tensor, raw: int) -> dict | None:
+    """N:M format: ``n`` entries per group of ``m``, each a value code and a ``log2 m``-bit
+    position in its group (2:4: 2 bits per kept weight); a group with fewer non-zeros pads
+    with zeros."""
+    layout = nm_layout(W)
+    if layout is None:
+        return None
+    n, m = layout
+    G = _gemm(W).reshape(-1, m)
+    entries = G.shape[0] * n
+    nz = G[G != 0]
+    code = value_code(nz, raw, with_zero=entries > nz.numel())
+    b = _bits_for(m)
+    return {
+        "bits": entries * (code.bits + b) + code.table_bits,
+        "value_bits": entries * code.bits,
+        "index_bits": entries * b,
+        "codebook_bits": code.table_bits,
+        "n": n,
+        "m": m,
+    }
+
+
 # the formats a weight may be stored in (csr is counted for comparison, never chosen)
-FORMATS = ("dense", "relative", "structured", "hybrid")
+FORMATS = ("dense", "relative", "structured", "hybrid", "nm")
 
 
 def weight_storage(W: torch.Tensor) -> dict:
@@ -240,9 +285,10 @@ def weight_storage(W: torch.Tensor) -> dict:
         "rows": out["structured"]["rows"],
         "cols": out["structured"]["cols"],
     }
+    out["nm"] = _nm(W, raw)  # None when no N:M layout saves anything
     # no format that can code every support of nnz among n positions needs fewer index bits
     out["index_bound_bits"] = _log2_binomial(n, nnz)
-    out["format"] = min(FORMATS, key=lambda f: out[f]["bits"])
+    out["format"] = min((f for f in FORMATS if out[f] is not None), key=lambda f: out[f]["bits"])
     out["bits"] = out[out["format"]]["bits"]
     return out
 

@@ -107,6 +107,9 @@ class ADMM:
         support: a fixed support per constrained parameter (e.g. the :class:`Masks` of an
             earlier pruning): ``Z = Π_S`` of the kept entries, zero elsewhere. This is how a
             pruned model is quantized (ADMM-NN-S); it needs element-wise constraints.
+        init: where ``Z⁰`` comes from instead of ``Π_S(W⁰)``: :class:`Masks` (e.g. from
+            :func:`admmprune.oneshot`: ``Z⁰ = W⁰ ⊙ M``) or ``{name: Z⁰}`` tensors, covering every
+            constrained parameter. Training-time ADMM then starts from that solution.
 
     Under ``torch.amp.GradScaler`` use ``mode="penalty"``: the hooks would add an unscaled term
     to scaled gradients.
@@ -124,6 +127,7 @@ class ADMM:
         mode: str = "penalty",
         groups: Sequence[ChannelGroup] = (),
         support: Mapping[str, torch.Tensor] | None = None,
+        init: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
         if mode not in ("penalty", "grad"):
             raise ValueError(
@@ -149,15 +153,37 @@ class ADMM:
             W = {t.name: t.param.detach().float() for t in self.targets}
             for t in self.targets:
                 check_finite(W[t.name], t.name, "at ADMM start")
-            projected = self._project(W)  # Z⁰ = Π_S(W⁰), U⁰ = 0
+            Z0 = self._initial(W, init)
             for t in self.targets:
-                self._state[t.name] = _LayerState(
-                    Z=projected[t.name].Z.clone(), U=torch.zeros_like(W[t.name])
-                )
+                self._state[t.name] = _LayerState(Z=Z0[t.name], U=torch.zeros_like(W[t.name]))
         self._hooks = []
         if mode == "grad":
             for t in self.targets:
                 self._hooks.append(t.param.register_hook(self._grad_hook(t)))
+
+    def _initial(self, W: dict, init: Mapping[str, torch.Tensor] | None) -> dict:
+        """``Z⁰``: ``Π_S(W⁰)``, or taken from ``init`` (masks: ``W⁰ ⊙ M``; tensors: as given)."""
+        if init is None:
+            return {name: p.Z.clone() for name, p in self._project(W).items()}
+        Z0 = {}
+        for t in self.targets:
+            if t.name not in init:
+                raise ValueError(
+                    f"init= has no entry for {t.name!r} (it covers {sorted(init)[:10]}); give "
+                    "masks or Z⁰ for every constrained parameter, e.g. the Masks of oneshot()."
+                )
+            value = init[t.name]
+            if tuple(value.shape) != tuple(W[t.name].shape):
+                raise ValueError(
+                    f"init[{t.name!r}] has shape {tuple(value.shape)}, the parameter "
+                    f"{tuple(W[t.name].shape)}."
+                )
+            value = value.to(W[t.name].device)
+            if value.dtype == torch.bool:
+                Z0[t.name] = W[t.name] * value
+            else:
+                Z0[t.name] = value.float().clone()
+        return Z0
 
     # the sets S ------------------------------------------------------------------------------
     def _combined(self) -> dict[str, Constraint]:

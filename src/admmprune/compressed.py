@@ -36,6 +36,7 @@ from .accounting import (
     _bits_for,
     _gemm,
     layer_weights,
+    nm_layout,
     relative_gaps,
     value_code,
     weight_storage,
@@ -44,8 +45,8 @@ from .accounting import (
 __all__ = ["export_compressed", "load_compressed"]
 
 MAGIC = b"ADMMPRN"
-VERSION = 3  # 2 added the hybrid format, 3 the CRC-32; older files read unchanged
-_READS = (1, 2, 3)
+VERSION = 4  # 2 added the hybrid format, 3 the CRC-32, 4 the N:M format; older files read
+_READS = (1, 2, 3, 4)
 _CRC = 4  # bytes of the trailing CRC-32 (version 3 on)
 _DTYPES = {
     str(d).removeprefix("torch."): d
@@ -100,6 +101,8 @@ def _encode_weight(W: torch.Tensor) -> tuple[dict, list[bytes]]:
         ]
     if fmt == "relative":
         return _encode_relative(flat, best["relative"]["b"], raw_bits)
+    if fmt == "nm":
+        return _encode_nm(W, raw_bits)
     M = _gemm(W)
     keep_r, keep_c = M.ne(0).any(dim=1), M.ne(0).any(dim=0)
     block = M[keep_r][:, keep_c].flatten()
@@ -116,6 +119,25 @@ def _encode_weight(W: torch.Tensor) -> tuple[dict, list[bytes]]:
         _raw(code.codebook),
         *masks,
         _pack(_codes(block, code), code.bits),
+    ]
+
+
+def _encode_nm(W: torch.Tensor, raw_bits: int) -> tuple[dict, list[bytes]]:
+    """``n`` (position in group, value) entries per group of ``m``: the non-zeros in order,
+    then zeros at the group's first free positions."""
+    n, m = nm_layout(W)
+    G = _gemm(W).reshape(-1, m)
+    idx = torch.sort((G == 0).to(torch.int8), dim=1, stable=True).indices[:, :n]
+    vals = G.gather(1, idx).flatten()
+    code = value_code(vals[vals != 0], raw_bits, with_zero=bool((vals == 0).any()))
+    meta = {"format": "nm", "kept": n, "m": m}
+    positions = _pack(idx.flatten(), _bits_for(m))
+    if code.codebook is None:
+        return {**meta, "book": 0}, [positions, _raw(vals)]
+    return {**meta, "book": code.codebook.numel()}, [
+        _raw(code.codebook),
+        positions,
+        _pack(_codes(vals, code), code.bits),
     ]
 
 
@@ -148,6 +170,7 @@ _FIELDS = {
     "relative": ("book", "b", "entries"),
     "structured": ("book", "rows", "cols"),
     "hybrid": ("book", "rows", "cols", "b", "entries"),
+    "nm": ("book", "kept", "m"),  # kept of every m
 }
 
 
@@ -201,6 +224,8 @@ def _entry(item) -> dict:
     e = {"name": name, "dtype": _DTYPES[dtype], "shape": tuple(shape), "format": fmt}
     e.update(zip(fields, numbers))
     e["n"] = math.prod(e["shape"])
+    if fmt == "nm" and not (0 < e["kept"] <= e["m"] and e["n"] % e["m"] == 0):
+        raise _MalformedError(f"{name!r}: bad N:M layout {e['kept']}:{e['m']}")
     e["itemsize"] = torch.empty((), dtype=e["dtype"]).element_size()
     return e
 
@@ -222,6 +247,10 @@ def _sizes(e: dict) -> list[int]:
 
     if e["format"] == "relative":
         return [*table, *relative()]
+    if e["format"] == "nm":
+        entries = n // e["m"] * e["kept"]
+        values = _packed_len(entries, bits) if book else entries * item
+        return [*table, _packed_len(entries, _bits_for(e["m"])), values]
     rows = e["shape"][0] if len(e["shape"]) >= 2 else 1
     cols = n // rows if rows else 0
     if e["format"] == "hybrid":
@@ -261,6 +290,15 @@ def _decode(e: dict, sections: list[bytes]) -> torch.Tensor:
 
     if fmt == "relative":
         return relative(sections[0], sections[1], n).reshape(shape)
+    if fmt == "nm":
+        k, m = e["kept"], e["m"]
+        groups = n // m
+        idx = _unpack(sections[0], _bits_for(m), groups * k).reshape(groups, k)
+        if idx.numel() and int(idx.max()) >= m:
+            raise _MalformedError(f"{e['name']!r}: an N:M position points past its group")
+        out = torch.zeros(groups, m, dtype=dtype)
+        out.scatter_(1, idx, values(sections[1], groups * k).reshape(groups, k))
+        return out.reshape(shape)
     rows = shape[0] if len(shape) >= 2 else 1
     keep_r = _unpack(sections[0], 1, rows).bool()
     keep_c = _unpack(sections[1], 1, n // rows).bool()

@@ -150,6 +150,19 @@ class HeuristicCfg(_Strict):
     end: Annotated[float, Field(gt=0, le=1)] = 0.75  # gradual: reach the target at this share
 
 
+class OneShotCfg(_Strict):
+    """One-shot pruning from calibration data (``method: oneshot``, see :mod:`admmprune.oneshot`):
+    ``samples`` training images drawn with the run's seed (no augmentation), in batches of
+    ``batch_size``; ``options`` go to the solver (e.g. ``{iters: 40}`` for admm)."""
+
+    solver: Literal["admm", "sparsegpt", "wanda", "magnitude"] = "admm"
+    samples: Annotated[int, Field(gt=0)] = 1024
+    batch_size: Annotated[int, Field(gt=0)] = 256
+    sequential: bool = True
+    damp: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 0.01
+    options: dict[str, float | int] = {}
+
+
 class CoupledCfg(_Strict):
     """Coupled channel groups (StructADMM on residual nets): each keeps ``keep`` of its channels."""
 
@@ -187,7 +200,11 @@ class DataCfg(_Strict):
 
 #: ``nm: "2:4"`` (n kept of every m consecutive weights), the others a kept fraction
 ConstraintCfg = (
-    dict[Literal["unstructured", "filters", "channels", "columns", "nm"], float | str] | None
+    dict[
+        Literal["unstructured", "filters", "channels", "columns", "nm", "per_row"],
+        bool | float | str,
+    ]
+    | None
 )
 
 
@@ -202,8 +219,9 @@ class Recipe(_Strict):
     logging: LoggingCfg = LoggingCfg()
     model: ModelCfg
     # How the compression stage (the `admm` section's epochs) induces sparsity.
-    method: Literal["admm", "magnitude", "iterative", "gradual", "ssauto"] = "admm"
+    method: Literal["admm", "magnitude", "iterative", "gradual", "ssauto", "oneshot"] = "admm"
     heuristic: HeuristicCfg = HeuristicCfg()
+    oneshot: OneShotCfg = OneShotCfg()
     ssauto: SsAutoCfg = SsAutoCfg()
     data: DataCfg = DataCfg()
     pretrain: StageCfg = StageCfg()
@@ -263,6 +281,11 @@ class Recipe(_Strict):
                 "constraints: no layer is constrained; give at least one {type: keep} "
                 "(or coupled_channels)"
             )
+        if self.method == "oneshot" and self.admm.epochs > 0:
+            raise ValueError(
+                "method: oneshot prunes from calibration data with no training: set admm.epochs: "
+                "0 (retrain.epochs fine-tunes the pruned model afterwards)"
+            )
         if self.coupled_channels is not None and self.method != "admm":
             raise ValueError("coupled_channels works with method: admm only (for now)")
         if self.admm.epochs > 0 and any(c.norm == "l1" for c in self.coupled()):
@@ -316,6 +339,12 @@ def _parse_nm(text: str) -> tuple[int, int]:
 
 
 def _check_pair(where: str, kind: str, keep) -> None:
+    if kind == "per_row":
+        if not isinstance(keep, bool):
+            raise ValueError(f"{where}.per_row: {keep!r} must be true or false")
+        return
+    if isinstance(keep, bool):
+        raise ValueError(f"{where}.{kind}: {keep!r} is a boolean; give the fraction kept")
     if kind == "nm":
         _parse_nm(keep)
     elif isinstance(keep, str) or not (math.isfinite(keep) and 0 < keep <= 1):
@@ -339,13 +368,22 @@ def _module_types(section: str, spec: dict) -> dict:
     return out
 
 
+def _one_constraint(kind: str, keep, per_row: bool) -> constraints.Constraint:
+    if kind == "nm":
+        return constraints.NM(*_parse_nm(keep))
+    if kind == "unstructured":
+        return constraints.Unstructured(keep, per_row=per_row)
+    return CONSTRAINT_TYPES[kind](keep)
+
+
 def to_constraint(pairs: dict[str, float] | None) -> constraints.Constraint | None:
     if pairs is None:
         return None
-    parts = [
-        constraints.NM(*_parse_nm(keep)) if kind == "nm" else CONSTRAINT_TYPES[kind](keep)
-        for kind, keep in pairs.items()
-    ]
+    pairs = dict(pairs)
+    per_row = pairs.pop("per_row", False)
+    if per_row and "unstructured" not in pairs:
+        raise RecipeError("per_row: true applies to unstructured: give {unstructured: KEEP, ...}")
+    parts = [_one_constraint(kind, keep, per_row) for kind, keep in pairs.items()]
     return parts[0] if len(parts) == 1 else constraints.Intersection(*parts)
 
 

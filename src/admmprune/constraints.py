@@ -178,15 +178,50 @@ def _scores_dtype(W: torch.Tensor) -> torch.Tensor:
 class Unstructured(_KeepFraction):
     """Non-structured sparsity: at most ``k`` non-zero weights.
 
-    Π_S(W) keeps the ``k = keep·n`` entries of largest ``|w|`` and zeros the rest.
+    Π_S(W) keeps the ``k = keep·n`` entries of largest ``|w|`` and zeros the rest. With
+    ``per_row=True`` the count holds in every GEMM row (output neuron / filter) instead: each
+    row keeps its ``keep·row_length`` largest entries (the setting SparseGPT and Wanda report;
+    ties to the lower index). A 1-D weight is one row.
     """
 
     elementwise = True
 
+    def __init__(self, keep: float, per_row: bool = False) -> None:
+        super().__init__(keep)
+        if not isinstance(per_row, bool):
+            raise ValueError(f"Unstructured(per_row={per_row!r}): per_row is True or False.")
+        self.per_row = per_row
+
     def project(self, W: torch.Tensor, groups: int = 1) -> Projection:
+        if self.per_row and W.ndim >= 2:
+            return self._project_rows(W)
         scores = _scores_dtype(W).detach().abs().flatten()
         support = topk_mask(scores, keep_count(self.keep, scores.numel())).view_as(W)
         return Projection(torch.where(support, W, 0), support)
+
+    def _project_rows(self, W: torch.Tensor) -> Projection:
+        scores = _scores_dtype(W).detach().abs().reshape(W.shape[0], -1)
+        k = keep_count(self.keep, scores.shape[1])
+        # a stable descending sort puts equal scores in index order: ties go to the lower index
+        order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
+        support = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, order, True)
+        support = support.view_as(W)
+        return Projection(torch.where(support, W, 0), support)
+
+    def with_keep(self, fn: Callable[[float], float]) -> Constraint:
+        return Unstructured(min(1.0, fn(self.keep)), self.per_row)
+
+    def __repr__(self) -> str:
+        return f"Unstructured(keep={self.keep:g}{', per_row=True' if self.per_row else ''})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Unstructured) and (other.keep, other.per_row) == (
+            self.keep,
+            self.per_row,
+        )
+
+    def __hash__(self) -> int:
+        return hash(("Unstructured", self.keep, self.per_row))
 
 
 class Filters(_KeepFraction):

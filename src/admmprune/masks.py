@@ -55,6 +55,9 @@ class Masks(Mapping[str, torch.Tensor]):
     ``optimizer.step()`` the weights off the support are set back to exactly 0.
     """
 
+    #: what made the masks, when :func:`admmprune.oneshot` did (an ``OneShotReport``)
+    report = None
+
     def __init__(self, model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
         params = dict(model.named_parameters())
         self._model = model

@@ -29,6 +29,7 @@ import torch
 from .admm import ADMM
 from .baselines import make_method
 from .masks import prune
+from .oneshot import oneshot
 from .quantization import MaskedMapping
 from .select import select
 from .train import make_scheduler
@@ -126,6 +127,9 @@ class Compress(Stage):
 
     @classmethod
     def describe(cls, recipe) -> str:
+        if recipe.method == "oneshot":
+            o = recipe.oneshot
+            return f"compress (one-shot {o.solver} from {o.samples} calibration images)"
         one_shot = recipe.method == "admm" and not recipe.admm.epochs
         return f"compress ({'one-shot projection' if one_shot else recipe.method})"
 
@@ -212,6 +216,8 @@ class Compress(Stage):
         if self.method is not None:
             masks = self.method.finish()
             self.method = None
+        elif run.r.method == "oneshot":
+            masks = self._oneshot()
         elif run.p.extra["groups"]:  # no compression epochs: one-shot (joint) projection
             groups = run.p.extra["groups"]
             masks = ADMM(run.model, run.p.spec, default=run.p.default, groups=groups).prune()
@@ -228,8 +234,36 @@ class Compress(Stage):
         )
         run.masks = masks
 
+    def _oneshot(self):
+        """Layer-wise reconstruction from ``oneshot.samples`` training images (seeded)."""
+        run, o = self.run, self.run.r.oneshot
+        images = calibration_images(run.p.data.train, o.samples, run.r.seed)
+        masks = oneshot(
+            run.model, run.p.spec, images.to(run.p.device).split(o.batch_size),
+            solver=o.solver, sequential=o.sequential, damp=o.damp, default=run.p.default,
+            **o.options,
+        )  # fmt: skip
+        rep = masks.report
+        run.info["oneshot"] = {k: v for k, v in rep.as_dict().items() if k != "layers"}
+        run.metric(stage=self.name, event="oneshot", samples=rep.samples, error=rep.error,
+                   seconds=rep.seconds, gram_bytes_peak=rep.gram_bytes_peak,
+                   layers={n: r.rel_error for n, r in rep.layers.items()})  # fmt: skip
+        run.log(f"[oneshot] {rep.summary()}")
+        return masks
+
     def state_dict(self) -> dict:
         return {"method": self.method.state_dict() if self.method is not None else None}
+
+
+def calibration_images(dataset, samples: int, seed: int) -> torch.Tensor:
+    """``samples`` images of ``dataset`` drawn without replacement by ``seed``, un-augmented."""
+    n = len(dataset)
+    idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[: min(samples, n)]
+    if hasattr(dataset, "subset") and hasattr(dataset, "batch"):
+        part = dataset.subset(idx)
+        part.augment = False  # the subset's own attribute: training keeps its augmentation
+        return part.batch(torch.arange(len(part)))[0]
+    return torch.stack([dataset[int(i)][0] for i in idx])
 
 
 class Retrain(Stage):

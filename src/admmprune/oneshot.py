@@ -1,0 +1,762 @@
+r"""One-shot (post-training) pruning and quantization from calibration data, layer by layer.
+
+For each constrained layer with weight ``W`` (GEMM view: rows = outputs, columns = the input
+features; for a conv, the unfolded patches) and calibration inputs ``X`` (rows = samples /
+positions), solve, with no retraining::
+
+    min_Ŵ ||X Ŵᵀ − X Wᵀ||²_F = tr((Ŵ − W) H (Ŵ − W)ᵀ),   H = XᵀX   s.t.  Ŵ ∈ S
+
+``H`` is accumulated in fp32 by forward hooks over the calibration batches (``X`` is never
+held whole) and damped: ``H + damp·mean(diag H)·I``. Every set of :mod:`admmprune.constraints`
+plugs in (``Filters`` excepted: a removed output cannot be reconstructed inside its layer), and
+a quantization set (:class:`~admmprune.Quantized`, ``Ternary``, ``Binary``) alone or
+intersected with a sparsity set quantizes the kept weights with the same ``H``.
+
+Solvers (one interface, the same statistics):
+
+- ``"magnitude"``: ``Ŵ = Π_S(W)``; no update.
+- ``"wanda"`` (Sun et al. 2024): the support of ``Π_S(W·diag(||X_j||))`` (score
+  ``|W_ij|·||X_j||₂``; per output row with ``Unstructured(keep, per_row=True)``); no update.
+- ``"sparsegpt"`` (Frantar & Alistarh 2023): the OBS column sweep with the upper Cholesky
+  factor of ``H⁻¹``, blocks of 128 columns, the mask chosen adaptively per block (N:M per group
+  of m columns), each column's error propagated to the later columns; Unstructured and N:M.
+- ``"admm"`` (ours, after Boža 2024), in the variables scaled by ``D = diag(H)^½`` (``H`` with
+  a unit diagonal; the sparsity sets are unchanged by column scaling)::
+
+      Ŵ ← (H W + ρ(Z − U)) (H + ρI)⁻¹       one eigendecomposition H = QΛQᵀ serves every ρ
+      Z ← Π_{S_k}(Ŵ + U),  U ← U + Ŵ − Z    (U rescaled when ρ grows, as in admm.py)
+
+  ``S_k`` reaches the target on a cubic schedule over the first ``ramp`` iterations (the
+  support is fixed gradually), ρ grows by ``rho_growth`` every ``rho_every`` iterations; then
+  the exact least squares on the final support (per row ``H_ss ŵ_s = (H w)_s``: one Cholesky
+  when every row shares the support, batched conjugate gradients otherwise). A quantization
+  set then runs ADMM in the unscaled variables with ``Z = Π_Q`` of the kept entries (zero
+  elsewhere), and the final scale is refitted in closed form for the chosen codes.
+
+``sequential=True`` processes blocks in forward order, each block's statistics computed from
+the outputs of the already-pruned layers before it (SparseGPT's sequential mode). A block is a
+run of layers that read the same input tensor (e.g. attention's q, k, v): they share one Gram.
+Only one block's Grams are alive at a time.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .constraints import (
+    NM,
+    Constraint,
+    Filters,
+    Intersection,
+    Unstructured,
+    keep_count,
+)
+from .masks import Masks
+from .quantization import _Levels, levels_for, nearest_level
+from .select import Spec, Target, select
+
+__all__ = ["SOLVERS", "LayerReport", "OneShotReport", "oneshot"]
+
+SOLVERS = ("admm", "sparsegpt", "wanda", "magnitude")
+
+
+# ---------------------------------------------------------------------------------------------
+# reports
+
+
+@dataclass
+class LayerReport:
+    """One layer's result: its summed reconstruction error ``||X(Ŵ − W)ᵀ||²`` (``error``), the
+    same relative to ``||XWᵀ||²`` (``rel_error``), kept fraction, rows of X seen, seconds."""
+
+    name: str
+    error: float
+    rel_error: float
+    kept: float
+    rows: int
+    seconds: float
+
+
+@dataclass
+class OneShotReport:
+    """What :func:`oneshot` did: samples and batches used, per-layer results, the peak bytes
+    of statistics held at once (``gram_bytes_peak``), and the wall time."""
+
+    solver: str
+    samples: int
+    batches: int
+    sequential: bool
+    damp: float
+    layers: dict[str, LayerReport] = field(default_factory=dict)
+    gram_bytes_peak: int = 0
+    seconds: float = 0.0
+
+    @property
+    def error(self) -> float:
+        """The layers' reconstruction errors summed."""
+        return sum(r.error for r in self.layers.values())
+
+    def as_dict(self) -> dict:
+        out = asdict(self)
+        out["error"] = self.error
+        return out
+
+    def summary(self) -> str:
+        return (
+            f"one-shot {self.solver}: {len(self.layers)} layers from {self.samples} calibration "
+            f"samples ({self.batches} batches, {'sequential' if self.sequential else 'parallel'}),"
+            f" summed layer error {self.error:.4g}, Grams peak "
+            f"{self.gram_bytes_peak / 2**20:.1f} MiB, {self.seconds:.1f} s"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# the GEMM view of a layer
+
+
+def _is_hf_conv1d(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2): ``y = x @ W + b`` with ``W`` stored ``[in, out]``."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+class _View:
+    """How a layer's weight and inputs map onto the GEMM ``Y = X Wᵀ``, per conv group:
+    weights as ``[G, rows, d]``, inputs as ``[G, n, d]``."""
+
+    def __init__(self, t: Target) -> None:
+        m, W = t.module, t.param
+        self.name = t.name
+        if t.attr != "weight":
+            raise ValueError(
+                f"one-shot pruning reconstructs layer outputs, so it constrains a layer's "
+                f"weight; {t.name!r} is not one. Leave it out of the spec."
+            )
+        self.transposed = False
+        if isinstance(m, nn.Linear):
+            self.kind, self.G = "linear", 1
+        elif isinstance(m, (nn.Conv1d, nn.Conv2d)):
+            self.kind, self.G = "conv", m.groups
+        elif _is_hf_conv1d(m) and W.ndim == 2:
+            self.kind, self.G, self.transposed = "linear", 1, True
+        else:
+            raise ValueError(
+                f"one-shot pruning reconstructs nn.Linear, nn.Conv1d/Conv2d and transformers' "
+                f"Conv1D; {t.name!r} is a {type(m).__name__}. Leave it out of the spec, or prune "
+                "it with admmprune.prune / ADMM."
+            )
+        self.shape = tuple(W.t().shape) if self.transposed else tuple(W.shape)  # the GEMM shape
+        self.rows = self.shape[0] // self.G
+        self.d = math.prod(self.shape[1:])
+        self.module = m
+        if self.kind == "conv":
+            self.signature = ("conv", m.kernel_size, m.stride, m.padding, m.dilation, self.G,
+                              m.padding_mode, self.d)  # fmt: skip
+        else:
+            self.signature = ("linear", self.d)
+
+    def w3(self, W: torch.Tensor) -> torch.Tensor:
+        """The parameter as ``[G, rows, d]`` fp32 (a copy)."""
+        W = W.detach().t() if self.transposed else W.detach()
+        return W.float().reshape(self.G, self.rows, self.d).clone()
+
+    def gemm(self, W3: torch.Tensor) -> torch.Tensor:
+        """``[G, rows, d]`` → the GEMM-view shape the constraints project."""
+        return W3.reshape(self.shape)
+
+    def param(self, W3: torch.Tensor) -> torch.Tensor:
+        """``[G, rows, d]`` → the parameter's own shape."""
+        W = W3.reshape(self.shape)
+        return W.t() if self.transposed else W
+
+    def inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer's input as GEMM rows, ``[G, n, d]`` fp32."""
+        if self.kind == "linear":
+            return x.reshape(1, -1, self.d).float()
+        m = self.module
+        conv2d = isinstance(m, nn.Conv2d)
+        if x.dim() == (3 if conv2d else 2):  # unbatched
+            x = x.unsqueeze(0)
+        if not conv2d:  # Conv1d as a conv over [1, L]
+            x = x.unsqueeze(2)
+        mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
+        x = F.pad(x.float(), m._reversed_padding_repeated_twice, mode=mode)
+        k, s, dil = m.kernel_size, m.stride, m.dilation
+        if not conv2d:
+            k, s, dil = (1, k[0]), (1, s[0]), (1, dil[0])
+        P = F.unfold(x, k, dilation=dil, stride=s)  # [N, C·K, L], channel-major like W
+        return P.transpose(1, 2).reshape(-1, self.G, self.d).transpose(0, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# statistics
+
+
+class _Stop(Exception):
+    """Raised by a hook once a block has all its inputs for this batch: skip the rest."""
+
+
+class _Gram:
+    """``H = Σ XᵀX`` per conv group (fp32) and the number of rows of ``X`` seen."""
+
+    def __init__(self, view: _View, device) -> None:
+        self.H = torch.zeros(view.G, view.d, view.d, device=device)
+        self.n = 0
+        self.view = view
+
+    def add(self, x: torch.Tensor, batch: int) -> None:
+        X = self.view.inputs(x.detach())
+        if not bool(torch.isfinite(X.sum())):
+            raise ValueError(
+                f"calibration batch {batch}: the input of {self.view.name!r} holds NaN/Inf "
+                "activations; check the calibration data (normalisation, dtype) and the model."
+            )
+        self.H.baddbmm_(X.transpose(1, 2), X)
+        self.n += X.shape[1]
+
+
+def _count(batch) -> int:
+    """Samples in one calibration batch: the leading size of its first tensor."""
+    if torch.is_tensor(batch):
+        return int(batch.shape[0]) if batch.dim() else 1
+    values = batch.values() if isinstance(batch, Mapping) else batch
+    for v in values:
+        if torch.is_tensor(v):
+            return int(v.shape[0]) if v.dim() else 1
+    return 1
+
+
+def _to(batch, device):
+    if torch.is_tensor(batch):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return {k: _to(v, device) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_to(v, device) for v in batch)
+    return batch
+
+
+def _describe(batch) -> str:
+    if torch.is_tensor(batch):
+        return f"a tensor of shape {tuple(batch.shape)}"
+    if isinstance(batch, Mapping):
+        return "a dict of " + ", ".join(
+            f"{k}: {tuple(v.shape) if torch.is_tensor(v) else type(v).__name__}"
+            for k, v in batch.items()
+        )
+    return f"a {type(batch).__name__}"
+
+
+def _forward(model: nn.Module, batch, i: int, device) -> None:
+    """``model(x)`` / ``model(**x)`` / ``model(*x)``; a failure names the batch."""
+    batch = _to(batch, device)
+    try:
+        if torch.is_tensor(batch):
+            model(batch)
+        elif isinstance(batch, Mapping):
+            model(**batch)
+        elif isinstance(batch, (tuple, list)):
+            model(*batch)
+        else:
+            raise TypeError(f"{type(batch).__name__} is not a tensor, dict or tuple")
+    except (_Stop, ValueError) as e:
+        if isinstance(e, _Stop) or str(e).startswith("calibration batch"):
+            raise
+        raise ValueError(
+            f"calibration batch {i} ({_describe(batch)}) failed in "
+            f"{type(model).__name__}.forward: {e}. Calibration batches are passed as model(x) "
+            "for a tensor, model(**x) for a dict, model(*x) for a tuple; give inputs only "
+            "(no labels)."
+        ) from e
+    except Exception as e:
+        raise ValueError(
+            f"calibration batch {i} ({_describe(batch)}) failed in "
+            f"{type(model).__name__}.forward: {type(e).__name__}: {e}. Calibration batches are "
+            "passed as model(x) for a tensor, model(**x) for a dict, model(*x) for a tuple; "
+            "give inputs only (no labels)."
+        ) from e
+
+
+def _discover(model, views: dict[nn.Module, _View], first, device) -> tuple[list, bool]:
+    """Run one batch: the layers in call order, grouped into blocks that read the same input
+    tensor, and whether every layer is called exactly once (then a pass may stop early)."""
+    calls: list[tuple[_View, torch.Tensor]] = []
+
+    def hook(module, args):
+        calls.append((views[module], args[0]))  # tensors kept alive: ids stay unique
+
+    handles = [m.register_forward_pre_hook(hook) for m in views]
+    try:
+        _forward(model, first, 1, device)
+    finally:
+        for h in handles:
+            h.remove()
+    seen: dict[str, int] = {}
+    blocks: list[list[_View]] = []
+    last_key = None
+    for view, x in calls:
+        seen[view.name] = seen.get(view.name, 0) + 1
+        if seen[view.name] > 1:
+            continue
+        key = (id(x), view.signature)
+        if key == last_key:
+            blocks[-1].append(view)
+        else:
+            blocks.append([view])
+        last_key = key
+    missing = [v.name for v in views.values() if v.name not in seen]
+    if missing:
+        raise ValueError(
+            f"{missing[0]!r} is never called when the model runs on the calibration input, so it "
+            "has no statistics; leave it out of the spec."
+        )
+    once = all(n == 1 for n in seen.values())
+    return blocks, once
+
+
+def _collect(model, blocks, batches, device, stop_early: bool) -> dict[str, _Gram]:
+    """Grams of every layer in ``blocks`` over all batches (layers of a block share one)."""
+    grams: dict[str, _Gram] = {}
+    hooks = {}
+    for block in blocks:
+        g = _Gram(block[0], device)
+        for v in block:
+            grams[v.name] = g
+        hooks[block[0].module] = g  # the block's first layer reads the shared input
+    last = blocks[-1][-1].module
+    batch_no = [0]
+
+    def pre(module, args):
+        hooks[module].add(args[0], batch_no[0])
+
+    def after(module, args, output):
+        raise _Stop
+
+    handles = [m.register_forward_pre_hook(pre) for m in hooks]
+    if stop_early:
+        handles.append(last.register_forward_hook(after))
+    try:
+        for i, batch in enumerate(batches, 1):
+            batch_no[0] = i
+            try:
+                _forward(model, batch, i, device)
+            except _Stop:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+    return grams
+
+
+# ---------------------------------------------------------------------------------------------
+# the sets, split for the solvers
+
+
+def _split(c: Constraint, name: str) -> tuple[Constraint | None, _Levels | None]:
+    """A spec entry as (sparsity set, quantization set); either may be None."""
+    parts = c.parts if isinstance(c, Intersection) else (c,)
+    levels = [p for p in parts if isinstance(p, _Levels)]
+    sparse = [p for p in parts if not isinstance(p, _Levels)]
+    if any(isinstance(p, Filters) for p in sparse):
+        raise ValueError(
+            f"{name!r}: Filters removes output rows, which no update inside the layer can "
+            "reconstruct. Prune the next layer's input channels with Columns/Channels instead "
+            "(one-shot reconstructs that layer), or use training-time ADMM for filters."
+        )
+    if len(levels) > 1:
+        raise ValueError(f"{name!r}: {c!r} has two quantization sets; give one.")
+    lv = levels[0] if levels else None
+    if not sparse:
+        return None, lv
+    return (sparse[0] if len(sparse) == 1 else Intersection(*sparse)), lv
+
+
+def _mask3(view: _View, sparse: Constraint, V3: torch.Tensor) -> torch.Tensor:
+    """The support ``Π_S(V)`` chooses, as ``[G, rows, d]``."""
+    return sparse.project(view.gemm(V3), view.G).support.reshape(V3.shape)
+
+
+def _quantize_on(lv: _Levels, V3: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
+    """``Π_Q`` of the kept entries of ``V3`` (the whole layer shares one scale), 0 elsewhere."""
+    kept = lv.project(V3[S]).Z
+    return torch.zeros_like(V3).masked_scatter_(S, kept)
+
+
+def _error(H: torch.Tensor, delta: torch.Tensor) -> float:
+    """``tr(Δ H Δᵀ)`` summed over groups."""
+    return float((torch.bmm(delta, H) * delta).sum())
+
+
+# ---------------------------------------------------------------------------------------------
+# solvers: each maps (view, W [G, r, d], damped H [G, d, d], sets, options) → (Ŵ, support)
+
+
+def _magnitude(view, W, H, sparse, lv, **_):
+    S = _mask3(view, sparse, W) if sparse is not None else torch.ones_like(W, dtype=torch.bool)
+    out = W * S
+    return (_quantize_on(lv, out, S) if lv is not None else out), S
+
+
+def _wanda(view, W, H, sparse, lv, **_):
+    if sparse is None:
+        return _magnitude(view, W, H, sparse, lv)
+    norms = torch.diagonal(H, dim1=1, dim2=2).sqrt().unsqueeze(1)  # ||X_j|| per group
+    S = _mask3(view, sparse, W * norms)
+    out = W * S
+    return (_quantize_on(lv, out, S) if lv is not None else out), S
+
+
+def _sparsegpt(view, W, H, sparse, lv, *, blocksize: int = 128, **_):
+    if sparse is not None and not isinstance(sparse, (Unstructured, NM)):
+        raise ValueError(
+            f"{view.name!r}: solver='sparsegpt' chooses Unstructured and N:M masks (its paper's "
+            f"sets), not {sparse!r}; use solver='admm' for it."
+        )
+    levels = None
+    if lv is not None:  # the joint mode quantizes on a grid fixed up front (as GPTQ does)
+        ref = _magnitude(view, W, H, sparse, None)[0]
+        levels = levels_for(lv, ref[ref != 0] if bool((ref != 0).any()) else ref.flatten())
+    outs, supports = [], []
+    for g in range(W.shape[0]):
+        w, s = _sparsegpt_one(W[g], H[g], sparse, levels, blocksize)
+        outs.append(w)
+        supports.append(s)
+    return torch.stack(outs), torch.stack(supports)
+
+
+def _prune_counts(sparse, rows: int, d: int, i1: int, i2: int):
+    """How many weights the block of columns ``[i1, i2)`` prunes: per row (``per_row``) or in
+    the whole block, so that the totals after the last block are exactly the target's."""
+    if sparse.per_row:
+        p = d - keep_count(sparse.keep, d)
+        return math.floor(p * i2 / d + 0.5) - math.floor(p * i1 / d + 0.5)
+    p = rows * d - keep_count(sparse.keep, rows * d)
+    return math.floor(p * i2 / d + 0.5) - math.floor(p * i1 / d + 0.5)
+
+
+def _sparsegpt_one(W, H, sparse, levels, blocksize: int):
+    """Frantar & Alistarh 2023, Algorithm 1 on one ``[r, d]`` weight."""
+    W = W.clone()
+    r, d = W.shape
+    L = torch.linalg.cholesky(H.double())
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True).to(W.dtype)
+    pruned = torch.zeros_like(W, dtype=torch.bool)
+    nm = isinstance(sparse, NM)
+    B = max(sparse.m, blocksize // sparse.m * sparse.m) if nm else blocksize
+    for i1 in range(0, d, B):
+        i2 = min(i1 + B, d)
+        W1 = W[:, i1:i2].clone()
+        U1 = Hinv[i1:i2, i1:i2]
+        E1 = torch.zeros_like(W1)
+        P1 = torch.zeros_like(W1, dtype=torch.bool)
+        diag = torch.diagonal(U1)
+        if isinstance(sparse, Unstructured):
+            score = W1.pow(2) / diag.pow(2)
+            p = _prune_counts(sparse, r, d, i1, i2)
+            if sparse.per_row:
+                idx = torch.sort(score, dim=1, stable=True).indices[:, :p]
+                P1.scatter_(1, idx, True)
+            elif p > 0:
+                idx = torch.sort(score.flatten(), stable=True).indices[:p]
+                P1.view(-1)[idx] = True
+        for j in range(i2 - i1):
+            if nm and j % sparse.m == 0:
+                score = W1[:, j : j + sparse.m].pow(2) / diag[j : j + sparse.m].pow(2)
+                idx = torch.sort(score, dim=1, stable=True).indices[:, : sparse.m - sparse.n]
+                P1[:, j : j + sparse.m].scatter_(1, idx, True)
+            w = W1[:, j]
+            q = w.masked_fill(P1[:, j], 0)
+            if levels is not None:
+                q = torch.where(P1[:, j], q, nearest_level(q, levels))
+            err = (w - q) / U1[j, j]
+            W1[:, j:].sub_(err.unsqueeze(1) * U1[j, j:].unsqueeze(0))
+            W1[:, j] = q  # exactly: pruned entries are +0.0, kept ones on their level
+            E1[:, j] = err
+        W[:, i1:i2] = W1
+        pruned[:, i1:i2] = P1
+        W[:, i2:].sub_(E1 @ Hinv[i1:i2, i2:])
+    return W, ~pruned
+
+
+def _eig(H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    lam, Q = torch.linalg.eigh(H.double())
+    return lam.to(H.dtype).unsqueeze(1), Q.to(H.dtype)  # Λ as [G, 1, d] for broadcasting
+
+
+def _w_step(B, Z, U, rho, lam, Q):
+    """``Ŵ = (B + ρ(Z − U)) (H + ρI)⁻¹`` with ``H = QΛQᵀ`` and ``B = W H``."""
+    V = torch.bmm(B + rho * (Z - U), Q)
+    return torch.bmm(V / (lam + rho), Q.transpose(1, 2))
+
+
+def _least_squares(W0, H, S, W_start, *, tol: float, max_iter: int):
+    """``argmin tr((Ŵ − W0) H (Ŵ − W0)ᵀ)`` over Ŵ supported on ``S``, per row
+    ``H_ss ŵ_s = (H w0)_s``: one Cholesky when every row of a group shares its support,
+    otherwise conjugate gradients on ``M ⊙ (Ŵ H) = M ⊙ (W0 H)`` from ``W_start``."""
+    G, r, d = W0.shape
+    out = torch.zeros_like(W0)
+    Mf = S.to(W0.dtype)
+    B = torch.bmm(W0, H) * Mf
+    for g in range(G):
+        if bool((S[g] == S[g, :1]).all()):
+            idx = S[g, 0].nonzero().flatten()
+            if idx.numel():
+                Hs = H[g][idx][:, idx].double()
+                sol = torch.cholesky_solve(B[g][:, idx].double().T, torch.linalg.cholesky(Hs))
+                out[g][:, idx] = sol.T.to(W0.dtype)
+            continue
+        out[g] = _cg(H[g], B[g], Mf[g], W_start[g] * Mf[g], tol, max_iter)
+    return out
+
+
+def _cg(H, B, M, X, tol: float, max_iter: int):
+    """Batched conjugate gradients, one system per row: ``M ⊙ (x H) = b`` on the support."""
+    R = B - (X @ H) * M
+    P = R.clone()
+    rs = (R * R).sum(1)
+    bound = (tol**2) * (B * B).sum(1).clamp_min(1e-30)
+    for _ in range(max_iter):
+        if bool((rs <= bound).all()):
+            break
+        AP = (P @ H) * M
+        alpha = rs / (P * AP).sum(1).clamp_min(1e-30)
+        X = X + alpha.unsqueeze(1) * P
+        R = R - alpha.unsqueeze(1) * AP
+        rs_new = (R * R).sum(1)
+        P = R + (rs_new / rs.clamp_min(1e-30)).unsqueeze(1) * P
+        rs = rs_new
+    return X
+
+
+def _admm(view, W, H, sparse, lv, *, iters: int = 30, ramp: int = 20, rho: float = 0.03,
+          rho_growth: float = 1.3, rho_every: int = 3, cg_tol: float = 1e-6,
+          cg_iters: int = 200, quant_iters: int = 30, quant_rho: float = 0.01,
+          quant_rho_growth: float = 1.2, **_):  # fmt: skip
+    S = torch.ones_like(W, dtype=torch.bool)
+    out = W
+    if sparse is not None:
+        D = torch.diagonal(H, dim1=1, dim2=2).sqrt()  # scale to a unit diagonal
+        Hn = H / D.unsqueeze(2) / D.unsqueeze(1)
+        Wn = W * D.unsqueeze(1)
+        lam, Q = _eig(Hn)
+        Bn = torch.bmm(Wn, Hn)
+        Z, U = Wn, torch.zeros_like(Wn)  # dense start: the ramp prunes from k = 0 on
+        Wh = Wn
+        for k in range(iters):
+            rho_k = rho * rho_growth ** (k // rho_every)
+            Wh = _w_step(Bn, Z, U, rho_k, lam, Q)
+            frac = min(1.0, (k + 1) / max(1, ramp)) ** 3
+            S_k = sparse.with_keep(lambda keep, f=frac: 1.0 - (1.0 - keep) * f)
+            V = Wh + U
+            Z = V * _mask3(view, S_k, V)
+            U = U + Wh - Z
+            rho_next = rho * rho_growth ** ((k + 1) // rho_every)
+            if rho_next != rho_k:
+                U = U * (rho_k / rho_next)
+        S = _mask3(view, sparse, Wh + U)
+        Wn_hat = _least_squares(Wn, Hn, S, Wh, tol=cg_tol, max_iter=cg_iters)
+        out = Wn_hat / D.unsqueeze(1)
+    if lv is not None:
+        out = _admm_quantize(W, H, S, out, lv, quant_iters, quant_rho, quant_rho_growth)
+    return out, S
+
+
+def _admm_quantize(W, H, S, start, lv, iters: int, rho: float, growth: float):
+    """ADMM on ``{Ŵ : Ŵ_S on the levels, Ŵ_¬S = 0}`` in the unscaled variables, from the
+    pruned solution ``start``; the final scale refitted in closed form for the chosen codes;
+    the best of the nearest-level rounding and the ADMM result is kept."""
+    lam, Q = _eig(H)
+    B = torch.bmm(W, H)
+    rho0 = rho * float(torch.diagonal(H, dim1=1, dim2=2).mean())
+    Z = _quantize_on(lv, start, S)
+    best, best_err = Z, _error(H, Z - W)
+    U = torch.zeros_like(W)
+    for k in range(iters):
+        Wh = _w_step(B, Z, U, rho0 * growth**k, lam, Q)
+        Z = _quantize_on(lv, Wh + U, S)
+        U = (U + Wh - Z) / growth
+        err = _error(H, Z - W)
+        if err < best_err:
+            best, best_err = Z, err
+    return _refit_scale(W, H, best)
+
+
+def _refit_scale(W, H, Z):
+    """``a·C`` with the codes ``C = Z / max|Z|`` fixed and ``a = tr(C H Wᵀ)/tr(C H Cᵀ)``: the
+    least-squares scale for those codes (the levels stay a scaled copy of the level set)."""
+    top = float(Z.abs().max())
+    if top == 0.0:
+        return Z
+    C = Z / top
+    CH = torch.bmm(C, H)
+    den = float((CH * C).sum())
+    a = float((CH * W).sum()) / den if den > 0 else 0.0
+    if not a > 0:
+        return Z
+    refit = a * C
+    return refit if _error(H, refit - W) <= _error(H, Z - W) else Z
+
+
+_SOLVE = {"admm": _admm, "sparsegpt": _sparsegpt, "wanda": _wanda, "magnitude": _magnitude}
+_OPTIONS = {
+    "admm": {"iters", "ramp", "rho", "rho_growth", "rho_every", "cg_tol", "cg_iters",
+             "quant_iters", "quant_rho", "quant_rho_growth"},
+    "sparsegpt": {"blocksize"},
+    "wanda": set(),
+    "magnitude": set(),
+}  # fmt: skip
+
+
+def _damped(g: _Gram, damp: float) -> torch.Tensor:
+    """``H/n`` with dead inputs (``H_jj = 0``) set to 1 and ``damp·mean(diag)`` added."""
+    H = g.H / max(1, g.n)
+    diag = torch.diagonal(H, dim1=1, dim2=2)
+    diag[diag == 0] = 1.0
+    mean = diag.mean(dim=1).view(-1, 1)
+    diag.add_(damp * mean)
+    return H
+
+
+# ---------------------------------------------------------------------------------------------
+# the entry point
+
+
+def _check_args(solver: str, damp: float, options: dict) -> None:
+    if solver not in _SOLVE:
+        raise ValueError(f"solver={solver!r}: use one of {', '.join(SOLVERS)}.")
+    if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not 0 < damp < 1e3:
+        raise ValueError(f"damp={damp!r}: a positive number, e.g. 0.01 (of mean(diag H)).")
+    unknown = set(options) - _OPTIONS[solver]
+    if unknown:
+        allowed = ", ".join(sorted(_OPTIONS[solver])) or "none"
+        raise ValueError(
+            f"solver {solver!r} has no option {sorted(unknown)[0]!r}; its options: {allowed}."
+        )
+
+
+def _batches(calibration) -> list:
+    if torch.is_tensor(calibration) or isinstance(calibration, Mapping):
+        return [calibration]  # one batch
+    if not isinstance(calibration, Iterable):
+        raise ValueError(
+            f"calibration must be an iterable of model inputs (tensors, dicts or tuples), got "
+            f"{type(calibration).__name__}."
+        )
+    batches = list(calibration)  # iterated once per block: an iterator must be kept
+    if not batches:
+        raise ValueError(
+            "calibration is empty: give at least one batch of model inputs, e.g. a list of "
+            "tensors or a DataLoader yielding inputs."
+        )
+    return batches
+
+
+@torch.no_grad()
+def oneshot(
+    model: nn.Module,
+    spec: Spec,
+    calibration,
+    *,
+    solver: str = "admm",
+    sequential: bool = True,
+    damp: float = 0.01,
+    default: Constraint | None = None,
+    log=None,
+    **solver_options,
+) -> Masks:
+    """Prune (and quantize) ``model`` in place, layer by layer, from calibration inputs.
+
+    Args:
+        model: a trained network; it runs in eval mode here (its mode is restored).
+        spec: ``{name, glob or module type: constraint}`` as for :class:`admmprune.ADMM`.
+        calibration: batches of model inputs: a tensor is passed as ``model(x)``, a dict as
+            ``model(**x)``, a tuple as ``model(*x)`` (inputs only: no labels); a single tensor
+            or dict is one batch.
+        solver: ``"admm"``, ``"sparsegpt"``, ``"wanda"`` or ``"magnitude"``.
+        sequential: each block's statistics from the already-pruned layers before it.
+        damp: ``H + damp·mean(diag H)·I``.
+        default: constraint for every prunable weight the spec does not name.
+        log: a function called with one summary line (e.g. ``print``).
+        solver_options: ``admm``: iters, ramp, rho, rho_growth, rho_every, cg_tol, cg_iters,
+            quant_iters, quant_rho, quant_rho_growth; ``sparsegpt``: blocksize.
+
+    Returns the :class:`Masks` of the constrained weights; ``masks.report`` is the
+    :class:`OneShotReport`. On any error the model's weights are left as they were.
+    """
+    _check_args(solver, damp, solver_options)
+    targets = select(model, spec, default)
+    views = {}
+    sets = {}
+    for t in targets:
+        view = _View(t)
+        sparse, lv = _split(t.constraint, t.name)
+        if sparse is not None:
+            sparse.check(torch.empty(view.shape, device="meta"), t.name, view.G)
+        views[t.module] = view
+        sets[t.name] = (t, sparse, lv)
+    batches = _batches(calibration)
+    device = next(iter(targets)).param.device
+    report = OneShotReport(solver, sum(_count(b) for b in batches), len(batches), sequential,
+                           float(damp))  # fmt: skip
+    start = time.perf_counter()
+    originals = {t.name: t.param.detach().to("cpu", copy=True) for t in targets}
+    training = model.training
+    model.eval()
+    try:
+        blocks, once = _discover(model, views, batches[0], device)
+        stages = [[b] for b in blocks] if sequential else [blocks]
+        supports = {}
+        for stage in stages:
+            grams = _collect(model, stage, batches, device, stop_early=once and sequential)
+            report.gram_bytes_peak = max(
+                report.gram_bytes_peak,
+                sum(g.H.numel() * 4 for g in {id(g): g for g in grams.values()}.values()),
+            )
+            for block in stage:
+                H = _damped(grams[block[0].name], damp)
+                for view in block:
+                    supports[view.name] = _solve_layer(
+                        view, sets[view.name], H, grams[view.name], solver, solver_options, report
+                    )
+            del grams
+    except BaseException:
+        for t in targets:
+            t.param.copy_(originals[t.name].to(t.param.device))
+        raise
+    finally:
+        model.train(training)
+    report.seconds = time.perf_counter() - start
+    masks = Masks(model, supports)
+    masks.report = report
+    if log is not None:
+        log(report.summary())
+    return masks
+
+
+def _solve_layer(view, entry, H, gram, solver, options, report) -> torch.Tensor:
+    """Solve one layer, write Ŵ into the model, record its report; returns its support."""
+    t, sparse, lv = entry
+    tic = time.perf_counter()
+    W = view.w3(t.param)
+    W_hat, S = _SOLVE[solver](view, W, H, sparse, lv, **options)
+    if not bool(torch.isfinite(W_hat).all()):
+        raise ValueError(
+            f"{t.name!r}: the {solver} solve produced NaN/Inf weights; raise damp (e.g. 0.1)."
+        )
+    H_sum = gram.H
+    err = _error(H_sum, W_hat - W)
+    ref = _error(H_sum, W)
+    t.param.copy_(view.param(W_hat).to(t.param.dtype))
+    support = view.param(S)
+    report.layers[t.name] = LayerReport(
+        t.name, err, err / ref if ref > 0 else 0.0, float(S.float().mean()), gram.n,
+        time.perf_counter() - tic,
+    )  # fmt: skip
+    return support
+
