@@ -41,14 +41,15 @@ Only one block's Grams are alive at a time.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+from torch.nn import functional
 
 from .constraints import (
     NM,
@@ -186,11 +187,11 @@ class _View:
         if not conv2d:  # Conv1d as a conv over [1, L]
             x = x.unsqueeze(2)
         mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
-        x = F.pad(x.float(), m._reversed_padding_repeated_twice, mode=mode)
+        x = functional.pad(x.float(), m._reversed_padding_repeated_twice, mode=mode)
         k, s, dil = m.kernel_size, m.stride, m.dilation
         if not conv2d:
             k, s, dil = (1, k[0]), (1, s[0]), (1, dil[0])
-        P = F.unfold(x, k, dilation=dil, stride=s)  # [N, C·K, L], channel-major like W
+        P = functional.unfold(x, k, dilation=dil, stride=s)  # [N, C·K, L], channel-major like W
         return P.transpose(1, 2).reshape(-1, self.G, self.d).transpose(0, 1)
 
 
@@ -198,7 +199,7 @@ class _View:
 # statistics
 
 
-class _Stop(Exception):
+class _StopForwardError(Exception):
     """Raised by a hook once a block has all its inputs for this batch: skip the rest."""
 
 
@@ -265,8 +266,8 @@ def _forward(model: nn.Module, batch, i: int, device) -> None:
             model(*batch)
         else:
             raise TypeError(f"{type(batch).__name__} is not a tensor, dict or tuple")
-    except (_Stop, ValueError) as e:
-        if isinstance(e, _Stop) or str(e).startswith("calibration batch"):
+    except (_StopForwardError, ValueError) as e:
+        if isinstance(e, _StopForwardError) or str(e).startswith("calibration batch"):
             raise
         raise ValueError(
             f"calibration batch {i} ({_describe(batch)}) failed in "
@@ -336,7 +337,7 @@ def _collect(model, blocks, batches, device, stop_early: bool) -> dict[str, _Gra
         hooks[module].add(args[0], batch_no[0])
 
     def after(module, args, output):
-        raise _Stop
+        raise _StopForwardError
 
     handles = [m.register_forward_pre_hook(pre) for m in hooks]
     if stop_early:
@@ -344,10 +345,8 @@ def _collect(model, blocks, batches, device, stop_early: bool) -> dict[str, _Gra
     try:
         for i, batch in enumerate(batches, 1):
             batch_no[0] = i
-            try:
+            with contextlib.suppress(_StopForwardError):
                 _forward(model, batch, i, device)
-            except _Stop:
-                pass
     finally:
         for h in handles:
             h.remove()
@@ -499,11 +498,10 @@ def _least_squares(W0, H, S, W_start, *, tol: float, max_iter: int):
     """``argmin tr((Ŵ − W0) H (Ŵ − W0)ᵀ)`` over Ŵ supported on ``S``, per row
     ``H_ss ŵ_s = (H w0)_s``: one Cholesky when every row of a group shares its support,
     otherwise conjugate gradients on ``M ⊙ (Ŵ H) = M ⊙ (W0 H)`` from ``W_start``."""
-    G, r, d = W0.shape
     out = torch.zeros_like(W0)
     Mf = S.to(W0.dtype)
     B = torch.bmm(W0, H) * Mf
-    for g in range(G):
+    for g in range(W0.shape[0]):
         if bool((S[g] == S[g, :1]).all()):
             idx = S[g, 0].nonzero().flatten()
             if idx.numel():
@@ -759,4 +757,3 @@ def _solve_layer(view, entry, H, gram, solver, options, report) -> torch.Tensor:
         time.perf_counter() - tic,
     )  # fmt: skip
     return support
-
