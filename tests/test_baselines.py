@@ -77,7 +77,10 @@ def test_method_is_validated(tmp_path, capsys):
     recipe = tiny_recipe(tmp_path / "x", method="lottery")
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     assert main(["run", str(tmp_path / "r.yaml")]) == 2
-    assert "'admm', 'magnitude', 'iterative', 'gradual' or 'ssauto'" in capsys.readouterr().err
+    assert (
+        "'admm', 'magnitude', 'iterative', 'gradual', 'ssauto' or 'oneshot'"
+        in capsys.readouterr().err
+    )
 
 
 def test_admm_updates_per_epoch(tmp_path):

@@ -102,6 +102,9 @@ class AdmmCfg(StageCfg):
     rounds: Annotated[int, Field(gt=0)] = 1  # progressive ADMM: rounds towards keep^{r/R}
     # > 0: Z/U updates this many times per epoch (no lr reset); 0: every update_every epochs
     updates_per_epoch: Annotated[int, Field(ge=0)] = 0
+    # Z⁰: projection = Π_S(W⁰); oneshot = the one-shot solution (the `oneshot` section's
+    # solver on calibration images), so ADMM training starts from it
+    init: Literal["projection", "oneshot"] = "projection"
 
 
 Bits = Annotated[int, Field(ge=2, le=16)] | Literal["binary", "ternary"]
@@ -285,6 +288,17 @@ class Recipe(_Strict):
             raise ValueError(
                 "method: oneshot prunes from calibration data with no training: set admm.epochs: "
                 "0 (retrain.epochs fine-tunes the pruned model afterwards)"
+            )
+        if self.admm.init == "oneshot" and (
+            self.method != "admm"
+            or self.admm.epochs == 0
+            or self.admm.rounds > 1
+            or self.coupled_channels is not None
+        ):
+            raise ValueError(
+                "admm.init: oneshot starts training-time ADMM from the one-shot solution: it "
+                "needs method: admm, admm.epochs > 0, admm.rounds: 1 and no coupled_channels (for "
+                "one-shot pruning alone use method: oneshot)"
             )
         if self.coupled_channels is not None and self.method != "admm":
             raise ValueError("coupled_channels works with method: admm only (for now)")

@@ -23,7 +23,7 @@ Solvers (one interface, the same statistics):
 - ``"admm"`` (ours, after Boža 2024), in the variables scaled by ``D = diag(H)^½`` (``H`` with
   a unit diagonal; the sparsity sets are unchanged by column scaling)::
 
-      Ŵ ← (H W + ρ(Z − U)) (H + ρI)⁻¹       one eigendecomposition H = QΛQᵀ serves every ρ
+      Ŵ ← (H W + ρ(Z − U)) (H + ρI)⁻¹       (H + ρI)⁻¹ from a Cholesky, once per value of ρ
       Z ← Π_{S_k}(Ŵ + U),  U ← U + Ŵ − Z    (U rescaled when ρ grows, as in admm.py)
 
   ``S_k`` reaches the target on a cubic schedule over the first ``ramp`` iterations (the
@@ -402,11 +402,10 @@ def _magnitude(view, W, H, sparse, lv, **_):
     return (_quantize_on(lv, out, S) if lv is not None else out), S
 
 
-def _wanda(view, W, H, sparse, lv, **_):
+def _wanda(view, W, H, sparse, lv, *, x_norms, **_):
     if sparse is None:
         return _magnitude(view, W, H, sparse, lv)
-    norms = torch.diagonal(H, dim1=1, dim2=2).sqrt().unsqueeze(1)  # ||X_j|| per group
-    S = _mask3(view, sparse, W * norms)
+    S = _mask3(view, sparse, W * x_norms.unsqueeze(1))  # |W_ij|·||X_j||, undamped
     out = W * S
     return (_quantize_on(lv, out, S) if lv is not None else out), S
 
@@ -483,15 +482,26 @@ def _sparsegpt_one(W, H, sparse, levels, blocksize: int):
     return W, ~pruned
 
 
-def _eig(H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    lam, Q = torch.linalg.eigh(H.double())
-    return lam.to(H.dtype).unsqueeze(1), Q.to(H.dtype)  # Λ as [G, 1, d] for broadcasting
+class _Inverses:
+    """``(H + ρI)⁻¹`` per value of ρ, from a float64 Cholesky factorization (cached: ρ changes
+    only every few iterations). A ρ change costs one d×d inversion, and each W-step is then
+    one GEMM; an eigendecomposition would serve every ρ but costs ~10–30× a Cholesky on CPU
+    and two GEMMs per step."""
+
+    def __init__(self, H: torch.Tensor) -> None:
+        self.H, self.rho, self.inv = H, None, None
+
+    def __call__(self, rho: float) -> torch.Tensor:
+        if rho != self.rho:
+            eye = torch.eye(self.H.shape[-1], dtype=torch.float64, device=self.H.device)
+            L = torch.linalg.cholesky(self.H.double() + rho * eye)
+            self.inv, self.rho = torch.cholesky_inverse(L).to(self.H.dtype), rho
+        return self.inv
 
 
-def _w_step(B, Z, U, rho, lam, Q):
-    """``Ŵ = (B + ρ(Z − U)) (H + ρI)⁻¹`` with ``H = QΛQᵀ`` and ``B = W H``."""
-    V = torch.bmm(B + rho * (Z - U), Q)
-    return torch.bmm(V / (lam + rho), Q.transpose(1, 2))
+def _w_step(B, Z, U, rho, inverses: _Inverses):
+    """``Ŵ = (B + ρ(Z − U)) (H + ρI)⁻¹`` with ``B = W H``."""
+    return torch.bmm(B + rho * (Z - U), inverses(rho))
 
 
 def _least_squares(W0, H, S, W_start, *, tol: float, max_iter: int):
@@ -532,9 +542,9 @@ def _cg(H, B, M, X, tol: float, max_iter: int):
     return X
 
 
-def _admm(view, W, H, sparse, lv, *, iters: int = 30, ramp: int = 20, rho: float = 0.03,
-          rho_growth: float = 1.3, rho_every: int = 3, cg_tol: float = 1e-6,
-          cg_iters: int = 200, quant_iters: int = 30, quant_rho: float = 0.01,
+def _admm(view, W, H, sparse, lv, *, iters: int = 40, ramp: int = 30, rho: float = 0.01,
+          rho_growth: float = 1.3, rho_every: int = 3, cg_tol: float = 1e-4,
+          cg_iters: int = 50, quant_iters: int = 30, quant_rho: float = 0.01,
           quant_rho_growth: float = 1.2, **_):  # fmt: skip
     S = torch.ones_like(W, dtype=torch.bool)
     out = W
@@ -542,13 +552,13 @@ def _admm(view, W, H, sparse, lv, *, iters: int = 30, ramp: int = 20, rho: float
         D = torch.diagonal(H, dim1=1, dim2=2).sqrt()  # scale to a unit diagonal
         Hn = H / D.unsqueeze(2) / D.unsqueeze(1)
         Wn = W * D.unsqueeze(1)
-        lam, Q = _eig(Hn)
+        inverses = _Inverses(Hn)
         Bn = torch.bmm(Wn, Hn)
         Z, U = Wn, torch.zeros_like(Wn)  # dense start: the ramp prunes from k = 0 on
         Wh = Wn
         for k in range(iters):
             rho_k = rho * rho_growth ** (k // rho_every)
-            Wh = _w_step(Bn, Z, U, rho_k, lam, Q)
+            Wh = _w_step(Bn, Z, U, rho_k, inverses)
             frac = min(1.0, (k + 1) / max(1, ramp)) ** 3
             S_k = sparse.with_keep(lambda keep, f=frac: 1.0 - (1.0 - keep) * f)
             V = Wh + U
@@ -569,16 +579,18 @@ def _admm_quantize(W, H, S, start, lv, iters: int, rho: float, growth: float):
     """ADMM on ``{Ŵ : Ŵ_S on the levels, Ŵ_¬S = 0}`` in the unscaled variables, from the
     pruned solution ``start``; the final scale refitted in closed form for the chosen codes;
     the best of the nearest-level rounding and the ADMM result is kept."""
-    lam, Q = _eig(H)
+    inverses = _Inverses(H)
     B = torch.bmm(W, H)
     rho0 = rho * float(torch.diagonal(H, dim1=1, dim2=2).mean())
     Z = _quantize_on(lv, start, S)
     best, best_err = Z, _error(H, Z - W)
     U = torch.zeros_like(W)
     for k in range(iters):
-        Wh = _w_step(B, Z, U, rho0 * growth**k, lam, Q)
+        Wh = _w_step(B, Z, U, rho0 * growth ** (k // 3), inverses)
         Z = _quantize_on(lv, Wh + U, S)
-        U = (U + Wh - Z) / growth
+        U = U + Wh - Z
+        if (k + 1) % 3 == 0:  # ρ grows: rescale the scaled dual
+            U = U / growth
         err = _error(H, Z - W)
         if err < best_err:
             best, best_err = Z, err
@@ -612,12 +624,16 @@ _OPTIONS = {
 
 
 def _damped(g: _Gram, damp: float) -> torch.Tensor:
-    """``H/n`` with dead inputs (``H_jj = 0``) set to 1 and ``damp·mean(diag)`` added."""
+    """``H/n + damp·mean(diag)·I``; a dead input (``H_jj = 0``, its weights multiply zeros)
+    gets the mean diagonal, so the factorizations stay regular at the Gram's own scale (a
+    fixed value such as 1 would rank dead inputs above live ones after scaling)."""
     H = g.H / max(1, g.n)
     diag = torch.diagonal(H, dim1=1, dim2=2)
-    diag[diag == 0] = 1.0
-    mean = diag.mean(dim=1).view(-1, 1)
-    diag.add_(damp * mean)
+    dead = diag == 0
+    live = (~dead).sum(1).clamp_min(1)
+    mean = (diag.sum(1) / live).view(-1, 1)
+    mean = torch.where(mean > 0, mean, torch.ones_like(mean))
+    diag.copy_(torch.where(dead, mean, diag) + damp * mean)
     return H
 
 
@@ -742,7 +758,11 @@ def _solve_layer(view, entry, H, gram, solver, options, report) -> torch.Tensor:
     t, sparse, lv = entry
     tic = time.perf_counter()
     W = view.w3(t.param)
-    W_hat, S = _SOLVE[solver](view, W, H, sparse, lv, **options)
+    x_norms = torch.diagonal(gram.H, dim1=1, dim2=2).sqrt()  # ||X_j||₂ per group
+    start = W
+    if solver in ("sparsegpt", "admm"):  # weights on dead inputs change no output: drop them
+        start = W * (x_norms > 0).unsqueeze(1)
+    W_hat, S = _SOLVE[solver](view, start, H, sparse, lv, x_norms=x_norms, **options)
     if not bool(torch.isfinite(W_hat).all()):
         raise ValueError(
             f"{t.name!r}: the {solver} solve produced NaN/Inf weights; raise damp (e.g. 0.1)."

@@ -225,6 +225,15 @@ def _constrained(model, recipe: Recipe, spec, default, x1) -> tuple[dict, list]:
     return constraint_names, groups
 
 
+def _with_defaults(saved: dict) -> dict:
+    """A saved recipe dump read by today's schema: a key added since the run started takes
+    its default, which is what that run did (so it is no difference)."""
+    try:
+        return _recipe_dump(Recipe.model_validate(saved))
+    except Exception:  # a recipe today's schema refuses: compare it as saved
+        return saved
+
+
 def _load_resume_state(run_dir: Path, recipe: Recipe) -> dict:
     """The run's checkpoint, verified, for a recipe that computes the same run."""
     ckpt = run_dir / _CKPT
@@ -236,7 +245,7 @@ def _load_resume_state(run_dir: Path, recipe: Recipe) -> dict:
         raise RecipeError(f"--resume: {exc}") from None
     if not isinstance(state, dict) or state.get("format") != _FORMAT:
         raise RecipeError(f"{str(ckpt)!r} is not an admmprune run checkpoint.")
-    diff = differing_keys(state["recipe"], _recipe_dump(recipe))
+    diff = differing_keys(_with_defaults(state["recipe"]), _recipe_dump(recipe))
     if diff:
         raise RecipeError(
             f"the recipe differs from the one {str(run_dir)!r} was started with, in: "

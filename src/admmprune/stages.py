@@ -169,9 +169,12 @@ class Compress(Stage):
         if self.method is not None:
             return
         run = self.run
+        options = self._options()
+        if state is None and run.r.method == "admm" and run.r.admm.init == "oneshot":
+            options["admm_kwargs"]["init"] = self._oneshot()  # Z⁰ = the one-shot solution
         self.method = make_method(
             run.r.method, run.model, run.p.spec, run.p.default, opt, epochs=self.epochs,
-            steps_per_epoch=run.steps_per_epoch, **self._options(),
+            steps_per_epoch=run.steps_per_epoch, **options,
         )  # fmt: skip
         start = (state["epoch"], state.get("method")) if state else (0, None)
         for row in self.method.start(*start):
