@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib
 import itertools
 
@@ -139,7 +140,8 @@ def test_wanda_scores_match_the_formula():
 def test_admm_recovers_a_planted_sparse_solution(seed):
     X, W_star, keep, W = _planted(seed)
     lin = _linear(W)
-    masks = ap.oneshot(lin, {"": ap.Unstructured(0.5, per_row=True)}, [X], damp=1e-6, rho=0.01)
+    spec = {"": ap.Unstructured(0.5, per_row=True)}
+    masks = ap.oneshot(lin, spec, [X], damp=1e-6, cg_tol=1e-7, cg_iters=500)
     assert torch.equal(masks["weight"], keep)
     assert torch.allclose(lin.weight, W_star, atol=1e-3)
     magnitude = ap.oneshot(
@@ -407,3 +409,120 @@ def test_dead_inputs_at_a_small_scale_never_win_the_support(solver):
     masks = ap.oneshot(model, {"0": ap.Unstructured(0.25)}, [X], solver=solver)
     assert not bool(masks["0.weight"][:, ::2].any())
     assert masks.report.layers["0.weight"].rel_error < 0.5
+
+
+# --- recipes ----------------------------------------------------------------------------------
+
+
+def _recipe(tmp_path, **changes):
+    from test_pipeline import tiny_recipe
+
+    r = tiny_recipe(tmp_path / "run", **changes)
+    r["pretrain"]["epochs"] = 2
+    return r
+
+
+def _rows(path):
+    import json
+
+    return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_recipe_method_oneshot_prunes_from_seeded_calibration_then_retrains(tmp_path):
+    from admmprune.config import parse_recipe
+    from admmprune.pipeline import prepare, run
+
+    recipe = _recipe(
+        tmp_path,
+        method="oneshot",
+        oneshot={"solver": "admm", "samples": 200, "batch_size": 64, "options": {"iters": 20}},
+        admm={"epochs": 0},
+        constraints={"fc1": {"unstructured": 0.1, "per_row": True}, "fc2": {"nm": "2:4"}},
+    )
+    summary = run(prepare(parse_recipe(recipe)), log=lambda *_: None)
+    rows = _rows(tmp_path / "run")
+    one = [r for r in rows if r.get("event") == "oneshot"]
+    assert (
+        len(one) == 1
+        and one[0]["samples"] == 200
+        and set(one[0]["layers"])
+        == {
+            "fc1.weight",
+            "fc2.weight",
+        }
+    )
+    masks = torch.load(tmp_path / "run" / "masks.pt", weights_only=True)["masks"]
+    per_row = masks["fc1.weight"].sum(1)
+    assert bool((per_row == per_row[0]).all())  # the same count in every row
+    assert int(masks["fc2.weight"].reshape(-1, 4).sum(1).max()) == 2
+    assert summary["accuracy"]["final"] >= summary["accuracy"]["pruned_before_retrain"] - 0.05
+    # the same seed draws the same calibration images: the same masks
+    recipe["output_dir"] = str(tmp_path / "again")
+    run(prepare(parse_recipe(recipe)), log=lambda *_: None)
+    again = torch.load(tmp_path / "again" / "masks.pt", weights_only=True)["masks"]
+    assert all(torch.equal(masks[k], again[k]) for k in masks)
+
+
+def test_recipe_admm_init_oneshot_starts_admm_from_the_oneshot_solution(tmp_path):
+    from admmprune.config import parse_recipe
+    from admmprune.pipeline import prepare, run
+
+    recipe = _recipe(tmp_path, oneshot={"samples": 128})
+    recipe["admm"].update(epochs=2, update_every=1, init="oneshot")
+    recipe["constraints"] = {"fc1": {"unstructured": 0.05}}
+    run(prepare(parse_recipe(recipe)), log=lambda *_: None)
+    rows = [r for r in _rows(tmp_path / "run") if r.get("stage") == "admm"]
+    assert rows[0]["event"] == "oneshot"  # before the first ADMM epoch
+    updates = [r for r in rows if r.get("event") == "update"]
+    # Z⁰ is the one-shot solution, already in S: W sits on Z at the start, so the first
+    # update's primal residual is what one epoch of training moved, far below ||W⁰ − Π_S(W⁰)||
+    assert updates and updates[0]["layers"]["fc1.weight"]["kept"] == pytest.approx(0.05, abs=1e-3)
+
+
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        ({"method": "oneshot"}, "admm.epochs: 0"),
+        ({"admm": {"epochs": 2, "init": "oneshot"}, "method": "magnitude"}, "admm.init: oneshot"),
+        ({"constraints": {"fc1": {"per_row": True}}}, "per_row: true applies to unstructured"),
+        ({"constraints": {"fc1": {"unstructured": True}}}, "is a boolean"),
+        ({"oneshot": {"solver": "obs"}}, "'sparsegpt', 'wanda' or 'magnitude'"),
+    ],
+)
+def test_recipe_oneshot_settings_are_validated(tmp_path, changes, message):
+    from admmprune.config import parse_recipe
+
+    recipe = _recipe(tmp_path, **changes)
+    with pytest.raises(ValueError, match=message):
+        parse_recipe(recipe).spec()
+
+
+# --- N:M storage ------------------------------------------------------------------------------
+
+
+def test_nm_storage_counts_log2_m_index_bits_and_the_packed_file_round_trips(tmp_path):
+    from admmprune.accounting import weight_storage
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 16))
+    ap.prune(model, {"0": ap.NM(2, 4), "1": ap.NM(1, 8)})
+    s = weight_storage(model[0].weight)
+    assert s["format"] == "nm" and (s["nm"]["n"], s["nm"]["m"]) == (2, 4)
+    assert s["nm"]["index_bits"] == 2 * (32 * 64 // 2)  # 2 bits per kept weight
+    assert s["nm"]["bits"] < s["relative"]["bits"]
+    assert weight_storage(model[1].weight)["nm"]["index_bits"] == 3 * (16 * 32 // 8)
+    q = nn.Sequential(nn.Linear(64, 32))
+    ap.oneshot(q, {"0": ap.NM(2, 4) & ap.Quantized(4)}, [torch.randn(64, 64)])
+    for m in (model, q):
+        path = tmp_path / "m.admmprune"
+        ap.export_compressed(m, path)
+        back = ap.load_compressed(path, copy.deepcopy(m).apply(_zero))
+        assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(),
+                                                     back.state_dict().values()))  # fmt: skip
+    nm = weight_storage(q[0].weight)["nm"]  # 4-bit codes: values 3 bits + 2-bit positions
+    assert nm is not None and nm["value_bits"] == 4 * (32 * 64 // 2)
+
+
+def _zero(module):
+    for p in module.parameters(recurse=False):
+        p.data.zero_()
