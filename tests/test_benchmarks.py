@@ -160,3 +160,30 @@ def test_cifar_dense_tiny_run_and_admmnns_resnet20_mode(tmp_path):
     assert rows["non-structured 4x"]["mac_reduction"] > 2  # block convs at 1/4
     assert rows["structured"]["mac_reduction"] > 2  # half of every channel group removed
     assert "| structured + 4 bits (conv1, fc 8) |" in (out / "results.md").read_text()
+
+
+def test_oneshot_cnn_benchmark_tiny_run(tmp_path):
+    out = tmp_path / "oneshot"
+    proc = run_script(
+        "benchmarks/oneshot_cnn.py --dataset digits --dense-epochs 2 --rates 5 --samples 128 "
+        f"--budget-rates 20 --budget-epochs 1 1 --out {out}"
+    )
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((out / "results.json").read_text())
+    got = {(r["setting"], r["solver"]) for r in results["rows"]}
+    solvers = ("magnitude", "wanda", "sparsegpt", "admm")
+    assert got == {(s, v) for s in ("5x", "2:4", "columns 2x") for v in solvers} - {
+        ("columns 2x", "sparsegpt")
+    }
+    for r in results["rows"]:
+        assert 0 <= r["accuracy"] <= 1 and r["error"] >= 0 and r["gram_bytes_peak"] > 0
+        if r["setting"] == "5x":
+            assert r["rate"] == pytest.approx(5, rel=0.01)
+    by = {(r["setting"], r["solver"]): r["error"] for r in results["rows"]}
+    assert by[("5x", "admm")] < by[("5x", "magnitude")]  # same inputs for every solver
+    assert [b["path"] for b in results["budget"]] == [
+        "gradual magnitude", "training-time ADMM", "ADMM from one-shot",
+        "one-shot ADMM + fine-tuning",
+    ]  # fmt: skip
+    assert "| admm |" in (out / "results.md").read_text()
+    assert (out / "accuracy_vs_rate.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -46,3 +46,13 @@ def test_structured_example_runs_and_compacts_exactly(capsys):
     assert "channels removed" in out
     r = ns["report"]
     assert f"{r.macs_before:,} → {r.macs_after:,} MACs" in out and r.mac_reduction > 2
+
+
+def test_oneshot_example_runs_and_prunes_two_of_four(capsys):
+    code = next(b for b in readme_python_blocks() if "ap.oneshot(" in b)
+    ns: dict = {"__name__": "readme_oneshot"}
+    exec(compile(code, str(README), "exec"), ns)
+    model = ns["model"]
+    for layer in (model[0], model[2]):
+        assert int(layer.weight.detach().reshape(-1, 4).ne(0).sum(1).max()) == 2
+    assert "one-shot admm: 2 layers from 512 calibration samples" in capsys.readouterr().out
