@@ -136,3 +136,94 @@ def test_output_layer_is_never_shrunk():
     small, _ = compact(model, torch.randn(1, 1, 8, 8))
     assert small.fc3.out_features == 10 and small.fc2.out_features == 50
     assert small.fc3.in_features == 50
+
+
+# --- the safety net -----------------------------------------------------------------------------
+
+
+def _grouped_net():
+    torch.manual_seed(0)
+    m = nn.Sequential(
+        nn.Conv2d(3, 16, 1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1, groups=4), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 8, 1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 5),
+    )  # fmt: skip
+    randomize_bn(m)
+    return m.eval()
+
+
+def test_a_wrong_compaction_is_caught_and_names_the_layer(monkeypatch):
+    import importlib
+
+    c = importlib.import_module("admmprune.compact")  # (admmprune.compact is the function)
+    model = _grouped_net()
+    x = torch.randn(2, 3, 4, 4)
+    real = c._zero_out
+
+    def lying(module, idx):  # claims live channels of the 1x1 conv "6" are zero
+        return True if module is model[6] and idx < 4 else real(module, idx)
+
+    monkeypatch.setattr(c, "_zero_out", lying)
+    message = r"differ.*tolerance 0\.0001.*first in '9', after removing channels of '6' \(4\)"
+    with pytest.raises(c.CompactionError, match=message):
+        compact(model, x, inplace=True)
+
+
+def test_a_compact_model_that_cannot_run_is_refused_with_the_module():
+    class Reshapes(nn.Module):  # hard-codes its channel count: removing channels breaks it
+        def __init__(self):
+            super().__init__()
+            self.conv, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, 4)
+
+        def forward(self, x):
+            y = self.conv(x).view(x.shape[0], 8, -1).mean(2)
+            return self.head(y)
+
+    model = Reshapes().eval()
+    with torch.no_grad():
+        model.conv.weight[:2] = 0
+        model.conv.bias[:2] = 0
+    with pytest.raises(ValueError, match="compact model cannot run on the example input"):
+        compact(model, torch.randn(2, 3, 5, 5))
+
+
+def test_grouped_conv_channels_are_kept_and_reported_the_rest_removed_exactly():
+    model = _grouped_net()
+    x = torch.randn(2, 3, 4, 4)
+    with torch.no_grad():
+        for i in (1, 6):  # channels feeding the grouped conv: Torch-Pruning breaks its groups
+            model[0].weight[i] = 0
+            model[0].bias[i] = 0
+            model[1].weight[i] = 0
+            model[1].bias[i] = 0
+        model[6].weight[3] = 0  # a channel after it: removable
+        model[6].bias[3] = 0
+    small, report = compact(model, x)
+    assert report.removed == {"6": 1}
+    assert "grouped conv" in report.skipped["0"] and report.not_removable["0"] == 2
+    assert torch.allclose(small(x), model(x), atol=1e-6)
+    y = torch.randn(3, 3, 4, 4)
+    assert torch.allclose(small(y), model(y), atol=1e-6)
+
+
+def test_a_refused_compaction_still_writes_the_run(tmp_path, monkeypatch):
+    import json
+
+    import admmprune.finish as finish
+    from admmprune.compact import CompactionError
+    from admmprune.config import parse_recipe
+    from admmprune.pipeline import prepare, run
+    from test_pipeline import tiny_recipe
+
+    def refuse(*a, **k):
+        raise CompactionError("the compact model cannot run: test")
+
+    monkeypatch.setattr(finish, "compact", refuse)
+    recipe = tiny_recipe(tmp_path / "run", pretrain={"epochs": 1}, retrain={"epochs": 1})
+    recipe["admm"]["epochs"] = 2
+    lines = []
+    run(prepare(parse_recipe(recipe)), log=lines.append)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["compact"]["refused"] == "the compact model cannot run: test"
+    assert (tmp_path / "run" / "model.pt").exists() and (tmp_path / "run" / "masks.pt").exists()
+    assert any("[compact] refused" in line for line in lines)

@@ -4,7 +4,7 @@ The public API is what this module re-exports; everything else is private.
 """
 
 from .admm import ADMM
-from .compact import CompactReport, compact, zero_dead_inputs
+from .compact import CompactionError, CompactReport, compact, zero_dead_inputs
 from .compressed import export_compressed, load_compressed
 from .constraints import (
     NM,
@@ -33,6 +33,7 @@ __all__ = [
     "Channels",
     "Columns",
     "CompactReport",
+    "CompactionError",
     "Constraint",
     "Filters",
     "Intersection",

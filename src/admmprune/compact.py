@@ -23,10 +23,151 @@ from torch import nn
 
 from .accounting import count
 
-__all__ = ["CompactReport", "compact", "zero_dead_inputs"]
+__all__ = ["CompactReport", "CompactionError", "compact", "zero_dead_inputs"]
 
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm, nn.LayerNorm)
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+class CompactionError(ValueError):
+    """:func:`compact` could not build a smaller model with the same outputs; the message names
+    the layer (nothing is returned, so no wrong model can be used)."""
+
+
+#: the largest max|Δ| / max|y| the check accepts between the compact and the masked model
+TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+
+
+def _tensors(out) -> list[torch.Tensor]:
+    """Every floating tensor in a model output (tensor, tuple/list, dict, HF ModelOutput)."""
+    if torch.is_tensor(out):
+        return [out] if out.is_floating_point() else []
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in _tensors(o)]
+    return []
+
+
+def _second_input(x: torch.Tensor) -> torch.Tensor:
+    """A random input shaped like ``x`` (seeded): values in the example's range."""
+    g = torch.Generator().manual_seed(1234)
+    if x.is_floating_point():
+        scale = float(x.float().std()) if x.numel() > 1 else 1.0
+        r = torch.randn(x.shape, generator=g) * (scale or 1.0) + float(x.float().mean())
+        return r.to(device=x.device, dtype=x.dtype)
+    hi = int(x.max()) + 1 if x.numel() else 1
+    return torch.randint(0, max(hi, 1), x.shape, generator=g).to(device=x.device, dtype=x.dtype)
+
+
+class _Trace:
+    """Per-module output fingerprints over one forward: shape, norm and a seeded random
+    projection ``<y, r>`` (|Δ⟨y, r⟩| ≈ ||Δy||), so modules can be compared without keeping
+    their outputs; and the innermost module running when a forward fails."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model, self.prints, self.stack = model, [], []
+
+    def _pre(self, name):
+        def hook(module, args):
+            self.stack.append(name)
+
+        return hook
+
+    def _post(self, name):
+        def hook(module, args, out):
+            self.stack.pop()
+            ts = _tensors(out)
+            if ts:
+                y = ts[0].detach().float().flatten()
+                r = torch.randn(y.numel(), generator=torch.Generator().manual_seed(y.numel()))
+                self.prints.append((name, tuple(ts[0].shape), float(y.norm()),
+                                    float(y @ r.to(y.device))))  # fmt: skip
+
+        return hook
+
+    @torch.no_grad()
+    def run(self, x) -> list[torch.Tensor]:
+        handles = []
+        for name, m in self.model.named_modules():
+            if name:
+                handles.append(m.register_forward_pre_hook(self._pre(name)))
+                handles.append(m.register_forward_hook(self._post(name)))
+        try:
+            return [t.detach().clone() for t in _tensors(self.model(x))]
+        finally:
+            for h in handles:
+                h.remove()
+
+
+def _reference(model: nn.Module, inputs: list) -> list:
+    out = []
+    for x in inputs:
+        trace = _Trace(model)
+        out.append((trace.run(x), trace.prints))
+    return out
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).abs().max()) / max(float(b.float().abs().max()), 1e-12)
+
+
+def _verify(small: nn.Module, inputs: list, refs: list, tol: float, removed: dict) -> None:
+    """Raise :class:`CompactionError` unless the compact model reproduces the reference."""
+    for which, (x, (ref_out, ref_prints)) in enumerate(zip(inputs, refs)):
+        what = "the example input" if which == 0 else "a random input of the same shape"
+        trace = _Trace(small)
+        try:
+            out = trace.run(x)
+        except Exception as e:
+            where = trace.stack[-1] if trace.stack else type(small).__name__
+            raise CompactionError(
+                f"the compact model cannot run on {what}: {type(e).__name__} in {where!r}: {e}. "
+                "The channels removed around that module are not consistent; leave its layers "
+                "out of the structured constraints (or report the model)."
+            ) from e
+        bad = [
+            i for i, (a, b) in enumerate(zip(out, ref_out))
+            if a.shape != b.shape or _rel(a, b) > tol
+        ]  # fmt: skip
+        if not bad and len(out) == len(ref_out):
+            continue
+        raise CompactionError(
+            f"the compact model's outputs differ from the masked model's on {what} "
+            f"({_describe_gap(out, ref_out, bad)}; tolerance {tol:g} of the output scale), "
+            f"first in {_first_divergence(trace.prints, ref_prints, tol)!r}, after removing "
+            f"channels of {', '.join(f'{k!r} ({v})' for k, v in removed.items()) or 'none'}. "
+            "Nothing was returned: leave those layers out of the structured constraints (or "
+            "report the model)."
+        )
+
+
+def _describe_gap(out, ref, bad) -> str:
+    if len(out) != len(ref) or not bad:
+        return f"{len(out)} output tensors instead of {len(ref)}"
+    a, b = out[bad[0]], ref[bad[0]]
+    if a.shape != b.shape:
+        return f"shape {tuple(a.shape)} instead of {tuple(b.shape)}"
+    return f"max |Δ| = {_rel(a, b):.3g} of max |y|"
+
+
+def _first_divergence(prints, ref_prints, tol: float) -> str:
+    """The first module, in the order modules finished, whose output kept its shape but not
+    its values (channels removed inside a module change its shape legitimately)."""
+    ref = {}
+    for name, shape, norm, proj in ref_prints:
+        ref.setdefault((name, shape), []).append((norm, proj))
+    seen: dict = {}
+    for name, shape, norm, proj in prints:
+        k = seen[(name, shape)] = seen.get((name, shape), -1) + 1
+        if (name, shape) not in ref or k >= len(ref[(name, shape)]):
+            continue
+        r_norm, r_proj = ref[(name, shape)][k]
+        if abs(proj - r_proj) > 10 * tol * max(r_norm, 1e-12) or abs(
+            norm - r_norm
+        ) > 10 * tol * max(r_norm, 1e-12):
+            return name
+    return "the model's output"
 
 
 @dataclass
@@ -35,6 +176,8 @@ class CompactReport:
 
     removed: dict[str, int] = field(default_factory=dict)  # root layer → channels removed
     not_removable: dict[str, int] = field(default_factory=dict)  # zero in some producers only
+    # root layer → why its zero channels were kept whole (e.g. they cross a grouped conv)
+    skipped: dict[str, str] = field(default_factory=dict)
     params_before: int = 0
     params_after: int = 0
     macs_before: int = 0  # Conv/Linear MACs per sample of the example input's shape
@@ -110,8 +253,25 @@ def _removable(model: nn.Module, example_input: torch.Tensor, ignored: list[nn.M
             removable = removable[1:]
             partial += 1
         root_idxs = [int(i) for i in group.items[0].idxs]
-        plans.append((root, group.items[0].dep.handler, [root_idxs[j] for j in removable], partial))
+        reason = _unsupported(group) if removable else None
+        if reason:  # keep the zero channels: count them, say why
+            partial += len(removable)
+            removable = []
+        plans.append((root, group.items[0].dep.handler, [root_idxs[j] for j in removable], partial,
+                      reason))  # fmt: skip
     return DG, plans
+
+
+def _unsupported(group) -> str | None:
+    """Why a group's channels cannot leave exactly, if they cannot: a grouped (not
+    depthwise) conv among its members — removing channels must keep every conv group the same
+    size, which Torch-Pruning's pruners do not (its result cannot run)."""
+    for item in group.items:
+        m = item.dep.target.module
+        g = getattr(m, "groups", 1)
+        if isinstance(m, _LAYERS) and g > 1 and not (g == m.in_channels == m.out_channels):
+            return f"its channels cross the grouped conv ({type(m).__name__}, groups={g})"
+    return None
 
 
 def compact(
@@ -120,6 +280,7 @@ def compact(
     *,
     ignored_layers: list[nn.Module] | None = None,
     inplace: bool = False,
+    check: bool = True,
 ) -> tuple[nn.Module, CompactReport]:
     """Remove every removable zero channel; return the smaller model and a report.
 
@@ -127,6 +288,12 @@ def compact(
     (they are the model's outputs) unless ``ignored_layers`` says otherwise. The model is
     copied first unless ``inplace``. In eval mode, the compacted model's outputs equal the
     masked model's up to float rounding.
+
+    ``check`` (default on) runs both models on ``example_input`` and on a seeded random input
+    of its shape and raises :class:`CompactionError`, naming the first module whose output
+    diverged, unless every output agrees to ``max|Δ| <= tol · max|y|`` (``tol`` from
+    :data:`TOLERANCE` by dtype: 1e-4 in fp32). A failure inside Torch-Pruning is a
+    ``CompactionError`` naming the layer too.
     """
     small = model if inplace else copy.deepcopy(model)
     was_training = small.training
@@ -140,15 +307,29 @@ def compact(
         params_before=sum(p.numel() for p in small.parameters()),
         macs_before=count(small, example_input)["macs"],
     )
+    inputs = [example_input, _second_input(example_input)]
+    refs = _reference(small, inputs) if check else None
     DG, plans = _removable(small, example_input, ignored)
     names = _name_of(small)
-    for root, handler, idxs, partial in plans:
+    for root, handler, idxs, partial, reason in plans:
         name = names.get(root, type(root).__name__)
         if partial:
             report.not_removable[name] = partial
+        if reason:
+            report.skipped[name] = reason
         if idxs:
-            DG.get_pruning_group(root, handler, idxs).prune()
+            try:
+                DG.get_pruning_group(root, handler, idxs).prune()
+            except Exception as e:
+                raise CompactionError(
+                    f"removing {len(idxs)} zero channels of {name!r} ({type(root).__name__}) "
+                    f"failed in Torch-Pruning: {type(e).__name__}: {e}. Leave {name!r} out of "
+                    "the structured constraints (or report the model)."
+                ) from e
             report.removed[name] = len(idxs)
+    if check:
+        dtype = next((p.dtype for p in small.parameters()), torch.float32)
+        _verify(small, inputs, refs, TOLERANCE.get(dtype, 1e-4), report.removed)
     report.params_after = sum(p.numel() for p in small.parameters())
     after = count(small, example_input)
     report.macs_after, report.sparse_macs_after = after["macs"], after["sparse_macs"]
@@ -170,7 +351,7 @@ def zero_dead_inputs(model: nn.Module, example_input: torch.Tensor) -> int:
     try:
         DG, plans = _removable(model, example_input, _output_layers(model, example_input))
         zeroed = 0
-        for root, handler, idxs, _ in plans:
+        for root, handler, idxs, *_ in plans:
             if not idxs:
                 continue
             for item in DG.get_pruning_group(root, handler, idxs).items:

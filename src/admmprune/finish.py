@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .accounting import storage
-from .compact import compact
+from .compact import CompactionError, compact
 from .compressed import export_compressed
 from .latency import measure_paired
 from .plots import write_plots
@@ -35,7 +35,10 @@ def compact_stats(model: nn.Module, x1: torch.Tensor, xb: torch.Tensor) -> dict:
     in NHWC; in alternation, so that a busy machine slows both alike. The compact model is not
     kept: :func:`compact` on the saved weights rebuilds it.
     """
-    small, report = compact(model, x1)
+    try:
+        small, report = compact(model, x1)
+    except CompactionError as e:  # the run's files still get written; the summary says why
+        return {"refused": str(e)}
     models, channels_last = {"dense": model, "compact": small}, xb.ndim == 4
     try:
         fold_bn = True
@@ -45,6 +48,7 @@ def compact_stats(model: nn.Module, x1: torch.Tensor, xb: torch.Tensor) -> dict:
         t = measure_paired(models, xb, 10, channels_last=channels_last)
     return {
         "channels_removed": sum(report.removed.values()),
+        "skipped": report.skipped,  # root layer → why its zero channels stayed
         "zero_channels_not_removable": report.total_not_removable,
         "macs_dense": report.macs_before,
         "macs_compact": report.macs_after,

@@ -579,11 +579,13 @@ class _Run:
         summary = summarize(self.model, names, self.r, self.info, final)
         if not self.world.main:
             return summary
-        atomic_save(self.model.state_dict(), self.dir / "model.pt")
-        self.masks.save(self.dir / "masks.pt")
-        if self.r.compact:
+        if self.r.compact:  # first: a refusal is reported in the summary, never half-written
             stats = compact_stats(self.model, x1, self.test_inputs(64))
             summary["compact"] = {**stats, "dead_input_weights_zeroed": dead}
+            if "refused" in stats:
+                self.log(f"[compact] refused (the pruned model is saved as is): {stats['refused']}")
+        atomic_save(self.model.state_dict(), self.dir / "model.pt")
+        self.masks.save(self.dir / "masks.pt")
         spec, packed = model_spec(self.r, self.p.data), self.dir / "model.admmprune"
         summary["storage"] = storage_stats(self.model, packed, spec, self.p.extra["quant_names"])
         if self.world.active:

@@ -97,6 +97,10 @@ def format_summary(summary: dict) -> str:
         f"weights kept); whole model {p['rate']:.1f}× ({p['nonzero']:,} of {p['params']:,} "
         "parameters non-zero)",
     ]
+    if "refused" in summary.get("compact", {}):
+        lines.append(f"compaction refused: {summary['compact']['refused']}")
+    for layer, why in summary.get("compact", {}).get("skipped", {}).items():
+        lines.append(f"compaction kept the zero channels of {layer}: {why}")
     if summary.get("compact", {}).get("channels_removed"):  # nothing removed: nothing to say
         k = summary["compact"]
         speed = (
