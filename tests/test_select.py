@@ -70,3 +70,15 @@ def test_grouped_conv_channels_end_to_end(tiny_cnn):
     assert masks["conv2.weight"].shape == W.shape
     x = torch.randn(2, 3, 8, 8)
     assert tiny_cnn(x).shape == (2, 4)
+
+
+def test_type_name_keys_work_in_python_as_in_recipes():
+    from torch import nn
+
+    import admmprune as ap
+
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4, 2))
+    targets = ap.select(model, {"type:Linear": ap.Unstructured(0.5)})
+    assert [t.name for t in targets] == ["2.weight"]
+    with pytest.raises(ValueError, match="no module type 'Lineer'"):
+        ap.select(model, {"type:Lineer": ap.Unstructured(0.5)})

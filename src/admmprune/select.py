@@ -7,7 +7,8 @@ A *spec* maps keys to constraints (or ``None`` to leave a layer alone):
   module's ``weight``;
 - an exact module name or full parameter name (``"fc1"``, ``"fc1.weight"``) matches that one
   module or parameter, whatever its kind (the constraint then checks the parameter's rank);
-- a module type or tuple of types (``nn.Conv2d``) matches every module of that type.
+- a module type or tuple of types (``nn.Conv2d``), or ``"type:Conv2d"`` (a ``torch.nn`` type
+  by name, as in recipes), matches every module of that type.
 
 ``default`` goes on every prunable weight that no key claims. A key that matches nothing, or two
 keys that claim one parameter, is an error that lists the names available.
@@ -88,6 +89,11 @@ def _match(key: Key, prunable: dict, params: dict) -> list[str]:
             f"spec key {key!r} is neither a name/glob string nor a module type; "
             "write e.g. 'conv1', 'layer*.conv*' or nn.Conv2d."
         )
+    if key.startswith("type:"):  # as in recipes: 'type:Conv2d' is torch.nn.Conv2d
+        cls = getattr(nn, key[5:], None)
+        if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+            raise ValueError(f"spec key {key!r}: torch.nn has no module type {key[5:]!r}.")
+        return [p for p, (_, mod) in prunable.items() if isinstance(mod, cls)]
     if _is_glob(key):
         return [p for p, (m, _) in prunable.items() if fnmatch.fnmatchcase(m, key)]
     if key in params:
