@@ -526,3 +526,11 @@ def test_nm_storage_counts_log2_m_index_bits_and_the_packed_file_round_trips(tmp
 def _zero(module):
     for p in module.parameters(recurse=False):
         p.data.zero_()
+
+
+def test_a_layer_kept_whole_is_left_exactly_as_it_was():
+    X = _correlated(128, 24, 14)
+    model = _mlp()
+    W = model[0].weight.detach().clone()
+    masks = ap.oneshot(model, {"0": ap.Unstructured(1.0), "2": ap.Unstructured(0.5)}, [X])
+    assert torch.equal(model[0].weight, W) and masks.report.layers["0.weight"].error == 0.0

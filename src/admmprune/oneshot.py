@@ -520,6 +520,8 @@ def _least_squares(W0, H, S, W_start, *, tol: float, max_iter: int):
                 out[g][:, idx] = sol.T.to(W0.dtype)
             continue
         out[g] = _cg(H[g], B[g], Mf[g], W_start[g] * Mf[g], tol, max_iter)
+        full = S[g].all(dim=1)  # a row that keeps everything is its own least squares
+        out[g][full] = W0[g][full]
     return out
 
 
@@ -548,6 +550,8 @@ def _admm(view, W, H, sparse, lv, *, iters: int = 40, ramp: int = 30, rho: float
           quant_rho_growth: float = 1.2, **_):  # fmt: skip
     S = torch.ones_like(W, dtype=torch.bool)
     out = W
+    if sparse is not None and bool(_mask3(view, sparse, W).all()):
+        sparse = None  # the set keeps every weight (e.g. keep=1): W is the exact solution
     if sparse is not None:
         D = torch.diagonal(H, dim1=1, dim2=2).sqrt()  # scale to a unit diagonal
         Hn = H / D.unsqueeze(2) / D.unsqueeze(1)
