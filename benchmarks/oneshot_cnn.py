@@ -41,7 +41,7 @@ from admmprune.train import evaluate
 from mnist_admmnn import PATTERNS, allocate, pct, recipe_for, run_recipe, train_dense
 
 SOLVERS = ("magnitude", "wanda", "sparsegpt", "admm", "admm-fast")
-# admm-fast: the same solver with a third of the iterations (the cost/quality trade-off)
+# admm-fast: the same solver with a quarter of the iterations (the cost/quality trade-off)
 VARIANTS = {"admm-fast": ("admm", {"iters": 10, "ramp": 8, "rho_every": 3, "cg_iters": 8})}
 
 

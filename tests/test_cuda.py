@@ -65,3 +65,26 @@ def test_admm_and_ssauto_update_on_cuda():
     ss = SSAuto(model, ["0", "3"], target=0.5)
     stats = ss.update()
     assert 0.4 <= stats["kept"] <= 0.55
+
+
+@cuda
+@pytest.mark.parametrize("solver", ["magnitude", "wanda", "sparsegpt", "admm"])
+def test_oneshot_on_cuda_matches_cpu(solver):
+    import copy
+
+    from torch import nn
+
+    import admmprune as ap
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 16))
+    x = torch.randn(64, 3, 8, 8)
+    spec = {"0": ap.Unstructured(0.5, per_row=True), "3": ap.NM(2, 4)}
+    cpu, gpu = copy.deepcopy(model), copy.deepcopy(model).cuda()
+    m_cpu = ap.oneshot(cpu, spec, [x], solver=solver)
+    m_gpu = ap.oneshot(gpu, spec, [x.cuda()], solver=solver)
+    for name in m_cpu:  # the same supports; weights to float rounding
+        agree = (m_cpu[name] == m_gpu[name].cpu()).float().mean()
+        assert agree >= 0.99, name
+    e_cpu, e_gpu = m_cpu.report.error, m_gpu.report.error
+    assert abs(e_cpu - e_gpu) <= 0.05 * max(e_cpu, 1e-9)
