@@ -82,3 +82,33 @@ def test_type_name_keys_work_in_python_as_in_recipes():
     assert [t.name for t in targets] == ["2.weight"]
     with pytest.raises(ValueError, match="no module type 'Lineer'"):
         ap.select(model, {"type:Lineer": ap.Unstructured(0.5)})
+
+
+def test_raw_gemm_weights_of_attention_and_recurrent_layers_are_prunable(tmp_path):
+    from torch import nn
+
+    import admmprune as ap
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+            self.lstm = nn.LSTM(16, 8, num_layers=2)
+            self.head = nn.Linear(8, 4)
+
+    model = Net()
+    by_type = {t.name for t in ap.select(model, {nn.LSTM: ap.Unstructured(0.2)})}
+    assert by_type == {"lstm.weight_ih_l0", "lstm.weight_hh_l0", "lstm.weight_ih_l1",
+                       "lstm.weight_hh_l1"}  # fmt: skip
+    assert {t.name for t in ap.select(model, {"type:LSTM": ap.Unstructured(0.2)})} == by_type
+    by_glob = {t.name for t in ap.select(model, {"att*": ap.Unstructured(0.2)})}
+    assert by_glob == {"attn.in_proj_weight", "attn.out_proj.weight"}
+    with pytest.raises(ValueError, match=r"attn\.in_proj_weight \(MultiheadAttention\)"):
+        ap.select(model, {"nothing*": ap.Unstructured(0.2)})  # listed among the available
+    ap.prune(model, {"att*": ap.Unstructured(0.1), nn.LSTM: ap.Unstructured(0.1)})
+    raw = sum(p.numel() * 4 for p in model.state_dict().values())
+    size = ap.export_compressed(model, tmp_path / "m.admmprune")
+    assert size < raw / 3  # the raw GEMM weights are stored sparse, not raw
+    back = ap.load_compressed(tmp_path / "m.admmprune", Net())
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                 back.state_dict().values()))  # fmt: skip

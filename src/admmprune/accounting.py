@@ -294,10 +294,17 @@ def weight_storage(W: torch.Tensor) -> dict:
 
 
 def layer_weights(model: nn.Module) -> set[str]:
-    """State-dict names of every Conv/Linear weight: the tensors stored in a sparse format."""
-    return {
-        f"{n}.weight" if n else "weight" for n, m in model.named_modules() if isinstance(m, _LAYERS)
-    }
+    """State-dict names of every Conv/Linear weight and every raw GEMM weight of attention and
+    recurrent layers (``in_proj_weight``, ``weight_ih_l0`` …): the tensors stored in a sparse
+    format."""
+    from .select import raw_weights
+
+    out = set()
+    for n, m in model.named_modules():
+        if isinstance(m, _LAYERS):
+            out.add(f"{n}.weight" if n else "weight")
+        out.update(f"{n}.{a}" if n else a for a in raw_weights(m))
+    return out
 
 
 @torch.no_grad()

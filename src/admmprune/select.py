@@ -3,8 +3,9 @@
 A *spec* maps keys to constraints (or ``None`` to leave a layer alone):
 
 - a glob such as ``"conv*"`` or ``"layer1.*"`` matches the names of *prunable* modules, those
-  whose ``weight`` has two or more dimensions (Conv and Linear); the constraint goes on that
-  module's ``weight``;
+  whose ``weight`` has two or more dimensions (Conv and Linear), and attention / recurrent
+  layers with raw GEMM weights (``in_proj_weight``, ``weight_ih_l0`` …); the constraint goes on
+  that module's ``weight`` (or each raw GEMM weight);
 - an exact module name or full parameter name (``"fc1"``, ``"fc1.weight"``) matches that one
   module or parameter, whatever its kind (the constraint then checks the parameter's rank);
 - a module type or tuple of types (``nn.Conv2d``), or ``"type:Conv2d"`` (a ``torch.nn`` type
@@ -51,13 +52,31 @@ def _is_glob(key: str) -> bool:
     return any(ch in key for ch in "*?[")
 
 
+def raw_weights(module: nn.Module) -> list[str]:
+    """The GEMM weights a layer keeps as raw parameters rather than a ``weight``:
+    ``nn.MultiheadAttention``'s input projections and ``nn.LSTM``/``GRU``/``RNN``'s
+    ``weight_ih_l*`` / ``weight_hh_l*`` (each ``[out, in]``, gates stacked along ``out``)."""
+    if isinstance(module, nn.MultiheadAttention):
+        names = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+    elif isinstance(module, nn.RNNBase):
+        names = tuple(
+            n for n, _ in module.named_parameters(recurse=False) if n.startswith("weight_")
+        )
+    else:
+        return []
+    return [n for n in names if isinstance(getattr(module, n, None), nn.Parameter)]
+
+
 def _prunable(model: nn.Module) -> dict[str, tuple[str, nn.Module]]:
-    """``{param name: (module name, module)}`` for each module weight of rank >= 2."""
+    """``{param name: (module name, module)}`` for each module weight of rank >= 2, and the raw
+    GEMM weights of attention and recurrent layers (:func:`raw_weights`)."""
     out = {}
     for mname, module in model.named_modules():
         w = getattr(module, "weight", None)
         if isinstance(w, nn.Parameter) and w.ndim >= 2:
             out[f"{mname}.weight" if mname else "weight"] = (mname, module)
+        for attr in raw_weights(module):
+            out[f"{mname}.{attr}" if mname else attr] = (mname, module)
     return out
 
 
@@ -76,7 +95,11 @@ def _describe(key: Key) -> str:
 
 
 def _available(prunable: dict[str, tuple[str, nn.Module]], limit: int = 40) -> str:
-    names = [f"{m or '<root>'} ({type(mod).__name__})" for m, mod in prunable.values()]
+    names = [
+        f"{p if not p.endswith('.weight') and p != 'weight' else m or '<root>'} "
+        f"({type(mod).__name__})"
+        for p, (m, mod) in prunable.items()
+    ]
     shown = ", ".join(names[:limit])
     return shown + (f", … ({len(names) - limit} more)" if len(names) > limit else "")
 
