@@ -165,3 +165,28 @@ def test_storage_totals_cover_every_tensor():
     assert s["total_bits"] == 76 + other and s["total_raw"] == 16 * 32 + other
     assert s["weights_value_bits"] == 3 and s["weights_index_bits"] == 9
     assert s["index_bound_bits"] == pytest.approx(math.log2(560))
+
+
+def test_all_macs_count_attention_products_by_the_formula():
+    from torch import nn
+
+    from admmprune.accounting import count
+
+    E, L = 16, 5
+    attn = nn.MultiheadAttention(E, 2, batch_first=True)
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn, self.fc = attn, nn.Linear(E, 8)
+
+        def forward(self, x):
+            return self.fc(self.attn(x, x, x, need_weights=False)[0])
+
+    c = count(Block(), torch.randn(3, L, E))
+    # q, k, v projections 3·L·E², scores L·L·E, weighted values L·L·E, out projection L·E²,
+    # then the Linear L·E·8
+    assert c["all_macs"] == 4 * L * E * E + 2 * L * L * E + L * E * 8
+    conv = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+    c = count(conv, torch.randn(2, 3, 8, 8))
+    assert c["all_macs"] == c["macs"]  # a CNN computes exactly its Conv/Linear MACs

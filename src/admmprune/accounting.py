@@ -38,13 +38,29 @@ class LayerCount:
         return asdict(self)
 
 
+def _cpu_sdpa_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:  # shapes
+    """The CPU flash-attention kernel, which ``FlopCounterMode`` has no formula for: the
+    same count as every other SDPA kernel (two matrix products per head)."""
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query, key, value)
+
+
+_EXTRA_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
+
+
 @torch.no_grad()
 def count(model: nn.Module, example_input: torch.Tensor) -> dict:
     """Per-layer and total counts for one sample of ``example_input``'s shape.
 
-    Returns ``{"layers": [LayerCount...], "params", "nonzero", "macs", "sparse_macs"}`` where the
-    totals cover every parameter (params, nonzero) and every Conv/Linear (MACs).
+    Returns ``{"layers": [LayerCount...], "params", "nonzero", "macs", "sparse_macs",
+    "all_macs"}`` where the totals cover every parameter (params, nonzero) and every
+    Conv/Linear (MACs); ``all_macs`` is every matrix product the forward actually runs, counted
+    by torch's ``FlopCounterMode`` (flops / 2): attention's score and value products and raw
+    projections (``nn.MultiheadAttention``, LSTMs) included.
     """
+    from torch.utils.flop_counter import FlopCounterMode
+
     batch = example_input.shape[0]
     layers: list[LayerCount] = []
     names = {m: n for n, m in model.named_modules()}
@@ -71,8 +87,12 @@ def count(model: nn.Module, example_input: torch.Tensor) -> dict:
     hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, _LAYERS)]
     was_training = model.training
     model.eval()
+    flops = FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOPS)
     try:
-        model(example_input)
+        # with autograd on, nn.MultiheadAttention takes its composite path, whose matrix
+        # products the counter sees (the fused inference kernel is opaque to it)
+        with flops, torch.enable_grad():
+            model(example_input)
     finally:
         for h in hooks:
             h.remove()
@@ -84,6 +104,7 @@ def count(model: nn.Module, example_input: torch.Tensor) -> dict:
         "nonzero": sum(int(torch.count_nonzero(p)) for p in params),
         "macs": sum(layer.macs for layer in layers),
         "sparse_macs": sum(layer.sparse_macs for layer in layers),
+        "all_macs": flops.get_total_flops() // 2 // max(batch, 1),
     }
 
 
