@@ -203,6 +203,10 @@ class _StopForwardError(Exception):
     """Raised by a hook once a block has all its inputs for this batch: skip the rest."""
 
 
+class _CalibrationError(ValueError):
+    """Bad calibration data found by a hook (it names the batch and layer itself)."""
+
+
 class _Gram:
     """``H = Σ XᵀX`` per conv group (fp32) and the number of rows of ``X`` seen."""
 
@@ -214,7 +218,7 @@ class _Gram:
     def add(self, x: torch.Tensor, batch: int) -> None:
         X = self.view.inputs(x.detach())
         if not bool(torch.isfinite(X.sum())):
-            raise ValueError(
+            raise _CalibrationError(
                 f"calibration batch {batch}: the input of {self.view.name!r} holds NaN/Inf "
                 "activations; check the calibration data (normalisation, dtype) and the model."
             )
@@ -266,15 +270,8 @@ def _forward(model: nn.Module, batch, i: int, device) -> None:
             model(*batch)
         else:
             raise TypeError(f"{type(batch).__name__} is not a tensor, dict or tuple")
-    except (_StopForwardError, ValueError) as e:
-        if isinstance(e, _StopForwardError) or str(e).startswith("calibration batch"):
-            raise
-        raise ValueError(
-            f"calibration batch {i} ({_describe(batch)}) failed in "
-            f"{type(model).__name__}.forward: {e}. Calibration batches are passed as model(x) "
-            "for a tensor, model(**x) for a dict, model(*x) for a tuple; give inputs only "
-            "(no labels)."
-        ) from e
+    except (_StopForwardError, _CalibrationError):
+        raise
     except Exception as e:
         raise ValueError(
             f"calibration batch {i} ({_describe(batch)}) failed in "
