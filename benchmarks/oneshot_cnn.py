@@ -37,6 +37,7 @@ import admmprune as ap
 from _cifar import load as load_cifar
 from admmprune._io import safe_load
 from admmprune.data import load_data
+from admmprune.stages import calibration_images
 from admmprune.train import evaluate
 from mnist_admmnn import PATTERNS, allocate, pct, recipe_for, run_recipe, train_dense
 
@@ -244,15 +245,12 @@ def main() -> None:
         torch.save(trained.state_dict(), dense_path)
     dense = load_dense(args, data, dense_path).to(device).eval()
     dense_acc = evaluate(dense, data.test, device)[0]
-    gen = torch.Generator().manual_seed(args.seed)
-    idx = torch.randperm(len(data.train), generator=gen)[: args.samples]
-    part = data.train.subset(idx)
-    part.augment = False
-    calibration = list(part.batch(torch.arange(len(part)))[0].to(device).split(256))
-    print(f"dense {pct(dense_acc)}; {len(idx)} calibration images", flush=True)
+    images = calibration_images(data.train, args.samples, args.seed)  # as `method: oneshot`
+    calibration = list(images.to(device).split(256))
+    print(f"dense {pct(dense_acc)}; {len(images)} calibration images", flush=True)
     results = {
         "model": args.model, "dataset": args.dataset, "dense": str(dense_path),
-        "dense_acc": dense_acc, "samples": len(idx), "solvers": args.solvers,
+        "dense_acc": dense_acc, "samples": len(images), "solvers": args.solvers,
         "threads": torch.get_num_threads(), "command": " ".join(sys.argv),
         "rows": measure(args, dense, data, calibration, device),
     }  # fmt: skip

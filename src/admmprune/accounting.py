@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from .select import raw_weights
+
 __all__ = ["LayerCount", "count", "storage", "weight_storage"]
 
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -318,8 +320,6 @@ def layer_weights(model: nn.Module) -> set[str]:
     """State-dict names of every Conv/Linear weight and every raw GEMM weight of attention and
     recurrent layers (``in_proj_weight``, ``weight_ih_l0`` …): the tensors stored in a sparse
     format."""
-    from .select import raw_weights
-
     out = set()
     for n, m in model.named_modules():
         if isinstance(m, _LAYERS):
