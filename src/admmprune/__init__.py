@@ -17,6 +17,7 @@ from .constraints import (
     Unstructured,
 )
 from .groups import ChannelGroup, channel_groups
+from .heads import PrunedMultiheadAttention, head_groups
 from .masks import Masks, prune
 from .oneshot import LayerReport, OneShotReport, oneshot
 from .proximal import SSAuto
@@ -42,6 +43,7 @@ __all__ = [
     "Masks",
     "OneShotReport",
     "Projection",
+    "PrunedMultiheadAttention",
     "Quantized",
     "SSAuto",
     "Target",
@@ -50,6 +52,7 @@ __all__ = [
     "channel_groups",
     "compact",
     "export_compressed",
+    "head_groups",
     "load_compressed",
     "oneshot",
     "prune",

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from ._graph import call, is_conv1d, no_cache
 from .select import raw_weights
 
 __all__ = ["LayerCount", "count", "storage", "weight_storage"]
@@ -52,8 +53,9 @@ _EXTRA_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu
 
 
 @torch.no_grad()
-def count(model: nn.Module, example_input: torch.Tensor) -> dict:
-    """Per-layer and total counts for one sample of ``example_input``'s shape.
+def count(model: nn.Module, example_input) -> dict:
+    """Per-layer and total counts for one sample of ``example_input``'s shape (a tensor, or a
+    dict of tensors for Hugging Face models: the batch is the first tensor's first dim).
 
     Returns ``{"layers": [LayerCount...], "params", "nonzero", "macs", "sparse_macs",
     "all_macs"}`` where the totals cover every parameter (params, nonzero) and every
@@ -63,14 +65,15 @@ def count(model: nn.Module, example_input: torch.Tensor) -> dict:
     """
     from torch.utils.flop_counter import FlopCounterMode
 
-    batch = example_input.shape[0]
+    first = next(iter(example_input.values())) if isinstance(example_input, dict) else example_input
+    batch = first.shape[0]
     layers: list[LayerCount] = []
     names = {m: n for n, m in model.named_modules()}
 
     def hook(module, _inputs, output):
         w = module.weight
         per_sample = output.numel() // batch
-        positions = per_sample // w.shape[0]
+        positions = per_sample // (w.shape[1] if is_conv1d(module) else w.shape[0])
         b = module.bias
         layers.append(
             LayerCount(
@@ -86,15 +89,19 @@ def count(model: nn.Module, example_input: torch.Tensor) -> dict:
             )
         )
 
-    hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, _LAYERS)]
+    hooks = [
+        m.register_forward_hook(hook)
+        for m in model.modules()
+        if isinstance(m, _LAYERS) or is_conv1d(m)
+    ]
     was_training = model.training
     model.eval()
     flops = FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOPS)
     try:
         # with autograd on, nn.MultiheadAttention takes its composite path, whose matrix
         # products the counter sees (the fused inference kernel is opaque to it)
-        with flops, torch.enable_grad():
-            model(example_input)
+        with flops, torch.enable_grad(), no_cache(model):
+            call(model, example_input)
     finally:
         for h in hooks:
             h.remove()

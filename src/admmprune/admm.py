@@ -247,7 +247,7 @@ class ADMM:
     def _project_one(self, t: Target, V: torch.Tensor) -> Projection:
         mask = self.support.get(t.name)
         if mask is None:
-            return t.constraint.project(V, t.groups)
+            return t.project(V)
         mask = mask.to(V.device)
         kept = t.constraint.project(V[mask], t.groups)  # only the kept entries
         Z = torch.zeros_like(V).masked_scatter_(mask, kept.Z)

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from . import _graph, heads
+from ._graph import floats as _tensors
 from .accounting import count
 
 __all__ = ["CompactReport", "CompactionError", "compact", "zero_dead_inputs"]
@@ -38,19 +40,11 @@ class CompactionError(ValueError):
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 
 
-def _tensors(out) -> list[torch.Tensor]:
-    """Every floating tensor in a model output (tensor, tuple/list, dict, HF ModelOutput)."""
-    if torch.is_tensor(out):
-        return [out] if out.is_floating_point() else []
-    if isinstance(out, dict):
-        out = list(out.values())
-    if isinstance(out, (tuple, list)):
-        return [t for o in out for t in _tensors(o)]
-    return []
-
-
-def _second_input(x: torch.Tensor) -> torch.Tensor:
-    """A random input shaped like ``x`` (seeded): values in the example's range."""
+def _second_input(x):
+    """A random input shaped like ``x`` (seeded; a dict: each tensor): values in the example's
+    range."""
+    if isinstance(x, dict):
+        return {k: _second_input(v) if torch.is_tensor(v) else v for k, v in x.items()}
     g = torch.Generator().manual_seed(1234)
     if x.is_floating_point():
         scale = float(x.float().std()) if x.numel() > 1 else 1.0
@@ -94,7 +88,9 @@ class _Trace:
                 handles.append(m.register_forward_pre_hook(self._pre(name)))
                 handles.append(m.register_forward_hook(self._post(name)))
         try:
-            return [t.detach().clone() for t in _tensors(self.model(x))]
+            with _graph.no_cache(self.model):
+                out = _graph.call(self.model, x)
+            return [t.detach().clone() for t in _tensors(out)]
         finally:
             for h in handles:
                 h.remove()
@@ -175,6 +171,8 @@ class CompactReport:
     """What :func:`compact` removed, and the zeroed channels it had to keep."""
 
     removed: dict[str, int] = field(default_factory=dict)  # root layer → channels removed
+    # attention module → heads removed (key/value heads with grouped-query attention)
+    heads_removed: dict[str, int] = field(default_factory=dict)
     not_removable: dict[str, int] = field(default_factory=dict)  # zero in some producers only
     # root layer → why its zero channels were kept whole (e.g. they cross a grouped conv)
     skipped: dict[str, str] = field(default_factory=dict)
@@ -196,9 +194,10 @@ class CompactReport:
 @torch.no_grad()
 def _zero_out(module: nn.Module, idx: int) -> bool | None:
     """Is output channel ``idx`` of a producer exactly zero? ``None``: not a producer."""
-    if isinstance(module, _LAYERS):
-        zero = not bool(module.weight[idx].any())  # row idx: one output channel/neuron
-        return zero and (module.bias is None or float(module.bias[idx]) == 0.0)
+    if isinstance(module, _LAYERS) or _graph.is_conv1d(module):
+        # one output channel/neuron: a row, or a column of transformers' Conv1D [in, out]
+        w = module.weight[:, idx] if _graph.is_conv1d(module) else module.weight[idx]
+        return not bool(w.any()) and (module.bias is None or float(module.bias[idx]) == 0.0)
     if isinstance(module, _NORMS):
         if getattr(module, "weight", None) is None:
             return False  # no affine: a constant channel is not zero
@@ -212,11 +211,11 @@ def _output_layers(model: nn.Module, example_input) -> list[nn.Module]:
     hooks = [
         m.register_forward_hook(lambda mod, *_: order.append(mod))
         for m in model.modules()
-        if isinstance(m, _LAYERS)
+        if isinstance(m, _graph.layer_types(model))
     ]
     try:
-        with torch.no_grad():
-            model(example_input)
+        with torch.no_grad(), _graph.no_cache(model):
+            _graph.call(model, example_input)
     finally:
         for h in hooks:
             h.remove()
@@ -227,15 +226,17 @@ def _name_of(model: nn.Module) -> dict[nn.Module, str]:
     return {m: n for n, m in model.named_modules()}
 
 
-def _removable(model: nn.Module, example_input: torch.Tensor, ignored: list[nn.Module]):
+def _removable(model: nn.Module, example_input, ignored: list[nn.Module]):
     """The dependency graph, and per channel group ``(root, handler, root indices of the
-    removable channels, not-removable count)``; a layer always keeps one channel."""
-    import torch_pruning as tp
-
-    DG = tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
+    removable channels, not-removable count, reason kept)``; a layer always keeps one channel.
+    Attention projections are not channel groups (their rows are heads: :mod:`.heads`)."""
+    DG, attention = _graph.build(model, example_input)
+    owners = _graph._owner_names(model)
     plans = []
-    for group in DG.get_all_groups(ignored_layers=ignored, root_module_types=list(_LAYERS)):
+    for group in _graph.all_groups(DG, model, ignored):
         root = group.items[0].dep.target.module
+        if _graph.in_attention(root, attention):
+            continue
         n = len(group.items[0].idxs)
         producers = []
         for item in group.items:
@@ -253,25 +254,17 @@ def _removable(model: nn.Module, example_input: torch.Tensor, ignored: list[nn.M
             removable = removable[1:]
             partial += 1
         root_idxs = [int(i) for i in group.items[0].idxs]
-        reason = _unsupported(group) if removable else None
+        reason = (
+            _graph.refusal(model, group, attention, owners, DG._admmprune_opaque)
+            if removable
+            else None
+        )
         if reason:  # keep the zero channels: count them, say why
             partial += len(removable)
             removable = []
         plans.append((root, group.items[0].dep.handler, [root_idxs[j] for j in removable], partial,
                       reason))  # fmt: skip
     return DG, plans
-
-
-def _unsupported(group) -> str | None:
-    """Why a group's channels cannot leave exactly, if they cannot: a grouped (not
-    depthwise) conv among its members — removing channels must keep every conv group the same
-    size, which Torch-Pruning's pruners do not (its result cannot run)."""
-    for item in group.items:
-        m = item.dep.target.module
-        g = getattr(m, "groups", 1)
-        if isinstance(m, _LAYERS) and g > 1 and not (g == m.in_channels == m.out_channels):
-            return f"its channels cross the grouped conv ({type(m).__name__}, groups={g})"
-    return None
 
 
 def compact(
@@ -282,7 +275,8 @@ def compact(
     inplace: bool = False,
     check: bool = True,
 ) -> tuple[nn.Module, CompactReport]:
-    """Remove every removable zero channel; return the smaller model and a report.
+    """Remove every removable zero channel and attention head; return the smaller model and
+    a report.
 
     ``example_input`` traces the graph (any batch size). The last layer's outputs are kept
     (they are the model's outputs) unless ``ignored_layers`` says otherwise. The model is
@@ -309,7 +303,12 @@ def compact(
     )
     inputs = [example_input, _second_input(example_input)]
     refs = _reference(small, inputs) if check else None
-    DG, plans = _removable(small, example_input, ignored)
+    report.heads_removed = heads.remove_zero_heads(small)
+    try:
+        DG, plans = _removable(small, example_input, ignored)
+    except _graph.GraphError as e:  # no channel removal for this model; heads still go
+        DG, plans = None, []
+        report.skipped["<model>"] = str(e)
     names = _name_of(small)
     for root, handler, idxs, partial, reason in plans:
         name = names.get(root, type(root).__name__)
@@ -329,7 +328,8 @@ def compact(
             report.removed[name] = len(idxs)
     if check:
         dtype = next((p.dtype for p in small.parameters()), torch.float32)
-        _verify(small, inputs, refs, TOLERANCE.get(dtype, 1e-4), report.removed)
+        removed = {**report.removed, **{f"{k} (heads)": v for k, v in report.heads_removed.items()}}
+        _verify(small, inputs, refs, TOLERANCE.get(dtype, 1e-4), removed)
     report.params_after = sum(p.numel() for p in small.parameters())
     after = count(small, example_input)
     report.macs_after, report.sparse_macs_after = after["macs"], after["sparse_macs"]
@@ -349,7 +349,10 @@ def zero_dead_inputs(model: nn.Module, example_input: torch.Tensor) -> int:
     was_training = model.training
     model.eval()
     try:
-        DG, plans = _removable(model, example_input, _output_layers(model, example_input))
+        try:
+            DG, plans = _removable(model, example_input, _output_layers(model, example_input))
+        except _graph.GraphError:
+            return 0  # no removable channel is known (compact reports why)
         zeroed = 0
         for root, handler, idxs, *_ in plans:
             if not idxs:
@@ -358,12 +361,14 @@ def zero_dead_inputs(model: nn.Module, example_input: torch.Tensor) -> int:
                 m = item.dep.target.module
                 if getattr(item.dep.handler, "__name__", "") != "prune_in_channels":
                     continue
-                if not isinstance(m, _LAYERS) or getattr(m, "groups", 1) != 1:
+                conv1d = _graph.is_conv1d(m)
+                if not (isinstance(m, _LAYERS) or conv1d) or getattr(m, "groups", 1) != 1:
                     continue  # grouped/depthwise convs: their inputs are their outputs' channels
                 cols = torch.as_tensor([int(i) for i in item.idxs], device=m.weight.device)
+                w = m.weight.T if conv1d else m.weight  # [in, out] → inputs are rows
                 with torch.no_grad():  # not around the tracing: the graph needs autograd
-                    zeroed += int(m.weight[:, cols].count_nonzero())
-                    m.weight[:, cols] = 0
+                    zeroed += int(w[:, cols].count_nonzero())
+                    w[:, cols] = 0
     finally:
         model.train(was_training)
     return zeroed

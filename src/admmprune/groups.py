@@ -30,44 +30,66 @@ from .constraints import _check_keep, keep_count, topk_mask
 
 __all__ = ["ChannelGroup", "channel_groups"]
 
-_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 @dataclass(frozen=True)
 class ChannelGroup:
-    """``n`` coupled channels; ``members[p][j]`` is the row of parameter ``p`` for channel ``j``."""
+    """``n`` coupled channels (or attention heads); ``members[p][j]`` is the index, or tuple of
+    indices, of channel ``j`` in parameter ``p`` along ``dims[p]`` (0, the rows, by default:
+    transformers' ``Conv1D`` stores outputs as columns, an attention head is many rows of Q, K
+    and V and columns of O)."""
 
     name: str
     keep: float
-    members: tuple[tuple[str, tuple[int, ...]], ...]
+    members: tuple[tuple[str, tuple[int | tuple[int, ...], ...]], ...]
     norm: str = "l2"  # "l2": the Euclidean projection; "l1": rank by L1 norm (one-shot only)
+    dims: tuple[int, ...] = ()  # per member; () = all 0
+    kind: str = "channels"  # or "heads" (head_groups)
 
     @property
     def n(self) -> int:
         return len(self.members[0][1])
 
     def __repr__(self) -> str:
-        return f"ChannelGroup({self.name!r}, keep={self.keep:g}, n={self.n})"
+        what = "" if self.kind == "channels" else f", {self.kind}"
+        return f"ChannelGroup({self.name!r}, keep={self.keep:g}, n={self.n}{what})"
+
+    def _slices(self):
+        """Per member: ``(name, dim, flat indices, channel of each index)``."""
+        for i, (pname, units) in enumerate(self.members):
+            dim = self.dims[i] if self.dims else 0
+            flat, owner = [], []
+            for j, u in enumerate(units):
+                u = (u,) if isinstance(u, int) else u
+                flat += u
+                owner += [j] * len(u)
+            yield pname, dim, flat, owner
 
     @torch.no_grad()
     def project(self, V: dict[str, torch.Tensor]) -> tuple[dict, dict]:
         """Π_S over the whole group (with ``norm="l1"``: the L1-ranked selection):
         ``(Z, support)`` per member parameter name."""
+        slices = list(self._slices())
         score = None
-        for pname, rows in self.members:
+        for pname, dim, flat, owner in slices:
             v = V[pname].float()
-            idx = torch.tensor(rows, device=v.device)
-            s = v.index_select(0, idx).reshape(len(rows), -1)
+            s = v.index_select(dim, torch.tensor(flat, device=v.device)).movedim(dim, 0)
+            s = s.reshape(len(flat), -1)
             s = s.abs().sum(1) if self.norm == "l1" else s.pow(2).sum(1)
-            score = s if score is None else score + s
+            per = torch.zeros(self.n, device=v.device, dtype=s.dtype)
+            per.index_add_(0, torch.tensor(owner, device=v.device), s)
+            score = per if score is None else score + per.to(score.device)
         kept = topk_mask(score, keep_count(self.keep, self.n))
         Z, support = {}, {}
-        for pname, rows in self.members:
+        for pname, dim, flat, owner in slices:
             v = V[pname]
-            mask = torch.ones(v.shape[0], dtype=torch.bool, device=v.device)
-            mask[torch.tensor(rows, device=v.device)[~kept]] = False
-            full = mask.view(-1, *([1] * (v.ndim - 1))).expand_as(v)
+            mask = torch.ones(v.shape[dim], dtype=torch.bool, device=v.device)
+            drop = ~kept.to(v.device)[torch.tensor(owner, device=v.device)]
+            mask[torch.tensor(flat, device=v.device)[drop]] = False
+            shape = [1] * v.ndim
+            shape[dim] = -1
+            full = mask.view(shape).expand_as(v)
             Z[pname] = torch.where(full, v, 0)
             support[pname] = full.contiguous()
         return Z, support
@@ -75,7 +97,7 @@ class ChannelGroup:
 
 def channel_groups(
     model: nn.Module,
-    example_input: torch.Tensor,
+    example_input,
     keep: float,
     *,
     layers: str | None = None,
@@ -86,44 +108,70 @@ def channel_groups(
     (``norm``: ``"l2"``, the projection ADMM needs, or ``"l1"`` for one-shot L1 ranking).
 
     ``layers`` (a glob on the group's root layer name) selects groups; the model's output layer
-    is left alone unless ``ignored_layers`` says otherwise.
+    is left alone unless ``ignored_layers`` says otherwise. ``example_input`` is a tensor or, for
+    Hugging Face models, a dict of tensors. Only groups :func:`admmprune.compact` can remove
+    exactly are returned: channels normalised together by a LayerNorm/RMSNorm (a transformer's
+    hidden size), read by attention, looked up from an embedding or crossing a grouped conv are
+    not; attention projections are pruned by heads (:func:`admmprune.head_groups`).
     """
-    import torch_pruning as tp
-
+    from . import _graph
     from .compact import _output_layers
 
     keep = _check_keep("channel_groups", keep)
     if norm not in ("l1", "l2"):
         raise ValueError(f"channel_groups(norm={norm!r}): use 'l2' (ADMM) or 'l1' (one-shot).")
     names = {m: n for n, m in model.named_modules()}
+    types = _graph.layer_types(model)
     was_training = model.training
     model.eval()  # tracing runs a forward; batch-1 inputs would trip BatchNorm in train mode
     try:
         ignored = (
             ignored_layers if ignored_layers is not None else _output_layers(model, example_input)
         )
-        DG = tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
+        DG, attention = _graph.build(model, example_input)
     finally:
         model.train(was_training)
-    out = []
-    for group in DG.get_all_groups(ignored_layers=ignored, root_module_types=list(_LAYERS)):
-        root = names[group.items[0].dep.target.module]
+    out, refused = [], {}
+    for group in _graph.all_groups(DG, model, ignored):
+        root_module = group.items[0].dep.target.module
+        root = names[root_module]
         if layers is not None and not fnmatch.fnmatchcase(root, layers):
+            continue
+        if _graph.in_attention(root_module, attention):
+            refused[root] = "it is an attention projection: prune it by heads (head_groups)"
+            continue
+        reason = _graph.refusal(model, group, attention, opaque=DG._admmprune_opaque)
+        if reason:
+            refused[root] = reason
             continue
         n = len(group.items[0].idxs)
         members: dict[str, tuple[int, ...]] = {}
+        dims: dict[str, int] = {}
         for item in group.items:
             m = item.dep.target.module
             if item.dep.handler.__name__ != "prune_out_channels" or len(item.idxs) != n:
                 continue
-            if not isinstance(m, _LAYERS + _NORMS):
+            if not isinstance(m, types + _NORMS):
                 continue
             rows = tuple(int(i) for i in item.idxs)
             for attr in ("weight", "bias"):
                 if isinstance(getattr(m, attr, None), nn.Parameter):
                     members[f"{names[m]}.{attr}"] = rows
+                    dims[f"{names[m]}.{attr}"] = (
+                        1 if attr == "weight" and _graph.is_conv1d(m) else 0
+                    )
         if members:
-            out.append(ChannelGroup(root, keep, tuple(members.items()), norm))
+            out.append(ChannelGroup(root, keep, tuple(members.items()), norm, tuple(dims.values())))
+    for a in attention:  # say why an attention projection the glob names is not a group
+        for m in a.projections():
+            if layers is not None and fnmatch.fnmatchcase(names[m], layers):
+                refused.setdefault(
+                    names[m], "it is an attention projection: prune it by heads (head_groups)"
+                )
     if not out:
-        raise ValueError(f"no channel group matches layers={layers!r} in {type(model).__name__}.")
+        why = "".join(f"\n  {k}: {v}" for k, v in list(refused.items())[:12])
+        raise ValueError(
+            f"no channel group matches layers={layers!r} in {type(model).__name__}"
+            + (f"; these were left out:{why}" if why else ".")
+        )
     return out

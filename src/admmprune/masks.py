@@ -213,10 +213,8 @@ def hard_prune(model: nn.Module, targets: Sequence[Target], project=None) -> Mas
     for t in targets:
         check_finite(t.param, t.name, "at hard pruning")
     W = {t.name: t.param.detach() for t in targets}
-    if project is None:
-        projected = {t.name: t.constraint.project(W[t.name], t.groups) for t in targets}
-    else:
-        projected = project(W)
+    project = project or (lambda W: {t.name: t.project(W[t.name]) for t in targets})
+    projected = project(W)
     for t in targets:
         t.param.copy_(projected[t.name].Z)
     return Masks(model, {t.name: projected[t.name].support for t in targets})

@@ -21,9 +21,11 @@ import fnmatch
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
-from .constraints import Constraint
+from ._graph import is_conv1d
+from .constraints import Constraint, Projection
 
 __all__ = ["Spec", "Target", "select"]
 
@@ -41,11 +43,20 @@ class Target:
     attr: str  # the parameter's attribute on module, e.g. "weight"
     constraint: Constraint
     groups: int = 1
+    # stored [in, out] (transformers' Conv1D): the sets see Wᵀ, so Filters still means outputs
+    transposed: bool = False
 
     @property
     def param(self) -> nn.Parameter:
         # Looked up each time: model.to(...) or swap_tensors may replace the Parameter object.
         return getattr(self.module, self.attr)
+
+    def project(self, V: torch.Tensor) -> Projection:
+        """``Π_S(V)`` in the parameter's own layout."""
+        if not self.transposed:
+            return self.constraint.project(V, self.groups)
+        p = self.constraint.project(V.T, self.groups)
+        return Projection(p.Z.T, p.support.T)
 
 
 def _is_glob(key: str) -> bool:
@@ -114,9 +125,15 @@ def _match(key: Key, prunable: dict, params: dict) -> list[str]:
         )
     if key.startswith("type:"):  # as in recipes: 'type:Conv2d' is torch.nn.Conv2d
         cls = getattr(nn, key[5:], None)
-        if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-            raise ValueError(f"spec key {key!r}: torch.nn has no module type {key[5:]!r}.")
-        return [p for p, (_, mod) in prunable.items() if isinstance(mod, cls)]
+        if isinstance(cls, type) and issubclass(cls, nn.Module):
+            return [p for p, (_, mod) in prunable.items() if isinstance(mod, cls)]
+        # another library's layer by class name, e.g. 'type:Conv1D' (transformers)
+        found = [p for p, (_, mod) in prunable.items() if type(mod).__name__ == key[5:]]
+        if not found:
+            raise ValueError(
+                f"spec key {key!r}: neither torch.nn nor the model has a module type {key[5:]!r}."
+            )
+        return found
     if _is_glob(key):
         return [p for p, (m, _) in prunable.items() if fnmatch.fnmatchcase(m, key)]
     if key in params:
@@ -172,9 +189,10 @@ def select(model: nn.Module, spec: Spec, default: Constraint | None = None) -> l
         constraint = claimed[name][1]
         mname, module = params[name]
         groups = int(getattr(module, "groups", 1)) if name.endswith("weight") else 1
-        constraint.check(param, name, groups)
         attr = name[len(mname) + 1 :] if mname else name
-        targets.append(Target(name, mname, module, attr, constraint, groups))
+        transposed = attr == "weight" and is_conv1d(module)
+        constraint.check(param.T if transposed else param, name, groups)
+        targets.append(Target(name, mname, module, attr, constraint, groups, transposed))
     if not targets:
         raise ValueError(
             "the spec constrains no parameter (every key is None and no default is given); "

@@ -1,0 +1,255 @@
+"""Torch-Pruning's dependency graph, built the way every real model needs it.
+
+``channel_groups`` and ``compact`` both trace the model with ``tp.DependencyGraph``; this module
+is the one place that does it, so both see the same groups:
+
+- the forward is called as ``model(**x)`` for a dict and ``model(x)`` otherwise (never
+  ``model(*x)``, which splits a token batch into rows), with Hugging Face caches off and only
+  the output's floating tensors traced;
+- transformers' ``Conv1D`` (weight ``[in, out]``) gets a pruner of its own;
+- every attention module :mod:`admmprune.heads` knows is traced through a stand-in forward
+  ``O(Q(x))`` with the real output's shape: the head reshapes, rotary embeddings and window
+  partitions inside are neither traced (Torch-Pruning mis-reads them as flattens, which made
+  grouped-query and Swin attention take minutes) nor channel-pruned (heads are removed whole by
+  :mod:`admmprune.heads`).
+
+:func:`refusal` says why a group's channels must stay: they are normalised together
+(LayerNorm/RMSNorm statistics change when a channel leaves), looked up from an embedding, read
+by an attention module, or cross a grouped convolution.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+_NORM_WORDS = ("LayerNorm", "RMSNorm", "GroupNorm", "InstanceNorm")
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2): ``y = x @ W + b`` with ``W`` stored ``[in, out]``."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def layer_types(model: nn.Module) -> tuple[type, ...]:
+    """The producer layer types: Conv/Linear, and the model's ``Conv1D`` class if it has one."""
+    extra = {type(m) for m in model.modules() if is_conv1d(m)}
+    return (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, *sorted(extra, key=str))
+
+
+def call(model: nn.Module, x: Any) -> Any:
+    """The model's forward on ``x``: ``model(**x)`` for a dict (HF batches), else ``model(x)``."""
+    return model(**x) if isinstance(x, dict) else model(x)
+
+
+def floats(out: Any) -> list[torch.Tensor]:
+    """Every floating tensor in a model output (tensor, tuple/list, dict, HF ModelOutput)."""
+    if torch.is_tensor(out):
+        return [out] if out.is_floating_point() else []
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in floats(o)]
+    return []
+
+
+@contextlib.contextmanager
+def no_cache(model: nn.Module) -> Iterator[None]:
+    """Hugging Face models with ``use_cache`` off (their cache objects are not tensors)."""
+    configs = [
+        c for c in {id(m): getattr(m, "config", None) for m in model.modules()}.values()
+        if c is not None and getattr(c, "use_cache", None)
+    ]  # fmt: skip
+    for c in configs:
+        c.use_cache = False
+    try:
+        yield
+    finally:
+        for c in configs:
+            c.use_cache = True
+
+
+def _conv1d_pruner():
+    import torch_pruning as tp
+
+    class Conv1DPruner(tp.pruner.function.BasePruningFunc):
+        """transformers' Conv1D: outputs are the weight's columns, inputs its rows."""
+
+        def prune_out_channels(self, layer, idxs):
+            keep = sorted(set(range(layer.nf)) - set(idxs))
+            layer.weight = self._prune_parameter_and_grad(layer.weight, keep, 1)
+            if layer.bias is not None:
+                layer.bias = self._prune_parameter_and_grad(layer.bias, keep, 0)
+            layer.nf = len(keep)
+            return layer
+
+        def prune_in_channels(self, layer, idxs):
+            keep = sorted(set(range(layer.weight.shape[0])) - set(idxs))
+            layer.weight = self._prune_parameter_and_grad(layer.weight, keep, 0)
+            return layer
+
+        def get_out_channels(self, layer):
+            return layer.nf
+
+        def get_in_channels(self, layer):
+            return layer.weight.shape[0]
+
+    return Conv1DPruner()
+
+
+def build(model: nn.Module, x: Any):
+    """``(DG, attention)``: the dependency graph of ``model`` on ``x`` (see the module
+    docstring) and the attention modules found (:func:`admmprune.heads.find`)."""
+    from . import heads
+
+    attention = heads.find(model)
+    pruner = _conv1d_pruner()
+    custom = {t: pruner for t in {type(m) for m in model.modules() if is_conv1d(m)}}
+    DG = _graph_class()()
+    DG._admmprune_opaque = set()
+    with (
+        no_cache(model),
+        heads.stand_in(attention),
+        _guarded_reshapes(DG._admmprune_opaque),
+        torch.enable_grad(),
+        _explained(model, "trace"),
+    ):
+        DG.build_dependency(
+            model,
+            example_inputs=x,
+            forward_fn=call,
+            output_transform=lambda out: [t for t in floats(out) if t.grad_fn is not None],
+            customized_pruners=custom or None,
+            verbose=False,
+        )
+    return DG, attention
+
+
+def all_groups(DG, model: nn.Module, ignored: list[nn.Module]) -> list:
+    """Every channel group rooted at a producer layer (Torch-Pruning's ``get_all_groups``)."""
+    with _explained(model, "group the channels of"):
+        return list(
+            DG.get_all_groups(ignored_layers=ignored, root_module_types=list(layer_types(model)))
+        )
+
+
+class GraphError(ValueError):
+    """Torch-Pruning could not build or group the model's dependency graph."""
+
+
+@contextlib.contextmanager
+def _explained(model: nn.Module, what: str) -> Iterator[None]:
+    try:
+        yield
+    except GraphError:
+        raise
+    except Exception as e:  # a failure inside Torch-Pruning 1.6.1: say so, and what to do
+        raise GraphError(
+            f"Torch-Pruning could not {what} {type(model).__name__}: {type(e).__name__}: {e} "
+            "(in its dependency graph; ShuffleNetV2's channel shuffle + chunk is one known "
+            "case). Structured channel pruning is not available for this model; unstructured, "
+            "N:M and head pruning do not need the graph."
+        ) from e
+
+
+@functools.cache
+def _graph_class():
+    import torch_pruning as tp
+
+    class Graph(tp.DependencyGraph):
+        """Torch-Pruning's graph with :func:`_guarded_reshapes` around every index-mapping
+        update (it re-runs them each time a group is formed)."""
+
+        def get_pruning_group(self, *args, **kwargs):
+            with _guarded_reshapes(self._admmprune_opaque):
+                return super().get_pruning_group(*args, **kwargs)
+
+    return Graph
+
+
+@contextlib.contextmanager
+def _guarded_reshapes(opaque: set) -> Iterator[None]:
+    """Torch-Pruning 1.6.1 divides by a reshape's inferred channel count, which is 0 for a
+    5-D view (ShuffleNetV2's channel shuffle: ZeroDivisionError). Such a reshape is skipped
+    and recorded: groups through it are refused (:func:`refusal`), since its channel mapping
+    is unknown."""
+    from torch_pruning.dependency import index_mapping, shape_infer
+
+    original = index_mapping.update_reshape_index_mapping
+
+    def guarded(graph, node):
+        sides = (
+            (node.outputs, shape_infer.infer_in_channels_recursively),
+            (node.inputs, shape_infer.infer_out_channels_recursively),
+        )
+        for nodes, infer in sides:
+            for n in nodes:
+                if infer(graph, n, [0]) == 0:
+                    opaque.add(node.module)
+                    return None
+        return original(graph, node)
+
+    index_mapping.update_reshape_index_mapping = guarded
+    try:
+        yield
+    finally:
+        index_mapping.update_reshape_index_mapping = original
+
+
+def _owner_names(model: nn.Module) -> dict[int, tuple[str, nn.Module]]:
+    """``id(param) → (module name, module)`` for every parameter."""
+    return {
+        id(p): (name, m) for name, m in model.named_modules() for p in m.parameters(recurse=False)
+    }
+
+
+def refusal(model: nn.Module, group, attention, owners=None, opaque=()) -> str | None:
+    """Why the channels of a Torch-Pruning ``group`` cannot leave with the function unchanged,
+    or ``None``. ``attention``: :func:`admmprune.heads.find`'s modules; ``opaque``: the
+    reshapes whose channel mapping is unknown (``DG._admmprune_opaque``)."""
+    names = {m: n for n, m in model.named_modules()}
+    owners = owners if owners is not None else _owner_names(model)
+    inside = {id(m): a.name for a in attention for m in a.module.modules()}
+    reasons = []  # (priority, text): the most basic cause is named
+    for item in group.items:
+        m = item.dep.target.module
+        if isinstance(m, nn.Parameter):  # an unwrapped parameter: judge by its owner
+            name, owner = owners.get(id(m), ("", None))
+            if owner is not None and any(w in type(owner).__name__ for w in _NORM_WORDS):
+                reasons.append((0, f"its channels are normalised together by {name!r} "
+                                   f"({type(owner).__name__}: its statistics change when a "
+                                   "channel leaves)"))  # fmt: skip
+            continue
+        if m in opaque:
+            reasons.append((1, "its channels pass through a reshape whose channel mapping "
+                               "Torch-Pruning cannot infer (e.g. a channel shuffle)"))  # fmt: skip
+            continue
+        if not isinstance(m, nn.Module):
+            continue
+        kind, name = type(m).__name__, names.get(m, type(m).__name__)
+        if any(w in kind for w in _NORM_WORDS):
+            reasons.append((0, f"its channels are normalised together by {name!r} ({kind}: "
+                               "its statistics change when a channel leaves)"))  # fmt: skip
+        elif isinstance(m, nn.Embedding):
+            reasons.append((1, f"its channels are looked up from the embedding {name!r}"))
+        elif isinstance(m, nn.MultiheadAttention) or id(m) in inside:
+            where = name if isinstance(m, nn.MultiheadAttention) else inside[id(m)]
+            reasons.append((2, f"its channels are read by the attention {where!r}"))
+        elif (
+            isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d)
+            and m.groups > 1
+            and not (m.groups == m.in_channels == m.out_channels)
+        ):
+            reasons.append((1, f"its channels cross the grouped conv {name!r} "
+                                   f"(groups={m.groups})"))  # fmt: skip
+    return min(reasons)[1] if reasons else None
+
+
+def in_attention(root: nn.Module, attention) -> bool:
+    """Is ``root`` a projection inside an attention module (its rows are heads, not channels)?"""
+    return any(root is m for a in attention for m in a.projections())
