@@ -578,3 +578,23 @@ def test_admm_schedule_restarts_only_at_epoch_end_updates(tmp_path, updates_per_
         assert lrs == pytest.approx([0.02 * (1 + math.cos(math.pi * e / 4)) / 2 for e in range(4)])
     else:  # cosine over each 2-epoch period, restarted at the updates
         assert lrs == pytest.approx([0.02, 0.01, 0.02, 0.01])
+
+
+def test_head_groups_recipe_removes_heads_and_counts_attention_macs(tmp_path):
+    recipe = tiny_recipe(
+        tmp_path / "run",
+        model={"name": "tiny_models:vit"},
+        coupled_channels={"kind": "heads", "keep": 0.5},
+        constraints={},
+        pretrain={"epochs": 1},
+        admm={"epochs": 2, "update_every": 1, "rho": 0.05},
+        retrain={"epochs": 1},
+    )
+    assert main(["run", str(write(tmp_path / "r.yaml", recipe))]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    k = summary["compact"]
+    assert k["heads_removed"] == 2  # 4 → 2 heads
+    assert k["all_macs_compact"] < k["all_macs_dense"]
+    assert {x["constraint"] for x in summary["layers"]} == {
+        "ChannelGroup('encoder.layers.encoder_layer_0.self_attention', keep=0.5, n=4, heads)"
+    }

@@ -56,3 +56,22 @@ def test_oneshot_example_runs_and_prunes_two_of_four(capsys):
     for layer in (model[0], model[2]):
         assert int(layer.weight.detach().reshape(-1, 4).ne(0).sum(1).max()) == 2
     assert "one-shot admm: 2 layers from 512 calibration samples" in capsys.readouterr().out
+
+
+def test_transformer_heads_example_runs_and_removes_kv_heads(capsys):
+    import pytest
+
+    pytest.importorskip("transformers", reason="needs the [hf] extra")
+    code = next(b for b in readme_python_blocks() if "ap.head_groups(" in b)
+    ns: dict = {"__name__": "readme_heads"}
+    exec(compile(code, str(README), "exec"), ns)
+    import torch
+
+    r = ns["report"]
+    assert r.heads_removed == {f"model.layers.{i}.self_attn": 1 for i in range(2)}
+    assert sum(r.removed.values()) == 2 * 64  # half of each layer's 128 MLP neurons
+    x = torch.randint(0, 100, (2, 9))
+    with torch.no_grad():
+        a, b = ns["model"](x).logits, ns["small"](x).logits
+    assert (a - b).abs().max() <= 1e-5 * a.abs().max()
+    assert "MLP neurons removed" in capsys.readouterr().out

@@ -181,6 +181,8 @@ class CompactReport:
     macs_before: int = 0  # Conv/Linear MACs per sample of the example input's shape
     macs_after: int = 0
     sparse_macs_after: int = 0  # of those, with a non-zero weight (e.g. after column pruning)
+    all_macs_before: int = 0  # every matrix product the forward runs (attention's included)
+    all_macs_after: int = 0
 
     @property
     def mac_reduction(self) -> float:
@@ -297,9 +299,11 @@ def compact(
         names = _name_of(model)
         lookup = dict(small.named_modules())
         ignored = [lookup[names[m]] for m in ignored_layers]
+    before = count(small, example_input)
     report = CompactReport(
         params_before=sum(p.numel() for p in small.parameters()),
-        macs_before=count(small, example_input)["macs"],
+        macs_before=before["macs"],
+        all_macs_before=before["all_macs"],
     )
     inputs = [example_input, _second_input(example_input)]
     refs = _reference(small, inputs) if check else None
@@ -333,6 +337,7 @@ def compact(
     report.params_after = sum(p.numel() for p in small.parameters())
     after = count(small, example_input)
     report.macs_after, report.sparse_macs_after = after["macs"], after["sparse_macs"]
+    report.all_macs_after = after["all_macs"]
     small.train(was_training)
     return small, report
 

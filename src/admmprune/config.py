@@ -167,10 +167,13 @@ class OneShotCfg(_Strict):
 
 
 class CoupledCfg(_Strict):
-    """Coupled channel groups (StructADMM on residual nets): each keeps ``keep`` of its channels."""
+    """Coupled channel groups (StructADMM on residual nets): each keeps ``keep`` of its channels;
+    with ``kind: heads``, each attention module keeps ``keep`` of its heads."""
 
     keep: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]
-    layers: str | None = None  # glob on the group's root layer name; None: every group
+    # glob on the group's root layer name (heads: on the attention module's); None: every group
+    layers: str | None = None
+    kind: Literal["channels", "heads"] = "channels"
     # l2: the Euclidean projection (ADMM); l1: rank channels by L1 norm (one-shot, Li et al.)
     norm: Literal["l2", "l1"] = "l2"
 

@@ -48,11 +48,14 @@ def compact_stats(model: nn.Module, x1: torch.Tensor, xb: torch.Tensor) -> dict:
         t = measure_paired(models, xb, 10, channels_last=channels_last)
     return {
         "channels_removed": sum(report.removed.values()),
+        "heads_removed": sum(report.heads_removed.values()),
         "skipped": report.skipped,  # root layer → why its zero channels stayed
         "zero_channels_not_removable": report.total_not_removable,
         "macs_dense": report.macs_before,
         "macs_compact": report.macs_after,
         "mac_reduction": report.mac_reduction,
+        "all_macs_dense": report.all_macs_before,  # every matmul, attention's included
+        "all_macs_compact": report.all_macs_after,
         "macs_compact_sparse": report.sparse_macs_after,  # zero weights (e.g. columns) skipped
         "params_compact": report.params_after,
         "latency_batch": xb.shape[0],

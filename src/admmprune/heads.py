@@ -86,10 +86,11 @@ class Attention:
     def params(self, names: dict) -> Iterator[tuple[str, int, _Slice]]:
         """``(parameter name, dim, slice)`` for every weight and bias slice."""
         for s in self.slices:
-            yield f"{names[s.module]}.{s.attr}", s.dim, s
+            prefix = f"{names[s.module]}." if names[s.module] else ""
+            yield f"{prefix}{s.attr}", s.dim, s
             bias = "in_proj_bias" if s.attr == "in_proj_weight" else "bias"
             if s.role != "o" and isinstance(getattr(s.module, bias, None), nn.Parameter):
-                yield f"{names[s.module]}.{bias}", 0, s
+                yield f"{prefix}{bias}", 0, s
 
     # the stand-in forward the dependency graph traces ------------------------------------------
     def stand_in(self, *args, **kwargs):
@@ -346,13 +347,11 @@ def remove_zero_heads(model: nn.Module, keep_one: bool = True) -> dict[str, int]
         if not drop:
             continue
         if a.family == "mha":
+            if not a.name:  # the model itself: nothing to replace it in
+                continue
             kept = [u for u in range(a.units) if u not in set(drop)]
             parent_name, _, child = a.name.rpartition(".")
-            setattr(
-                modules[parent_name] if a.name else model,
-                child,
-                PrunedMultiheadAttention(a.module, kept),
-            )
+            setattr(modules[parent_name], child, PrunedMultiheadAttention(a.module, kept))
         else:
             _drop(a, drop)
         removed[a.name] = len(drop)

@@ -34,6 +34,7 @@ from .data import DataBundle, load_data
 from .distributed import World, shard_order
 from .finish import compact_stats, model_spec, storage_stats, write_run_files
 from .groups import channel_groups
+from .heads import head_groups
 from .masks import Masks
 from .models import build_model
 from .report import summarize
@@ -201,7 +202,10 @@ def _constrained(model, recipe: Recipe, spec, default, x1) -> tuple[dict, list]:
                 combinable.add(t.name)  # may also sit in a channel group (filter + column)
     groups = []
     for c in recipe.coupled():
-        new = channel_groups(model, x1, c.keep, layers=c.layers, norm=c.norm)
+        if c.kind == "heads":
+            new = head_groups(model, c.keep, layers=c.layers, norm=c.norm)
+        else:
+            new = channel_groups(model, x1, c.keep, layers=c.layers, norm=c.norm)
         if not new:
             raise RecipeError(
                 f"coupled_channels layers {c.layers!r} matches no channel group; use a glob "

@@ -131,7 +131,8 @@ def _match(key: Key, prunable: dict, params: dict) -> list[str]:
         found = [p for p, (_, mod) in prunable.items() if type(mod).__name__ == key[5:]]
         if not found:
             raise ValueError(
-                f"spec key {key!r}: neither torch.nn nor the model has a module type {key[5:]!r}."
+                f"spec key {key!r}: torch.nn has no module type {key[5:]!r}, and no layer of "
+                "the model has that class name."
             )
         return found
     if _is_glob(key):
