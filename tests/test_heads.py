@@ -197,32 +197,36 @@ def test_timm_vit_heads_compact_exactly():
     assert small.blocks[0].attn.num_heads == 2 and small.blocks[0].attn.qkv.out_features == 384
 
 
-def test_swin_neurons_compact_and_heads_are_refused_by_name():
+def test_swin_heads_and_neurons_compact_exactly_with_shifted_windows():
     from torchvision.models.swin_transformer import SwinTransformer
 
-    model = reinit(
-        SwinTransformer(
-            patch_size=[4, 4],
-            embed_dim=16,
-            depths=[2, 2],
-            num_heads=[2, 4],
-            window_size=[4, 4],
-            num_classes=5,
-        )
-    )
-    x = torch.randn(2, 3, 32, 32)
-    with pytest.raises(ValueError, match="shifted_window_attention derives the head size"):
-        ap.head_groups(model, 0.5)
+    swin = SwinTransformer(
+        patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=[4, 4],
+        num_classes=5,
+    )  # fmt: skip
+    model = reinit(swin)
+    x = torch.randn(2, 3, 32, 32)  # 8×8 then 4×4 tokens: shifted windows in stage 1
     groups = ap.channel_groups(model, x, 0.5)
     assert {g.name for g in groups} == {f"features.{s}.{b}.mlp.0" for s in (1, 3) for b in (0, 1)}
-    dense = _out(model, torch.randn(1, 3, 32, 32))
-    _project(model, groups)
-    small, report = ap.compact(model, x)
+    small, report = check_exact(model, x, torch.randn(3, 3, 40, 40))  # padded windows too
     assert sum(report.removed.values()) == sum(g.n // 2 for g in groups)
+    attn = small.features[1][1].attn
+    assert type(attn).__name__ == "PrunedShiftedWindowAttention" and attn.num_heads == 1
+    assert attn.relative_position_bias_table.shape[1] == 1
     assert small.features[1][0].mlp[0].out_features == 32
-    other = torch.randn(3, 3, 32, 32)
-    assert _rel(_out(small, other), _out(model, other)) <= 1e-5
-    assert dense.shape == (1, 5)
+
+
+def test_pruned_swin_window_attention_equals_torchvision_on_full_heads():
+    from torchvision.models.swin_transformer import ShiftedWindowAttention
+
+    torch.manual_seed(0)
+    for shift in ([0, 0], [2, 2]):
+        m = ShiftedWindowAttention(16, [4, 4], shift, num_heads=4).eval()
+        with torch.no_grad():
+            m.relative_position_bias_table.normal_()
+        x = torch.randn(2, 10, 7, 16)  # not whole windows: padding
+        with torch.no_grad():
+            assert _rel(heads_mod._window_attention(m, x), m(x)) <= 1e-5
 
 
 @pytest.mark.parametrize("name", ["regnet_x_400mf", "resnext50_32x4d", "convnext_tiny"])
@@ -296,7 +300,7 @@ def test_admm_with_head_groups_reaches_the_head_count_through_retraining():
     assert all(blk.self_attention.num_heads == 2 for blk in small.encoder.layers)
 
 
-def test_conv1d_is_selectable_by_type_and_filters_prune_its_outputs():
+def test_conv1d_is_selectable_by_type_and_filters_prune_its_outputs(tmp_path):
     tr = _hf("gpt2")
     model = tr.GPT2LMHeadModel(tr.GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2))
     targets = ap.select(model, {"type:Conv1D": ap.Filters(0.5)})
@@ -308,3 +312,12 @@ def test_conv1d_is_selectable_by_type_and_filters_prune_its_outputs():
     W = model.transformer.h[0].mlp.c_fc.weight  # [in=16, out=64]
     assert int(W.abs().sum(0).ne(0).sum()) == 32  # half the outputs (columns) are zero
     assert int(W.abs().sum(1).ne(0).sum()) == 16  # every input is still read
+    # stored sparse in the packed file, and read back exactly
+    ap.prune(model, {"type:Conv1D": ap.Unstructured(0.1)})
+    conv1d = sum(m.weight.numel() * 4 for m in model.modules() if type(m).__name__ == "Conv1D")
+    embeddings = sum(p.numel() * 4 for p in model.state_dict().values()) - conv1d
+    size = ap.export_compressed(model, tmp_path / "m.admmprune")
+    assert size - embeddings < conv1d / 3
+    back = ap.load_compressed(tmp_path / "m.admmprune", type(model)(model.config))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                 back.state_dict().values()))  # fmt: skip

@@ -17,7 +17,7 @@ from .constraints import (
     Unstructured,
 )
 from .groups import ChannelGroup, channel_groups
-from .heads import PrunedMultiheadAttention, head_groups
+from .heads import PrunedMultiheadAttention, PrunedShiftedWindowAttention, head_groups
 from .masks import Masks, prune
 from .oneshot import LayerReport, OneShotReport, oneshot
 from .proximal import SSAuto
@@ -44,6 +44,7 @@ __all__ = [
     "OneShotReport",
     "Projection",
     "PrunedMultiheadAttention",
+    "PrunedShiftedWindowAttention",
     "Quantized",
     "SSAuto",
     "Target",

@@ -324,12 +324,12 @@ def weight_storage(W: torch.Tensor) -> dict:
 
 
 def layer_weights(model: nn.Module) -> set[str]:
-    """State-dict names of every Conv/Linear weight and every raw GEMM weight of attention and
-    recurrent layers (``in_proj_weight``, ``weight_ih_l0`` …): the tensors stored in a sparse
-    format."""
+    """State-dict names of every Conv/Linear (and transformers' ``Conv1D``, stored ``[in, out]``)
+    weight and every raw GEMM weight of attention and recurrent layers (``in_proj_weight``,
+    ``weight_ih_l0`` …): the tensors stored in a sparse format."""
     out = set()
     for n, m in model.named_modules():
-        if isinstance(m, _LAYERS):
+        if isinstance(m, _LAYERS) or is_conv1d(m):
             out.add(f"{n}.weight" if n else "weight")
         out.update(f"{n}.{a}" if n else a for a in raw_weights(m))
     return out

@@ -17,8 +17,9 @@ unchanged and updates the module's head count. Supported: Hugging Face attention
 ``q_proj/k_proj/v_proj/o_proj`` (LLaMA, Mistral, Qwen, OPT's ``out_proj``, grouped-query
 included), BERT-style ``query/key/value`` + ``output.dense``, GPT-2's fused ``Conv1D``, timm's
 ``Attention`` and ``nn.MultiheadAttention`` (replaced by :class:`PrunedMultiheadAttention`).
-torchvision's Swin attention is found (so the graph does not trace inside it) but its heads
-are refused: ``shifted_window_attention`` derives the head size from the input width.
+torchvision's Swin (V1) ``ShiftedWindowAttention``, whose ``shifted_window_attention`` derives
+the head size from the input width, gets a subclass whose forward takes the head size from its
+weights (:func:`_window_attention`).
 """
 
 from __future__ import annotations
@@ -32,12 +33,18 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F  # noqa: N812 (the usual name)
 from torch import nn
+from torchvision.models.swin_transformer import ShiftedWindowAttention
 
 from ._graph import is_conv1d
 from .constraints import _check_keep
 from .groups import ChannelGroup
 
-__all__ = ["PrunedMultiheadAttention", "head_groups", "remove_zero_heads"]
+__all__ = [
+    "PrunedMultiheadAttention",
+    "PrunedShiftedWindowAttention",
+    "head_groups",
+    "remove_zero_heads",
+]
 
 
 @dataclass
@@ -176,10 +183,12 @@ def _adapt(name: str, m: nn.Module, parent: nn.Module | None) -> Attention | Non
             d = c["qkv"].out_features // 3 // heads
             a = Attention(name, m, "swin", heads, heads, d, q=c["qkv"], o=c["proj"])
             a.q_cols = heads * d
-            a.refuse = (
-                "torchvision's shifted_window_attention derives the head size from the input "
-                "width, so a Swin block cannot run with fewer heads"
-            )
+            a.slices = [
+                _Slice(c["qkv"], "weight", 0, i * heads * d, r) for i, r in enumerate("qkv")
+            ]
+            a.slices.append(_Slice(c["proj"], "weight", 1, 0, "o"))
+            if type(m) not in (ShiftedWindowAttention, PrunedShiftedWindowAttention):
+                a.refuse = f"{type(m).__name__} (Swin V2's cosine attention) is not supported"
             return a
         d = getattr(m, "head_dim", None)
         if not d or c["qkv"].out_features != 3 * heads * d:
@@ -329,6 +338,11 @@ def _drop(a: Attention, drop: list[int]) -> None:
         m.num_heads, m.split_size = heads, heads * a.head_dim
     elif a.family == "timm":
         m.num_heads, m.attn_dim = heads, heads * a.head_dim
+    elif a.family == "swin":  # per-head relative position biases; a forward that takes h' heads
+        kept_heads = torch.tensor([u for u in range(a.units) if u not in set(drop)])
+        _cut(m, "relative_position_bias_table", 1, kept_heads)
+        m.num_heads = heads
+        m.__class__ = PrunedShiftedWindowAttention
     a.heads, a.kv_heads = heads, kv
 
 
@@ -458,3 +472,57 @@ class PrunedMultiheadAttention(nn.Module):
             kp = additive(key_padding_mask).view(N, 1, 1, S)
             mask = kp if mask is None else mask + kp
         return mask
+
+
+# Swin ------------------------------------------------------------------------------------------
+def _regions(n: int, window: int, shift: int) -> torch.Tensor:
+    """Region label of each of ``n`` positions after a cyclic shift by ``shift``: positions that
+    wrapped around are not neighbours of the rest (Swin's shifted-window mask)."""
+    r = torch.zeros(n)
+    if shift:
+        r[n - window : n - shift] = 1
+        r[n - shift :] = 2
+    return r
+
+
+def _window_attention(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Swin's (shifted) window attention on ``x`` [B, H, W, C] with ``m.num_heads`` heads of the
+    size the weights say (``qkv`` rows / 3 / heads), not ``C / heads``: pad to whole windows,
+    roll by the shift, attend within each window (+ relative position bias, −100 between
+    regions that the roll brought together), project, undo the roll and the padding."""
+    B, H, W, C = x.shape
+    wh, ww = m.window_size
+    h = m.num_heads
+    d = m.qkv.out_features // 3 // h
+    pad_b, pad_r = (-H) % wh, (-W) % ww
+    x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
+    Hp, Wp = H + pad_b, W + pad_r
+    sh = (0 if wh >= Hp else m.shift_size[0], 0 if ww >= Wp else m.shift_size[1])
+    if any(sh):
+        x = torch.roll(x, (-sh[0], -sh[1]), (1, 2))
+    nh, nw, N = Hp // wh, Wp // ww, wh * ww
+    win = x.view(B, nh, wh, nw, ww, C).permute(0, 1, 3, 2, 4, 5).reshape(B * nh * nw, N, C)
+    q, k, v = m.qkv(win).view(-1, N, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
+    attn = (q * d**-0.5) @ k.transpose(-2, -1) + m.get_relative_position_bias()
+    if any(sh):
+        label = _regions(Hp, wh, sh[0])[:, None] * 3 + _regions(Wp, ww, sh[1])[None, :]
+        label = label.view(nh, wh, nw, ww).permute(0, 2, 1, 3).reshape(nh * nw, N)
+        mask = (label[:, None, :] != label[:, :, None]).to(attn.dtype) * -100.0
+        attn = (attn.view(B, nh * nw, h, N, N) + mask.to(attn.device)[None, :, None]).view(
+            -1, h, N, N
+        )
+    attn = F.dropout(attn.softmax(-1), m.attention_dropout, m.training)
+    out = (attn @ v).transpose(1, 2).reshape(-1, N, h * d)
+    out = F.dropout(m.proj(out), m.dropout, m.training)
+    out = out.view(B, nh, nw, wh, ww, C).permute(0, 1, 3, 2, 4, 5).reshape(B, Hp, Wp, C)
+    if any(sh):
+        out = torch.roll(out, sh, (1, 2))
+    return out[:, :H, :W].contiguous()
+
+
+class PrunedShiftedWindowAttention(ShiftedWindowAttention):
+    """torchvision's Swin ``ShiftedWindowAttention`` after head removal: the same module with
+    :func:`_window_attention` as its forward (the head size from the weights)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _window_attention(self, x)
