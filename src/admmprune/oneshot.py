@@ -51,6 +51,7 @@ import torch
 from torch import nn
 from torch.nn import functional
 
+from ._graph import no_cache as _no_cache
 from .constraints import (
     NM,
     Constraint,
@@ -98,6 +99,10 @@ class OneShotReport:
     layers: dict[str, LayerReport] = field(default_factory=dict)
     gram_bytes_peak: int = 0
     seconds: float = 0.0
+    # sequential through this nn.ModuleList one block at a time, from cached block inputs
+    # (None: from the model's input for every block of layers)
+    by_layer: str | None = None
+    activation_bytes_peak: int = 0  # the cached block inputs (by_layer only)
 
     @property
     def error(self) -> float:
@@ -114,7 +119,13 @@ class OneShotReport:
             f"one-shot {self.solver}: {len(self.layers)} layers from {self.samples} calibration "
             f"samples ({self.batches} batches, {'sequential' if self.sequential else 'parallel'}),"
             f" summed layer error {self.error:.4g}, Grams peak "
-            f"{self.gram_bytes_peak / 2**20:.1f} MiB, {self.seconds:.1f} s"
+            f"{self.gram_bytes_peak / 2**20:.1f} MiB"
+            + (
+                f", block inputs peak {self.activation_bytes_peak / 2**20:.1f} MiB"
+                if self.by_layer
+                else ""
+            )
+            + f", {self.seconds:.1f} s"
         )
 
 
@@ -318,8 +329,9 @@ def _discover(model, views: dict[nn.Module, _View], first, device) -> tuple[list
     return blocks, once
 
 
-def _collect(model, blocks, batches, device, stop_early: bool) -> dict[str, _Gram]:
-    """Grams of every layer in ``blocks`` over all batches (layers of a block share one)."""
+def _collect(run, n_batches: int, blocks, device, stop_early: bool) -> dict[str, _Gram]:
+    """Grams of every layer in ``blocks`` over all batches (layers of a block share one);
+    ``run(i)`` runs batch ``i`` (1-based) through the model or one block of it."""
     grams: dict[str, _Gram] = {}
     hooks = {}
     for block in blocks:
@@ -340,14 +352,111 @@ def _collect(model, blocks, batches, device, stop_early: bool) -> dict[str, _Gra
     if stop_early:
         handles.append(last.register_forward_hook(after))
     try:
-        for i, batch in enumerate(batches, 1):
+        for i in range(1, n_batches + 1):
             batch_no[0] = i
             with contextlib.suppress(_StopForwardError):
-                _forward(model, batch, i, device)
+                run(i)
     finally:
         for h in handles:
             h.remove()
     return grams
+
+
+# ---------------------------------------------------------------------------------------------
+# one block of layers at a time (decoder layers of a language model)
+
+
+def _layer_list(model: nn.Module, targets: list[Target]) -> tuple[str, nn.ModuleList] | None:
+    """The ``nn.ModuleList`` of two or more blocks of one class (a transformer's decoder or
+    encoder layers) that holds every constrained layer, if there is one."""
+    names = [t.module_name for t in targets]
+    best = None
+    for name, m in model.named_modules():
+        if not (isinstance(m, nn.ModuleList) and len(m) >= 2 and len({type(c) for c in m}) == 1):
+            continue
+        if all(n.startswith(f"{name}.") for n in names) and (best is None or len(m) > len(best[1])):
+            best = (name, m)
+    return best
+
+
+def _blocks_spec(model: nn.Module, constraint: Constraint) -> dict:
+    """``{layer name: constraint}`` for every Linear / transformers' ``Conv1D`` inside the
+    model's largest ``nn.ModuleList`` of identical blocks."""
+    lists = [
+        (name, m) for name, m in model.named_modules()
+        if isinstance(m, nn.ModuleList) and len(m) >= 2 and len({type(c) for c in m}) == 1
+    ]  # fmt: skip
+    if not lists:
+        raise ValueError(
+            f"oneshot(model, {constraint!r}, ...): {type(model).__name__} has no list of "
+            "identical blocks (transformer layers) to apply one constraint to; give a spec "
+            "{name or glob: constraint}."
+        )
+    name, blocks = max(lists, key=lambda x: len(x[1]))
+    spec = {
+        f"{name}.{n}": constraint
+        for n, m in blocks.named_modules()
+        if isinstance(m, nn.Linear) or _is_hf_conv1d(m)
+    }
+    if not spec:
+        raise ValueError(f"{name!r} holds no Linear or Conv1D layer; give a spec.")
+    return spec
+
+
+def _capture(model, first: nn.Module, batches, device) -> list[tuple[tuple, dict]]:
+    """Each batch's ``(args, kwargs)`` into ``first`` (the forward stops there)."""
+    store = []
+
+    def pre(module, args, kwargs):
+        store.append((args, kwargs))
+        raise _StopForwardError
+
+    handle = first.register_forward_pre_hook(pre, with_kwargs=True)
+    try:
+        for i, batch in enumerate(batches, 1):
+            with contextlib.suppress(_StopForwardError):
+                _forward(model, batch, i, device)
+    finally:
+        handle.remove()
+    if len(store) != len(batches):
+        raise ValueError(
+            f"{type(first).__name__} (the first block) was not reached by every calibration "
+            "batch; pass by_layer=False."
+        )
+    return store
+
+
+def _advance(block: nn.Module, inputs: list[tuple[tuple, dict]]) -> list[tuple[tuple, dict]]:
+    """The next block's inputs: this block's outputs in place of its hidden states."""
+    out = []
+    for args, kwargs in inputs:
+        y = block(*args, **kwargs)
+        y = y[0] if isinstance(y, (tuple, list)) else y
+        if args:
+            out.append(((y, *args[1:]), kwargs))
+        else:
+            key = next(k for k, v in kwargs.items() if torch.is_tensor(v))
+            out.append(((), {**kwargs, key: y}))
+    return out
+
+
+def _block_runner(block: nn.Module, inputs):
+    """``run(i)`` for :func:`_collect`: block ``block`` on batch ``i``'s cached inputs."""
+
+    def run(i: int):
+        args, kwargs = inputs[i - 1]
+        return block(*args, **kwargs)
+
+    return run
+
+
+def _bytes(inputs) -> int:
+    return sum(
+        v.numel() * v.element_size()
+        for args, kwargs in inputs
+        for v in (*args, *kwargs.values())
+        if torch.is_tensor(v)
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -683,13 +792,16 @@ def oneshot(
     damp: float = 0.01,
     default: Constraint | None = None,
     log=None,
+    by_layer: bool | None = None,
     **solver_options,
 ) -> Masks:
     """Prune (and quantize) ``model`` in place, layer by layer, from calibration inputs.
 
     Args:
         model: a trained network; it runs in eval mode here (its mode is restored).
-        spec: ``{name, glob or module type: constraint}`` as for :class:`admmprune.ADMM`.
+        spec: ``{name, glob or module type: constraint}`` as for :class:`admmprune.ADMM`; or
+            one constraint for every Linear / ``Conv1D`` inside the model's blocks (a
+            transformer's layers: never the embeddings or the output head).
         calibration: batches of model inputs: a tensor is passed as ``model(x)``, a dict as
             ``model(**x)``, a tuple as ``model(*x)`` (inputs only: no labels); a single tensor
             or dict is one batch.
@@ -698,6 +810,12 @@ def oneshot(
         damp: ``H + damp·mean(diag H)·I``.
         default: constraint for every prunable weight the spec does not name.
         log: a function called with one summary line (e.g. ``print``).
+        by_layer: sequential mode one block of an ``nn.ModuleList`` (a transformer's decoder
+            layers) at a time: the calibration inputs run up to the first block once, and each
+            block then runs on its cached inputs, so only one block's inputs and Grams are held
+            (a model far deeper than memory's activation budget still prunes). ``None`` (the
+            default): on whenever every constrained layer sits in one such list; the result
+            equals the plain sequential mode's.
         solver_options: ``admm``: iters, ramp, rho, rho_growth, rho_every, cg_tol, cg_iters,
             quant_iters, quant_rho, quant_rho_growth; ``sparsegpt``: blocksize.
 
@@ -705,6 +823,8 @@ def oneshot(
     :class:`OneShotReport`. On any error the model's weights are left as they were.
     """
     _check_args(solver, damp, solver_options)
+    if isinstance(spec, Constraint):
+        spec = _blocks_spec(model, spec)
     targets = select(model, spec, default)
     views = {}
     sets = {}
@@ -725,10 +845,16 @@ def oneshot(
     model.eval()
     try:
         blocks, once = _discover(model, views, batches[0], device)
-        stages = [[b] for b in blocks] if sequential else [blocks]
+        found = _layer_list(model, targets) if sequential and by_layer is not False else None
+        if by_layer and found is None:
+            raise ValueError(
+                "by_layer=True needs every constrained layer inside one nn.ModuleList of "
+                "identical blocks (a transformer's layers) and sequential=True."
+            )
         supports = {}
-        for stage in stages:
-            grams = _collect(model, stage, batches, device, stop_early=once and sequential)
+
+        def solve(stage, run):
+            grams = _collect(run, len(batches), stage, device, stop_early=once and sequential)
             report.gram_bytes_peak = max(
                 report.gram_bytes_peak,
                 sum(g.H.numel() * 4 for g in {id(g): g for g in grams.values()}.values()),
@@ -739,7 +865,25 @@ def oneshot(
                     supports[view.name] = _solve_layer(
                         view, sets[view.name], H, grams[view.name], solver, solver_options, report
                     )
-            del grams
+
+        if found is not None:
+            report.by_layer = found[0]
+            with _no_cache(model):
+                inputs = _capture(model, found[1][0], batches, device)
+                for j, layer in enumerate(found[1]):
+                    mine = {id(m) for m in layer.modules()}
+                    run = _block_runner(layer, inputs)
+                    for block in (b for b in blocks if id(b[0].module) in mine):
+                        solve([block], run)
+                    peak = max(report.activation_bytes_peak, _bytes(inputs))
+                    report.activation_bytes_peak = peak
+                    if j + 1 < len(found[1]):
+                        inputs = _advance(layer, inputs)
+                del inputs
+        else:
+            stages = [[b] for b in blocks] if sequential else [blocks]
+            for stage in stages:
+                solve(stage, lambda i: _forward(model, batches[i - 1], i, device))
     except BaseException:
         for t in targets:
             t.param.copy_(originals[t.name].to(t.param.device))

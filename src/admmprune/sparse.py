@@ -3,6 +3,7 @@
 - Non-structured: ``W`` (GEMM view, rows = filters) in ``torch.sparse`` CSR times the dense
   input: a Linear computes ``y = W x``, a Conv2d (``groups = 1``) ``W · unfold(x)`` (im2col).
   What ADMM-NN-S's storage/compute comparison measures against the compact dense model.
+- 2:4 (N:M) sparsity on NVIDIA's sparse tensor cores: :func:`to_semi_structured` (CUDA).
 - Column (shape) sparsity: a conv whose zero GEMM columns are whole input channels just reads
   fewer channels (``x[:, alive]`` into a smaller dense conv); otherwise it gathers the kept rows
   of ``unfold(x)`` and multiplies them with the kept columns of ``W`` (im2col + gather + a
@@ -17,7 +18,15 @@ import warnings
 import torch
 from torch import nn
 
-__all__ = ["ColumnConv2d", "SparseConv2d", "SparseLinear", "to_columns", "to_sparse"]
+__all__ = [
+    "ColumnConv2d",
+    "SparseConv2d",
+    "SparseLinear",
+    "semi_structured_reason",
+    "to_columns",
+    "to_semi_structured",
+    "to_sparse",
+]
 
 
 class SparseLinear(nn.Module):
@@ -147,3 +156,59 @@ def to_columns(model: nn.Module, min_pruned: float = 0.0) -> nn.Module:
         parent_name, _, attr = name.rpartition(".")
         setattr(out.get_submodule(parent_name) if parent_name else out, attr, ColumnConv2d(m))
     return out
+
+
+# 2:4 on sparse tensor cores -------------------------------------------------------------------
+# the CUTLASS kernels' rules (torch.sparse.SparseSemiStructuredTensorCUTLASS), which also satisfy
+# cuSPARSELt's: weight rows a multiple of 32, columns a multiple of 64 (fp16 / bf16)
+_SEMI_ROWS, _SEMI_COLS = 32, 64
+
+
+def semi_structured_reason(weight: torch.Tensor) -> str | None:
+    """Why a Linear weight cannot run on the 2:4 sparse kernels, or ``None`` if it can: fp16 /
+    bf16, rows a multiple of 32, columns a multiple of 64, at most 2 non-zeros in every 4
+    consecutive inputs of a row."""
+    if weight.dtype not in (torch.float16, torch.bfloat16):
+        return f"dtype {weight.dtype} (the kernels take float16 / bfloat16: model.half() first)"
+    rows, cols = weight.shape
+    if rows % _SEMI_ROWS or cols % _SEMI_COLS:
+        return (
+            f"shape {rows}x{cols} (rows must be a multiple of {_SEMI_ROWS}, inputs of {_SEMI_COLS})"
+        )
+    per_four = weight.detach().reshape(rows, cols // 4, 4).ne(0).sum(-1)
+    if int(per_four.max()) > 2:
+        return "not 2:4 sparse (prune it with NM(2, 4) first)"
+    return None
+
+
+def to_semi_structured(model: nn.Module) -> dict[str, str]:
+    """Make, in place, every 2:4-sparse ``nn.Linear`` compute with
+    ``torch.sparse.to_sparse_semi_structured`` (NVIDIA sparse tensor cores, CUDA only).
+
+    Returns ``{layer name: why it stayed dense}`` for every Linear that was left dense (wrong
+    dtype, shape or pattern: :func:`semi_structured_reason`). The converted weights are frozen
+    (the kernels are for inference).
+    """
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            "to_semi_structured needs a CUDA GPU with sparse tensor cores (Ampere or newer); "
+            "none is available here. The 2:4 masks still apply on CPU as ordinary zeros."
+        )
+    from torch.sparse import to_sparse_semi_structured
+
+    dense = {}
+    for name, m in model.named_modules():
+        if not isinstance(m, nn.Linear):
+            continue
+        if m.weight.device.type != "cuda":
+            dense[name] = f"on {m.weight.device} (move the model to CUDA first)"
+            continue
+        why = semi_structured_reason(m.weight)
+        if why:
+            dense[name] = why
+            continue
+        try:
+            m.weight = nn.Parameter(to_sparse_semi_structured(m.weight.detach()), False)
+        except RuntimeError as e:  # a kernel the GPU or build lacks
+            dense[name] = f"refused by torch: {e}"
+    return dense

@@ -1,0 +1,174 @@
+"""Language models: one-shot pruning of Hugging Face causal LMs block by block, perplexity, and
+the 2:4 sparse-kernel conversion (refused without CUDA)."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import admmprune as ap
+from admmprune.evaluate import perplexity
+from admmprune.sparse import semi_structured_reason, to_semi_structured
+
+
+def _transformers():
+    return pytest.importorskip("transformers", reason="needs the [hf] extra")
+
+
+def tiny(kind: str):
+    tr = _transformers()
+    if kind == "llama":
+        cfg = tr.LlamaConfig(
+            vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, intermediate_size=64,
+        )  # fmt: skip
+        return tr.LlamaForCausalLM(cfg)
+    if kind == "opt":
+        cfg = tr.OPTConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
+                           num_attention_heads=4, ffn_dim=64, word_embed_proj_dim=32)  # fmt: skip
+        return tr.OPTForCausalLM(cfg)
+    cfg = tr.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    return tr.GPT2LMHeadModel(cfg)
+
+
+def calibration(n=4, seq=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = [torch.randint(0, 64, (2, seq), generator=g) for _ in range(n)]
+    return [{"input_ids": x, "attention_mask": torch.ones_like(x)} for x in ids]
+
+
+def _reinit(model):
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim > 1:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return model.eval()
+
+
+@pytest.mark.parametrize("kind", ["llama", "opt", "gpt2"])
+def test_oneshot_prunes_the_blocks_only_and_survives_save_pretrained(kind, tmp_path):
+    tr = _transformers()
+    model = _reinit(tiny(kind))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    masks = ap.oneshot(model, ap.Unstructured(0.5, per_row=True), calibration(), solver="admm")
+    assert masks.report.by_layer in ("model.layers", "model.decoder.layers", "transformer.h")
+    assert masks.report.activation_bytes_peak > 0
+    params = dict(model.named_parameters())
+    for name, M in masks.items():
+        W = params[name]
+        assert torch.equal(W.ne(0), M)
+        rows = W.T if kind == "gpt2" else W  # Conv1D: [in, out]; per_row = per output
+        assert rows.ne(0).sum(1).eq(rows.shape[1] // 2).all()
+    for name, p in params.items():  # embeddings, norms, lm_head: untouched
+        if name not in masks:
+            assert torch.equal(p, before[name]), name
+    assert not any("emb" in n or "wte" in n or "wpe" in n or "lm_head" in n for n in masks)
+    x = torch.randint(0, 64, (1, 10))
+    with torch.no_grad():
+        logits = model(x).logits
+    model.save_pretrained(tmp_path / "pruned")
+    back = type(model).from_pretrained(tmp_path / "pruned").eval()
+    back_params = dict(back.named_parameters())
+    for name, M in masks.items():
+        assert torch.equal(back_params[name].ne(0), M)
+    with torch.no_grad():
+        assert torch.allclose(back(x).logits, logits, atol=1e-5)
+    assert isinstance(back, tr.PreTrainedModel)
+
+
+def test_block_by_block_equals_the_whole_model_sequential_pass():
+    a = _reinit(tiny("llama"))
+    b = _reinit(tiny("llama"))
+    spec = ap.Unstructured(0.5, per_row=True)
+    ma = ap.oneshot(a, spec, calibration(), solver="sparsegpt")
+    mb = ap.oneshot(b, spec, calibration(), solver="sparsegpt", by_layer=False)
+    assert ma.report.by_layer == "model.layers" and mb.report.by_layer is None
+    pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
+    for name in ma:
+        assert torch.equal(ma[name], mb[name]), name
+        assert torch.allclose(pa[name], pb[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_two_four_on_a_causal_lm_and_the_kernel_rules():
+    model = _reinit(tiny("llama"))
+    ap.oneshot(model, ap.NM(2, 4), calibration(), solver="sparsegpt")
+    W = model.model.layers[0].mlp.up_proj.weight  # [64, 32]
+    assert int(W.reshape(64, -1, 4).ne(0).sum(-1).max()) == 2
+    assert "dtype" in semi_structured_reason(W)
+    assert "shape 64x32" in semi_structured_reason(W.half())  # inputs must be a multiple of 64
+    big = torch.randn(64, 128).half()
+    assert semi_structured_reason(big) == "not 2:4 sparse (prune it with NM(2, 4) first)"
+    big.view(64, 32, 4)[..., 2:] = 0
+    assert semi_structured_reason(big) is None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a CPU-only machine")
+def test_to_semi_structured_refuses_clearly_without_cuda():
+    with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
+        to_semi_structured(nn.Linear(64, 32))
+
+
+def test_a_single_constraint_needs_a_list_of_blocks():
+    with pytest.raises(ValueError, match="no list of identical blocks"):
+        ap.oneshot(nn.Sequential(nn.Linear(4, 4)), ap.Unstructured(0.5), torch.randn(8, 4))
+
+
+# perplexity ----------------------------------------------------------------------------------
+class Uniform(nn.Module):
+    def __init__(self, vocab):
+        super().__init__()
+        self.vocab, self.p = vocab, nn.Parameter(torch.zeros(()))
+
+    def forward(self, ids):
+        return torch.zeros(*ids.shape, self.vocab) + self.p
+
+
+class Bigram(nn.Module):
+    """logits[t] depends only on ids[t]: every scored token's probability is hand-computable."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.table = nn.Parameter(table)
+
+    def forward(self, ids):
+        return self.table[ids]
+
+
+def test_perplexity_of_uniform_logits_is_the_vocabulary_size():
+    tokens = torch.randint(0, 37, (1000,))
+    assert perplexity(Uniform(37), tokens, seq_len=64) == pytest.approx(37, rel=1e-6)
+    assert perplexity(Uniform(37), tokens, seq_len=64, stride=16) == pytest.approx(37, rel=1e-6)
+
+
+def test_perplexity_scores_each_token_once_by_the_stated_protocol():
+    torch.manual_seed(0)
+    table = torch.randn(11, 11)
+    tokens = torch.randint(0, 11, (103,))
+    logp = table.log_softmax(-1)
+
+    def nll(i):  # token i predicted from token i-1
+        return -float(logp[tokens[i - 1], tokens[i]])
+
+    L = 10  # non-overlapping: windows [0,10), [10,20), …; the tail of 3 dropped
+    expect = [nll(i) for s in range(0, 100, L) for i in range(s + 1, s + L)]
+    assert perplexity(Bigram(table), tokens, L) == pytest.approx(
+        math.exp(sum(expect) / len(expect)), rel=1e-6
+    )
+    # stride 4: the first window scores 9 tokens, every later window its last 4
+    starts = list(range(0, 103 - L + 1, 4))
+    expect = [nll(i) for i in range(1, L)]
+    expect += [nll(i) for s in starts[1:] for i in range(s + L - 4, s + L)]
+    assert perplexity(Bigram(table), tokens, L, stride=4, batch_size=3) == pytest.approx(
+        math.exp(sum(expect) / len(expect)), rel=1e-6
+    )
+
+
+def test_perplexity_bad_input_is_named():
+    with pytest.raises(ValueError, match="fewer than seq_len=64"):
+        perplexity(Uniform(5), torch.randint(0, 5, (10,)), 64)
+    with pytest.raises(ValueError, match="1-D tensor of token ids"):
+        perplexity(Uniform(5), torch.randn(100), 8)
+    with pytest.raises(ValueError, match="stride <= seq_len"):
+        perplexity(Uniform(5), torch.randint(0, 5, (100,)), 8, stride=9)
