@@ -52,7 +52,13 @@ def _execute(recipe, args, argv: list[str]) -> int:
         return 130
     finally:
         world.close()
-    if world.main:
+    if world.main and "perplexity_dense" in summary:  # a language-model run
+        print(
+            f"\nperplexity {summary['perplexity_dense']:.3f} dense → "
+            f"{summary['perplexity_pruned']:.3f} pruned, {summary['kept_fraction']:.1%} of the "
+            f"pruned layers' weights kept"
+        )
+    elif world.main:
         print()
         print(format_summary(summary))
         print(f"\nrun dir: {prepared.run_dir}")

@@ -186,15 +186,35 @@ class LoggingCfg(_Strict):
 
 
 class ModelCfg(_Strict):
-    name: str
+    name: str | None = None
     kwargs: dict[str, Any] = {}
     checkpoint: str | None = None  # a state_dict (or {"model": state_dict}) to start from
+    # a local Hugging Face `save_pretrained` directory of a causal LM (extra [hf]; never
+    # downloaded, never trust_remote_code); instead of `name`
+    hf: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.name is None) == (self.hf is None):
+            raise ValueError(
+                "model: give exactly one of name (a built-in, torchvision or module:factory "
+                "model) and hf (a local Hugging Face directory)"
+            )
+        if self.hf is not None and (self.kwargs or self.checkpoint):
+            raise ValueError("model.hf loads its own config and weights: drop kwargs/checkpoint")
+        return self
 
 
 class DataCfg(_Strict):
-    name: Literal["digits", "mnist", "cifar10", "cifar100", "npz", "imagefolder"] = "digits"
+    name: Literal["digits", "mnist", "cifar10", "cifar100", "npz", "imagefolder", "text"] = "digits"
     dir: str | None = None
-    path: str | None = None
+    path: str | None = None  # text: a .txt file or a folder of them (read in name order)
+    # text: a tokenizer directory or tokenizer.json (default: the model.hf directory), the
+    # sequence length of calibration and perplexity windows, and the share of tokens at the
+    # end of the text held out for perplexity
+    tokenizer: str | None = None
+    seq_len: Annotated[int, Field(gt=1)] = 256
+    test_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1
     download: bool = False
     augment: bool = True
     val_size: Annotated[int, Field(ge=0)] = 0
@@ -266,6 +286,20 @@ class Recipe(_Strict):
 
     @model_validator(mode="after")
     def _something_to_constrain(self):
+        if (self.model.hf is not None) != (self.data.name == "text"):
+            raise ValueError(
+                "a language-model run needs both model.hf (a local Hugging Face causal LM) and "
+                "data.name: text; the image pipelines take neither"
+            )
+        if self.model.hf is not None:
+            trained = [s for s in ("pretrain", "admm", "retrain", "quantize")
+                       if getattr(self, s).epochs > 0]  # fmt: skip
+            if self.method != "oneshot" or trained or self.coupled_channels is not None:
+                raise ValueError(
+                    "a model.hf run prunes one shot from calibration text: set method: oneshot, "
+                    "no training epochs and no coupled_channels"
+                    + (f" (epochs > 0 in: {', '.join(trained)})" if trained else "")
+                )
         if self.method == "ssauto":
             if any(v is not None for v in self.constraints.values()) or self.coupled_channels:
                 raise ValueError(

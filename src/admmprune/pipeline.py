@@ -102,8 +102,13 @@ def prepare(
     """Check everything and build model and data; creates nothing on disk.
 
     ``data``: an already loaded bundle to use instead of the recipe's ``data`` section (runs
-    side by side on the very same tensors; the recipe's batch sizes still apply).
+    side by side on the very same tensors; the recipe's batch sizes still apply). A
+    ``model.hf`` recipe is a language-model run (:mod:`admmprune.lm`).
     """
+    if recipe.model.hf is not None:
+        from . import lm
+
+        return lm.prepare(recipe, resume=resume, force=force)
     run_dir = Path(recipe.output_dir)
     _check_run_dir(run_dir, resume, force)
     _check_environment(recipe)
@@ -604,6 +609,10 @@ class _Run:
 
 def plan(p: Prepared) -> str:
     """What :func:`run` would do with ``p``, for people (``admmprune check``)."""
+    if not isinstance(p, Prepared):
+        from . import lm
+
+        return lm.plan(p)
     r, d = p.recipe, p.data
     val = f", {len(d.val):,} validation" if d.val is not None else ""
     lines = [
@@ -670,6 +679,10 @@ def run(prepared: Prepared, log=print, stages=STAGES) -> dict:
 
     Under torchrun every rank calls this after :func:`prepare`; rank 0 alone writes.
     """
+    if not isinstance(prepared, Prepared):
+        from . import lm
+
+        return lm.run(prepared, log)
     p = prepared
     world = World()
     world.init(p.device)
