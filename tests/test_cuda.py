@@ -88,3 +88,24 @@ def test_oneshot_on_cuda_matches_cpu(solver):
         assert agree >= 0.99, name
     e_cpu, e_gpu = m_cpu.report.error, m_gpu.report.error
     assert abs(e_cpu - e_gpu) <= 0.05 * max(e_cpu, 1e-9)
+
+
+@cuda
+def test_two_four_linear_runs_on_the_sparse_kernels_and_matches_dense():
+    from torch import nn
+
+    import admmprune as ap
+    from admmprune.sparse import to_semi_structured
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 256), nn.ReLU(), nn.Linear(256, 40)).cuda().half()
+    ap.prune(model, {"0": ap.NM(2, 4), "2": ap.NM(2, 4)})
+    x = torch.randn(64, 128, device="cuda", dtype=torch.half)
+    with torch.no_grad():
+        want = model(x)
+    dense = to_semi_structured(model)
+    assert set(dense) == {"2"} and "shape 40x256" in dense["2"]  # 40 rows: not a multiple of 32
+    assert type(model[0].weight).__name__.startswith("SparseSemiStructuredTensor")
+    with torch.no_grad():
+        got = model(x)
+    assert (got - want).abs().max() <= 1e-2 * want.abs().max()

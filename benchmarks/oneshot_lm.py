@@ -1,0 +1,370 @@
+"""One-shot pruning of a small causal LM: perplexity of magnitude, Wanda, SparseGPT and ADMM
+(ours) at 50–80 % (per row) and 2:4 / 4:8, optionally against llm-compressor; joint 4-bit.
+
+Everything is rebuilt offline, and cached in ``--out``:
+
+- **Corpus**: the English documentation that ships with the Python interpreter running this
+  script: ``pydoc_data.topics`` (the language reference's help topics) and every docstring of
+  80+ characters in the standard library's modules (``test``, ``idlelib``, ``lib2to3`` and
+  ``site-packages`` excluded), files in sorted order. PSF License. The token stream is split
+  by position: the first 95 % trains the model and gives the calibration windows (drawn with
+  ``--seed``), the last 5 % is the perplexity test split.
+- **Tokenizer**: byte-level BPE, ``--vocab`` tokens, trained on the training split with
+  ``tokenizers``.
+- **Model**: a LLaMA-architecture ``transformers`` causal LM (``--layers`` × ``--hidden``,
+  tied embeddings), trained by this script with AdamW for ``--train-minutes`` (2 CPU threads:
+  about 7 M parameters in 20 minutes); ``--device cuda`` trains where a GPU is.
+
+Then each solver prunes a fresh copy of the dense model from the same calibration windows
+(``--samples`` × ``--seq-len`` tokens; every Linear of the decoder blocks, sequential block by
+block) and the table reports test perplexity (non-overlapping ``--seq-len`` windows), pruning
+seconds and the peak bytes of Grams + cached block inputs. ``--llmcompressor-python PY`` runs
+vllm-project/llm-compressor's ``SparseGPTModifier`` / ``WandaPruningModifier`` (``oneshot``)
+in that interpreter (its own venv) on the same saved model and calibration windows; its
+SparseGPT chooses unstructured masks per layer (per block of 128 columns, as the paper), so
+our SparseGPT runs that way too for the comparison ("sparsegpt (per layer)"); its Wanda, like
+ours, per output row.
+
+    python benchmarks/oneshot_lm.py [--train-minutes 20] [--llmcompressor-python PY]
+
+Writes ``results.md``, ``results.json`` and ``perplexity_vs_sparsity.png`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import admmprune as ap
+from admmprune.accounting import storage
+from admmprune.evaluate import perplexity
+
+HERE = Path(__file__).resolve().parent
+SOLVERS = ("magnitude", "wanda", "sparsegpt", "admm")
+SETTINGS = {
+    "50%": lambda: ap.Unstructured(0.5, per_row=True),
+    "60%": lambda: ap.Unstructured(0.4, per_row=True),
+    "70%": lambda: ap.Unstructured(0.3, per_row=True),
+    "80%": lambda: ap.Unstructured(0.2, per_row=True),
+    "2:4": lambda: ap.NM(2, 4),
+    "4:8": lambda: ap.NM(4, 8),
+}
+JOINT = {
+    "50% + 4 bit": lambda: ap.Unstructured(0.5, per_row=True) & ap.Quantized(4),
+    "2:4 + 4 bit": lambda: ap.NM(2, 4) & ap.Quantized(4),
+}
+
+
+def corpus() -> tuple[str, dict]:
+    """The Python interpreter's own English documentation (see the module docstring)."""
+    import pydoc_data.topics
+
+    root = Path(ast.__file__).resolve().parent
+    parts = [pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics)]
+    files = 0
+    for f in sorted(root.rglob("*.py")):
+        rel = f.relative_to(root).parts
+        if rel[0] in ("site-packages", "test", "idlelib", "lib2to3") or "tests" in rel:
+            continue
+        try:
+            tree = ast.parse(f.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError):
+            continue
+        files += 1
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Module | ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+                doc = ast.get_docstring(node)
+                if doc and len(doc) > 80:
+                    parts.append(doc)
+    text = "\n\n".join(parts)
+    return text, {
+        "source": f"pydoc_data.topics + docstrings of {files} stdlib modules of Python "
+        f"{sys.version.split()[0]} ({root})",
+        "license": "PSF License",
+        "chars": len(text),
+    }
+
+
+def tokenizer(path: Path, text: str, vocab: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if not path.is_file():
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        )
+        tok.train_from_iterator([text], trainer)
+        tok.save(str(path))
+    return PreTrainedTokenizerFast(tokenizer_file=str(path))
+
+
+def train(args, ids: torch.Tensor, vocab: int, out: Path):
+    import transformers
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.hidden // 64,
+        intermediate_size=int(args.hidden * 8 / 3) // 16 * 16,
+        max_position_embeddings=args.seq_len,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(args.seed)
+    model = transformers.LlamaForCausalLM(cfg).to(args.device)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1, betas=(0.9, 0.95))
+    g = torch.Generator().manual_seed(args.seed)
+    budget, start, step, losses = args.train_minutes * 60, time.perf_counter(), 0, []
+    model.train()
+    while time.perf_counter() - start < budget:
+        frac = (time.perf_counter() - start) / budget  # cosine on the time budget
+        for group in opt.param_groups:
+            group["lr"] = args.lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * frac))
+        starts = torch.randint(0, ids.numel() - args.seq_len - 1, (args.batch,), generator=g)
+        x = torch.stack([ids[s : s + args.seq_len] for s in starts.tolist()]).to(args.device)
+        loss = model(input_ids=x, labels=x).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+        step += 1
+        if step % 50 == 0:
+            print(f"step {step}: loss {sum(losses[-50:]) / 50:.3f}", flush=True)
+    model.eval().cpu().save_pretrained(out)
+    info = {
+        "steps": step,
+        "tokens_seen": step * args.batch * args.seq_len,
+        "final_loss": sum(losses[-50:]) / max(len(losses[-50:]), 1),
+        "minutes": (time.perf_counter() - start) / 60,
+        "device": args.device,
+    }
+    (out / "training.json").write_text(json.dumps(info, indent=1))
+    return info
+
+
+def load(path: Path):
+    import transformers
+
+    return transformers.LlamaForCausalLM.from_pretrained(path).eval()
+
+
+def peak(report) -> int:
+    return report.gram_bytes_peak + report.activation_bytes_peak
+
+
+def ours(dense: Path, solver: str, constraint, calibration, test, seq_len: int) -> dict:
+    model = load(dense)
+    t = time.perf_counter()
+    masks = ap.oneshot(model, constraint, calibration, solver=solver)
+    seconds = time.perf_counter() - t
+    layers = set(masks)
+    st = storage(model)
+    bits = sum(v["bits"] for k, v in st["layers"].items() if k in layers)
+    raw = sum(m.numel() * 32 for m in masks.values())
+    return {
+        "ppl": perplexity(model, test, seq_len),
+        "seconds": seconds,
+        "solve_seconds": sum(r.seconds for r in masks.report.layers.values()),
+        "peak_bytes": peak(masks.report),
+        "kept": sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values()),
+        "storage_ratio": raw / bits,
+    }
+
+
+def llmcompressor(py: str, dense: Path, calib_file: Path, method: str, setting: str, out: Path):
+    """Run llm-compressor in its own interpreter; returns the pruned directory or the error."""
+    sparsity, structure = {
+        "50%": (0.5, "0:0"),
+        "60%": (0.6, "0:0"),
+        "70%": (0.7, "0:0"),
+        "80%": (0.8, "0:0"),
+        "2:4": (0.5, "2:4"),
+        "4:8": (0.5, "4:8"),
+    }[setting]
+    target = out / f"llmc-{method}-{setting.replace(':', '_').replace('%', '')}"
+    cmd = [
+        py,
+        str(HERE / "_llmcompressor_prune.py"),
+        str(dense),
+        str(calib_file),
+        method,
+        str(sparsity),
+        structure,
+        str(target),
+        str(out / "tokenizer.json"),
+    ]
+    t = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        return None, (done.stderr or done.stdout).strip().splitlines()[-1:]
+    return target, time.perf_counter() - t
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", type=Path, default=HERE / "results" / "oneshot_lm")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--train-minutes", type=float, default=20.0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--samples", type=int, default=128, help="calibration windows")
+    p.add_argument("--solvers", default=",".join(SOLVERS))
+    p.add_argument("--settings", default=",".join(SETTINGS))
+    p.add_argument("--skip-joint", action="store_true")
+    p.add_argument("--llmcompressor-python", default=None)
+    args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    text, provenance = corpus()
+    cut = int(len(text) * 0.95)  # the tokenizer sees only the training text
+    tok = tokenizer(args.out / "tokenizer.json", text[:cut], args.vocab)
+    ids = torch.tensor(tok(text)["input_ids"], dtype=torch.long)
+    n_train = int(ids.numel() * 0.95)
+    train_ids, test = ids[:n_train], ids[n_train:]
+    provenance |= {"tokens": ids.numel(), "train_tokens": n_train, "test_tokens": test.numel()}
+    print(provenance, flush=True)
+
+    dense = args.out / "dense"
+    if (dense / "config.json").is_file():
+        training = json.loads((dense / "training.json").read_text())
+    else:
+        training = train(args, train_ids, len(tok), dense)
+    g = torch.Generator().manual_seed(args.seed + 1)
+    starts = torch.randint(0, n_train - args.seq_len, (args.samples,), generator=g)
+    windows = torch.stack([train_ids[s : s + args.seq_len] for s in starts.tolist()])
+    calibration = [{"input_ids": w} for w in windows.split(16)]
+    torch.save(windows, args.out / "calibration.pt")
+    model = load(dense)
+    params = sum(x.numel() for x in model.parameters())
+    dense_ppl = perplexity(model, test, args.seq_len)
+    print(f"dense: {params / 1e6:.2f} M parameters, test perplexity {dense_ppl:.2f}", flush=True)
+
+    rows = []
+    for setting in args.settings.split(","):
+        for solver in args.solvers.split(","):
+            r = ours(dense, solver, SETTINGS[setting](), calibration, test, args.seq_len)
+            rows.append({"setting": setting, "method": solver, **r})
+            print(rows[-1], flush=True)
+        if args.llmcompressor_python:
+            if setting.endswith("%"):  # llm-compressor's SparseGPT masks per layer (the paper's)
+                keep = SETTINGS[setting]().keep
+                r = ours(dense, "sparsegpt", ap.Unstructured(keep), calibration, test, args.seq_len)
+                rows.append({"setting": setting, "method": "sparsegpt (per layer)", **r})
+                print(rows[-1], flush=True)
+            for method in ("sparsegpt", "wanda"):
+                target, info = llmcompressor(
+                    args.llmcompressor_python,
+                    dense,
+                    args.out / "calibration.pt",
+                    method,
+                    setting,
+                    args.out,
+                )
+                if target is None:
+                    rows.append(
+                        {"setting": setting, "method": f"llmcompressor-{method}", "error": info}
+                    )
+                else:
+                    m = load(target)
+                    rows.append(
+                        {
+                            "setting": setting,
+                            "method": f"llmcompressor-{method}",
+                            "ppl": perplexity(m, test, args.seq_len),
+                            "seconds": info,
+                        }
+                    )
+                print(rows[-1], flush=True)
+    if not args.skip_joint:
+        for setting, make in JOINT.items():
+            for solver in ("sparsegpt", "admm"):
+                r = ours(dense, solver, make(), calibration, test, args.seq_len)
+                rows.append({"setting": setting, "method": solver, **r})
+                print(rows[-1], flush=True)
+
+    result = {
+        "provenance": provenance,
+        "training": training,
+        "params": params,
+        "dense_ppl": dense_ppl,
+        "threads": torch.get_num_threads(),
+        "rows": rows,
+        "args": {k: str(v) for k, v in vars(args).items()},
+    }
+    (args.out / "results.json").write_text(json.dumps(result, indent=1))
+    lines = [
+        f"LLaMA {args.layers}x{args.hidden}, {params / 1e6:.2f} M parameters, vocab {len(tok)}, "
+        f"trained {training['steps']} steps ({training['tokens_seen']:,} tokens, "
+        f"{training['minutes']:.1f} min on {training['device']}); dense test perplexity "
+        f"{dense_ppl:.2f} on {test.numel():,} tokens (windows of {args.seq_len}); "
+        f"{args.samples} calibration windows; {torch.get_num_threads()} threads",
+        "",
+        "| setting | method | perplexity | seconds | peak MiB | storage ratio |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['setting']} | {r['method']} | failed: {r['error']} | | | |")
+            continue
+        lines.append(
+            f"| {r['setting']} | {r['method']} | {r['ppl']:.2f} | {r['seconds']:.1f} | "
+            + (
+                f"{r['peak_bytes'] / 2**20:.1f} | {r['storage_ratio']:.2f}x |"
+                if "peak_bytes" in r
+                else " | |"
+            )
+        )
+    text_out = "\n".join(lines) + "\n"
+    print(text_out)
+    (args.out / "results.md").write_text(text_out)
+    plot(rows, args.settings.split(","), dense_ppl, args.out / "perplexity_vs_sparsity.png")
+
+
+def plot(rows, settings, dense_ppl, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in dict.fromkeys(r["method"] for r in rows):
+        ys = [
+            next(
+                (
+                    r["ppl"]
+                    for r in rows
+                    if r["method"] == method and r["setting"] == s and "ppl" in r
+                ),
+                float("nan"),
+            )
+            for s in settings
+        ]
+        ax.plot(settings, ys, marker="o", label=method)
+    ax.axhline(dense_ppl, color="gray", ls="--", label="dense")
+    ax.set_yscale("log")
+    ax.set_xlabel("sparsity (per row) / N:M")
+    ax.set_ylabel("test perplexity")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
