@@ -72,6 +72,17 @@ def _hf(name):
     return transformers
 
 
+def _llama(layers: int = 2, kv: int = 4):
+    """A tiny LLaMA (4 query heads) with input-dependent weights."""
+    tr = _hf("llama")
+    cfg = tr.LlamaConfig(
+        vocab_size=50, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=kv, intermediate_size=48, max_position_embeddings=32,
+    )  # fmt: skip
+    assert cfg.use_cache  # the default: tracing must turn it off itself
+    return reinit(tr.LlamaForCausalLM(cfg))
+
+
 def test_bert_heads_and_neurons_compact_exactly():
     tr = _hf("bert")
     cfg = tr.BertConfig(
@@ -88,13 +99,7 @@ def test_bert_heads_and_neurons_compact_exactly():
 
 @pytest.mark.parametrize("kv", [4, 2])
 def test_llama_mha_and_gqa_compact_exactly_with_the_default_cache(kv):
-    tr = _hf("llama")
-    cfg = tr.LlamaConfig(
-        vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=kv, intermediate_size=48, max_position_embeddings=32,
-    )  # fmt: skip
-    assert cfg.use_cache  # the default: tracing must turn it off itself
-    model = reinit(tr.LlamaForCausalLM(cfg))
+    model = _llama(kv=kv)
     x = torch.randint(0, 50, (2, 7))
     small, report = check_exact(model, x, torch.randint(0, 50, (1, 12)))
     att = small.model.layers[0].self_attn
@@ -119,12 +124,7 @@ def test_gpt2_fused_conv1d_heads_and_neurons_compact_exactly():
 
 
 def test_hidden_size_groups_are_refused_with_the_norm_named():
-    tr = _hf("llama")
-    cfg = tr.LlamaConfig(
-        vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-        intermediate_size=48, max_position_embeddings=32,
-    )  # fmt: skip
-    model = reinit(tr.LlamaForCausalLM(cfg))
+    model = _llama(layers=1)
     x = torch.randint(0, 50, (2, 7))
     with pytest.raises(ValueError, match=r"normalised together by .*RMSNorm"):
         ap.channel_groups(model, x, 0.5, layers="*mlp.down_proj")
