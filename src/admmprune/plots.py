@@ -20,6 +20,11 @@ def _rows(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.open()] if path.exists() else []
 
 
+def _short(name: str, width: int = 32) -> str:
+    """A tick label that fits: the end of a long parameter name is the part that differs."""
+    return name if len(name) <= width else "…" + name[-(width - 1) :]
+
+
 def write_plots(run_dir: str | Path, summary: dict) -> list[Path]:
     """Write the run's plots from ``metrics.jsonl`` and ``summary``; returns the files written."""
     import matplotlib
@@ -34,7 +39,7 @@ def write_plots(run_dir: str | Path, summary: dict) -> list[Path]:
     layers = summary["layers"]
     fig, ax = plt.subplots(figsize=(max(5, 0.5 * len(layers) + 2), 3.5))
     ax.bar(range(len(layers)), [100 * x["kept"] / x["total"] for x in layers])
-    ax.set_xticks(range(len(layers)), [x["name"] for x in layers], rotation=60, ha="right")
+    ax.set_xticks(range(len(layers)), [_short(x["name"]) for x in layers], rotation=60, ha="right")
     ax.set_ylabel("kept (%)")
     ax.set_title("kept weights per layer")
     fig.tight_layout()
