@@ -338,30 +338,34 @@ def main() -> None:
 
 
 def plot(rows, settings, dense_ppl, path):
+    """Perplexity per method: unstructured rates as lines (left), N:M patterns (right)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for method in dict.fromkeys(r["method"] for r in rows):
-        ys = [
-            next(
-                (
-                    r["ppl"]
-                    for r in rows
-                    if r["method"] == method and r["setting"] == s and "ppl" in r
-                ),
-                float("nan"),
-            )
-            for s in settings
-        ]
-        ax.plot(settings, ys, marker="o", label=method)
-    ax.axhline(dense_ppl, color="gray", ls="--", label="dense")
-    ax.set_yscale("log")
-    ax.set_xlabel("sparsity (per row) / N:M")
-    ax.set_ylabel("test perplexity")
-    ax.legend()
+    panels = [[s for s in settings if s.endswith("%")], [s for s in settings if ":" in s]]
+    panels = [p for p in panels if p]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, xs in zip(axes[0], panels):
+        for method in dict.fromkeys(r["method"] for r in rows):
+            ys = [
+                next(
+                    (
+                        r["ppl"]
+                        for r in rows
+                        if r["method"] == method and r["setting"] == s and "ppl" in r
+                    ),
+                    float("nan"),
+                )
+                for s in xs
+            ]
+            ax.plot(xs, ys, marker="o", label=method, ls="-" if xs[0].endswith("%") else "")
+        ax.axhline(dense_ppl, color="gray", ls="--", label="dense")
+        ax.set_yscale("log")
+        ax.set_xlabel("sparsity (per row)" if xs[0].endswith("%") else "N:M")
+        ax.set_ylabel("test perplexity")
+    axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
