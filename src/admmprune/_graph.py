@@ -13,7 +13,7 @@ is the one place that does it, so both see the same groups:
   grouped-query and Swin attention take minutes) nor channel-pruned (heads are removed whole by
   :mod:`admmprune.heads`).
 
-:func:`refusal` says why a group's channels must stay: they are normalised together
+The graph's ``refusal(group)`` says why a group's channels must stay: they are normalised together
 (LayerNorm/RMSNorm statistics change when a channel leaves), looked up from an embedding, read
 by an attention module, or cross a grouped convolution.
 """
@@ -103,19 +103,19 @@ def _conv1d_pruner():
 
 
 def build(model: nn.Module, x: Any):
-    """``(DG, attention)``: the dependency graph of ``model`` on ``x`` (see the module
-    docstring) and the attention modules found (:func:`admmprune.heads.find`)."""
+    """The dependency graph of ``model`` on ``x`` (see the module docstring): a Torch-Pruning
+    ``DependencyGraph`` that also knows the model's attention modules
+    (:func:`admmprune.heads.find`) and answers :meth:`groups`, :meth:`refusal` and
+    :meth:`in_attention`."""
     from . import heads
 
-    attention = heads.find(model)
     pruner = _conv1d_pruner()
     custom = {t: pruner for t in {type(m) for m in model.modules() if is_conv1d(m)}}
-    DG = _graph_class()()
-    DG._admmprune_opaque = set()
+    DG = _graph_class()(model, heads.find(model))
     with (
         no_cache(model),
-        heads.stand_in(attention),
-        _guarded_reshapes(DG._admmprune_opaque),
+        heads.stand_in(DG.attention),
+        _guarded_reshapes(DG.opaque),
         torch.enable_grad(),
         _explained(model, "trace"),
     ):
@@ -127,30 +127,26 @@ def build(model: nn.Module, x: Any):
             customized_pruners=custom or None,
             verbose=False,
         )
-    return DG, attention
-
-
-def all_groups(DG, model: nn.Module, ignored: list[nn.Module]) -> list:
-    """Every channel group rooted at a producer layer (Torch-Pruning's ``get_all_groups``)."""
-    with _explained(model, "group the channels of"):
-        return list(
-            DG.get_all_groups(ignored_layers=ignored, root_module_types=list(layer_types(model)))
-        )
+    return DG
 
 
 class GraphError(ValueError):
     """Torch-Pruning could not build or group the model's dependency graph."""
 
 
+def _explained(model: nn.Module, what: str):
+    return _explained_name(type(model).__name__, what)
+
+
 @contextlib.contextmanager
-def _explained(model: nn.Module, what: str) -> Iterator[None]:
+def _explained_name(model_name: str, what: str) -> Iterator[None]:
     try:
         yield
     except GraphError:
         raise
     except Exception as e:  # a failure inside Torch-Pruning 1.6.1: say so, and what to do
         raise GraphError(
-            f"Torch-Pruning could not {what} {type(model).__name__}: {type(e).__name__}: {e} "
+            f"Torch-Pruning could not {what} {model_name}: {type(e).__name__}: {e} "
             "(in its dependency graph; ShuffleNetV2's channel shuffle + chunk is one known "
             "case). Structured channel pruning is not available for this model; unstructured, "
             "N:M and head pruning do not need the graph."
@@ -163,11 +159,39 @@ def _graph_class():
 
     class Graph(tp.DependencyGraph):
         """Torch-Pruning's graph with :func:`_guarded_reshapes` around every index-mapping
-        update (it re-runs them each time a group is formed)."""
+        update (it re-runs them each time a group is formed), and what :meth:`refusal` needs
+        about the model, computed once."""
+
+        def __init__(self, model: nn.Module, attention: list) -> None:
+            super().__init__()
+            self.attention = attention
+            self.opaque: set = set()  # reshapes whose channel mapping is unknown
+            self.names = {m: n for n, m in model.named_modules()}
+            self.owners = {  # id(parameter) → (module name, module)
+                id(p): (n, m) for n, m in model.named_modules() for p in m.parameters(False)
+            }
+            self.inside = {id(m): a.name for a in attention for m in a.module.modules()}
+            self.projections = {id(m) for a in attention for m in a.projections()}
+            self.types = layer_types(model)
+            self.model_name = type(model).__name__
 
         def get_pruning_group(self, *args, **kwargs):
-            with _guarded_reshapes(self._admmprune_opaque):
+            with _guarded_reshapes(self.opaque):
                 return super().get_pruning_group(*args, **kwargs)
+
+        def groups(self, ignored: list[nn.Module]) -> list:
+            """Every channel group rooted at a producer layer (``get_all_groups``)."""
+            with _explained_name(self.model_name, "group the channels of"):
+                return list(self.get_all_groups(ignored_layers=ignored,
+                                                root_module_types=list(self.types)))  # fmt: skip
+
+        def in_attention(self, root: nn.Module) -> bool:
+            """Is ``root`` a Q/K/V projection (its rows are heads, not channels)?"""
+            return id(root) in self.projections
+
+        def refusal(self, group) -> str | None:
+            """Why the channels of ``group`` cannot leave with the function unchanged."""
+            return _refusal(self, group)
 
     return Graph
 
@@ -176,7 +200,7 @@ def _graph_class():
 def _guarded_reshapes(opaque: set) -> Iterator[None]:
     """Torch-Pruning 1.6.1 divides by a reshape's inferred channel count, which is 0 for a
     5-D view (ShuffleNetV2's channel shuffle: ZeroDivisionError). Such a reshape is skipped
-    and recorded: groups through it are refused (:func:`refusal`), since its channel mapping
+    and recorded: groups through it are refused (``refusal``), since its channel mapping
     is unknown."""
     from torch_pruning.dependency import index_mapping, shape_infer
 
@@ -201,20 +225,10 @@ def _guarded_reshapes(opaque: set) -> Iterator[None]:
         index_mapping.update_reshape_index_mapping = original
 
 
-def _owner_names(model: nn.Module) -> dict[int, tuple[str, nn.Module]]:
-    """``id(param) → (module name, module)`` for every parameter."""
-    return {
-        id(p): (name, m) for name, m in model.named_modules() for p in m.parameters(recurse=False)
-    }
-
-
-def refusal(model: nn.Module, group, attention, owners=None, opaque=()) -> str | None:
+def _refusal(DG, group) -> str | None:
     """Why the channels of a Torch-Pruning ``group`` cannot leave with the function unchanged,
-    or ``None``. ``attention``: :func:`admmprune.heads.find`'s modules; ``opaque``: the
-    reshapes whose channel mapping is unknown (``DG._admmprune_opaque``)."""
-    names = {m: n for n, m in model.named_modules()}
-    owners = owners if owners is not None else _owner_names(model)
-    inside = {id(m): a.name for a in attention for m in a.module.modules()}
+    or ``None`` (``DG``: the :func:`build` graph, with the model's names and attention)."""
+    names, owners, inside, opaque = DG.names, DG.owners, DG.inside, DG.opaque
     reasons = []  # (priority, text): the most basic cause is named
     for item in group.items:
         m = item.dep.target.module
@@ -248,8 +262,3 @@ def refusal(model: nn.Module, group, attention, owners=None, opaque=()) -> str |
             reasons.append((1, f"its channels cross the grouped conv {name!r} "
                                    f"(groups={m.groups})"))  # fmt: skip
     return min(reasons)[1] if reasons else None
-
-
-def in_attention(root: nn.Module, attention) -> bool:
-    """Is ``root`` a projection inside an attention module (its rows are heads, not channels)?"""
-    return any(root is m for a in attention for m in a.projections())

@@ -210,10 +210,11 @@ def _zero_out(module: nn.Module, idx: int) -> bool | None:
 def _output_layers(model: nn.Module, example_input) -> list[nn.Module]:
     """The last Conv/Linear to run in forward: its outputs are the model's, never removed."""
     order: list[nn.Module] = []
+    types = _graph.layer_types(model)
     hooks = [
         m.register_forward_hook(lambda mod, *_: order.append(mod))
         for m in model.modules()
-        if isinstance(m, _graph.layer_types(model))
+        if isinstance(m, types)
     ]
     try:
         with torch.no_grad(), _graph.no_cache(model):
@@ -232,12 +233,11 @@ def _removable(model: nn.Module, example_input, ignored: list[nn.Module]):
     """The dependency graph, and per channel group ``(root, handler, root indices of the
     removable channels, not-removable count, reason kept)``; a layer always keeps one channel.
     Attention projections are not channel groups (their rows are heads: :mod:`.heads`)."""
-    DG, attention = _graph.build(model, example_input)
-    owners = _graph._owner_names(model)
+    DG = _graph.build(model, example_input)
     plans = []
-    for group in _graph.all_groups(DG, model, ignored):
+    for group in DG.groups(ignored):
         root = group.items[0].dep.target.module
-        if _graph.in_attention(root, attention):
+        if DG.in_attention(root):
             continue
         n = len(group.items[0].idxs)
         producers = []
@@ -256,11 +256,7 @@ def _removable(model: nn.Module, example_input, ignored: list[nn.Module]):
             removable = removable[1:]
             partial += 1
         root_idxs = [int(i) for i in group.items[0].idxs]
-        reason = (
-            _graph.refusal(model, group, attention, owners, DG._admmprune_opaque)
-            if removable
-            else None
-        )
+        reason = DG.refusal(group) if removable else None
         if reason:  # keep the zero channels: count them, say why
             partial += len(removable)
             removable = []

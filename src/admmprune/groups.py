@@ -121,26 +121,25 @@ def channel_groups(
     if norm not in ("l1", "l2"):
         raise ValueError(f"channel_groups(norm={norm!r}): use 'l2' (ADMM) or 'l1' (one-shot).")
     names = {m: n for n, m in model.named_modules()}
-    types = _graph.layer_types(model)
     was_training = model.training
     model.eval()  # tracing runs a forward; batch-1 inputs would trip BatchNorm in train mode
     try:
         ignored = (
             ignored_layers if ignored_layers is not None else _output_layers(model, example_input)
         )
-        DG, attention = _graph.build(model, example_input)
+        DG = _graph.build(model, example_input)
     finally:
         model.train(was_training)
     out, refused = [], {}
-    for group in _graph.all_groups(DG, model, ignored):
+    for group in DG.groups(ignored):
         root_module = group.items[0].dep.target.module
         root = names[root_module]
         if layers is not None and not fnmatch.fnmatchcase(root, layers):
             continue
-        if _graph.in_attention(root_module, attention):
+        if DG.in_attention(root_module):
             refused[root] = "it is an attention projection: prune it by heads (head_groups)"
             continue
-        reason = _graph.refusal(model, group, attention, opaque=DG._admmprune_opaque)
+        reason = DG.refusal(group)
         if reason:
             refused[root] = reason
             continue
@@ -151,7 +150,7 @@ def channel_groups(
             m = item.dep.target.module
             if item.dep.handler.__name__ != "prune_out_channels" or len(item.idxs) != n:
                 continue
-            if not isinstance(m, types + _NORMS):
+            if not isinstance(m, DG.types + _NORMS):
                 continue
             rows = tuple(int(i) for i in item.idxs)
             for attr in ("weight", "bias"):
@@ -162,7 +161,7 @@ def channel_groups(
                     )
         if members:
             out.append(ChannelGroup(root, keep, tuple(members.items()), norm, tuple(dims.values())))
-    for a in attention:  # say why an attention projection the glob names is not a group
+    for a in DG.attention:  # say why an attention projection the glob names is not a group
         for m in a.projections():
             if layers is not None and fnmatch.fnmatchcase(names[m], layers):
                 refused.setdefault(
