@@ -370,22 +370,22 @@ def _layer_list(model: nn.Module, targets: list[Target]) -> tuple[str, nn.Module
     """The ``nn.ModuleList`` of two or more blocks of one class (a transformer's decoder or
     encoder layers) that holds every constrained layer, if there is one."""
     names = [t.module_name for t in targets]
-    best = None
-    for name, m in model.named_modules():
-        if not (isinstance(m, nn.ModuleList) and len(m) >= 2 and len({type(c) for c in m}) == 1):
-            continue
-        if all(n.startswith(f"{name}.") for n in names) and (best is None or len(m) > len(best[1])):
-            best = (name, m)
-    return best
+    holding = [(n, m) for n, m in _block_lists(model) if all(t.startswith(f"{n}.") for t in names)]
+    return max(holding, key=lambda x: len(x[1]), default=None)
+
+
+def _block_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
+    """Every ``nn.ModuleList`` of two or more modules of one class, with its name."""
+    return [
+        (name, m) for name, m in model.named_modules()
+        if isinstance(m, nn.ModuleList) and len(m) >= 2 and len({type(c) for c in m}) == 1
+    ]  # fmt: skip
 
 
 def _blocks_spec(model: nn.Module, constraint: Constraint) -> dict:
     """``{layer name: constraint}`` for every Linear / transformers' ``Conv1D`` inside the
     model's largest ``nn.ModuleList`` of identical blocks."""
-    lists = [
-        (name, m) for name, m in model.named_modules()
-        if isinstance(m, nn.ModuleList) and len(m) >= 2 and len({type(c) for c in m}) == 1
-    ]  # fmt: skip
+    lists = _block_lists(model)
     if not lists:
         raise ValueError(
             f"oneshot(model, {constraint!r}, ...): {type(model).__name__} has no list of "
