@@ -284,6 +284,7 @@ def test_text_recipe_prunes_measures_perplexity_and_saves_pretrained(tmp_path):
         ({"vocab": 10}, "do not belong together"),
         ({"method": "admm"}, "set method: oneshot"),
         ({"drop_hf": True}, "needs both model.hf"),
+        ({"constraints": {"model.embed_tokens": {"unstructured": 0.5}}}, "is a Embedding"),
     ],
 )
 def test_text_recipe_bad_input_is_named_and_writes_nothing(tmp_path, capsys, change, message):
@@ -302,3 +303,22 @@ def test_text_recipe_bad_input_is_named_and_writes_nothing(tmp_path, capsys, cha
     assert main(["run", _write(tmp_path / "r.yaml", recipe)]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_text_recipe_constraints_and_default_share_the_blocks(tmp_path):
+    import json
+
+    from admmprune.cli import main
+
+    recipe = lm_recipe(tmp_path, seq_len=16)
+    recipe["constraints"] = {"model.layers.0.mlp.*": {"nm": "2:4"}}
+    recipe["oneshot"] = {"solver": "sparsegpt", "samples": 8, "batch_size": 8}
+    assert main(["run", _write(tmp_path / "r.yaml", recipe)]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["layers"] == 14  # 3 by the 2:4 key, 11 by the default; no embedding
+    tr = _transformers()
+    back = tr.AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")
+    W = back.model.layers[0].mlp.up_proj.weight
+    assert int(W.reshape(W.shape[0], -1, 4).ne(0).sum(-1).max()) == 2
+    W = back.model.layers[1].mlp.up_proj.weight
+    assert W.ne(0).sum(1).eq(W.shape[1] // 2).all()  # the default, per row

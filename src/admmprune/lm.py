@@ -16,8 +16,8 @@
    (the packed file), ``summary.json`` and ``recipe.yaml``.
 
 ``constraints`` name layers as usual (e.g. ``"model.layers.*.mlp.*": {nm: "2:4"}``); a
-``default_constraint`` alone applies to every Linear / ``Conv1D`` inside the decoder blocks,
-never to the embeddings or the output head.
+``default_constraint`` covers every other Linear / ``Conv1D`` inside the decoder blocks, never
+the embeddings or the output head.
 """
 
 from __future__ import annotations
@@ -111,6 +111,22 @@ def _calibration(pool: torch.Tensor, samples: int, seq_len: int, batch: int, see
     return [{"input_ids": w} for w in windows.split(batch)]
 
 
+def _spec(model: nn.Module, spec: dict, default) -> dict:
+    """The recipe's spec on an LM: ``default_constraint`` covers the Linear / ``Conv1D`` layers
+    of the decoder blocks that ``constraints`` does not name (never the embeddings or the
+    head); every target must be a layer one-shot pruning reconstructs."""
+    from .oneshot import _blocks_spec, _View
+    from .select import select
+
+    spec = {k: v for k, v in spec.items() if v is not None}
+    named = {t.module_name for t in select(model, spec)} if spec else set()
+    if default is not None:
+        spec |= {k: c for k, c in _blocks_spec(model, default).items() if k not in named}
+    for t in select(model, spec):
+        _View(t)  # a clear error for an embedding, a norm, …
+    return spec
+
+
 def prepare(recipe: Recipe, *, resume: bool = False, force: bool = False) -> LMPrepared:
     """Every check of a language-model run; builds model, tokens and calibration, writes
     nothing."""
@@ -143,15 +159,8 @@ def prepare(recipe: Recipe, *, resume: bool = False, force: bool = False) -> LMP
         )
     o = recipe.oneshot
     calibration = _calibration(pool, o.samples, d.seq_len, o.batch_size, recipe.seed)
-    spec, default = recipe.spec()
-    if not any(v is not None for v in spec.values()):
-        spec = default  # one constraint: every Linear/Conv1D inside the decoder blocks
-        default = None
     try:
-        from .oneshot import _blocks_spec
-        from .select import select
-
-        select(model, _blocks_spec(model, spec) if not isinstance(spec, dict) else spec, default)
+        spec = _spec(model, *recipe.spec())
     except ValueError as e:
         raise RecipeError(str(e)) from None
     facts = {
@@ -160,7 +169,6 @@ def prepare(recipe: Recipe, *, resume: bool = False, force: bool = False) -> LMP
         "test_tokens": int(test.numel()),
         "vocab_tokenizer": len(tokenizer),
         "vocab_model": int(vocab),
-        "default": default,
     }
     return LMPrepared(recipe, run_dir, model, tokenizer, calibration, test, spec, facts)
 
@@ -197,7 +205,7 @@ def run(p: LMPrepared, log=print) -> dict:
     o = r.oneshot
     masks = oneshot(
         p.model, p.spec, p.calibration, solver=o.solver, sequential=o.sequential, damp=o.damp,
-        default=p.facts["default"], log=log, **o.options,
+        log=log, **o.options,
     )  # fmt: skip
     pruned = perplexity(p.model, p.test_tokens, seq)
     log(f"pruned perplexity {pruned:.3f}")
@@ -217,7 +225,7 @@ def run(p: LMPrepared, log=print) -> dict:
         "packed_bytes": size,
         "seconds": time.perf_counter() - t0,
         "oneshot": masks.report.as_dict(),
-        **{k: v for k, v in p.facts.items() if k != "default"},
+        **p.facts,
     }
     (p.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     log(f"run dir: {p.run_dir}")
