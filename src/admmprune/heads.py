@@ -121,10 +121,6 @@ def _get(module, *names, default=None):
     return default
 
 
-def _linear_rows(m: nn.Module) -> int:
-    return m.nf if is_conv1d(m) else m.out_features
-
-
 def _adapt(name: str, m: nn.Module, parent: nn.Module | None) -> Attention | None:
     kind = type(m).__name__
     if isinstance(m, nn.MultiheadAttention):

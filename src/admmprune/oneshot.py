@@ -51,6 +51,7 @@ import torch
 from torch import nn
 from torch.nn import functional
 
+from ._graph import is_conv1d
 from ._graph import no_cache as _no_cache
 from .constraints import (
     NM,
@@ -133,11 +134,6 @@ class OneShotReport:
 # the GEMM view of a layer
 
 
-def _is_hf_conv1d(module: nn.Module) -> bool:
-    """transformers' ``Conv1D`` (GPT-2): ``y = x @ W + b`` with ``W`` stored ``[in, out]``."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
-
-
 class _View:
     """How a layer's weight and inputs map onto the GEMM ``Y = X Wᵀ``, per conv group:
     weights as ``[G, rows, d]``, inputs as ``[G, n, d]``."""
@@ -155,7 +151,7 @@ class _View:
             self.kind, self.G = "linear", 1
         elif isinstance(m, (nn.Conv1d, nn.Conv2d)):
             self.kind, self.G = "conv", m.groups
-        elif _is_hf_conv1d(m) and W.ndim == 2:
+        elif is_conv1d(m) and W.ndim == 2:
             self.kind, self.G, self.transposed = "linear", 1, True
         else:
             raise ValueError(
@@ -396,7 +392,7 @@ def _blocks_spec(model: nn.Module, constraint: Constraint) -> dict:
     spec = {
         f"{name}.{n}": constraint
         for n, m in blocks.named_modules()
-        if isinstance(m, nn.Linear) or _is_hf_conv1d(m)
+        if isinstance(m, nn.Linear) or is_conv1d(m)
     }
     if not spec:
         raise ValueError(f"{name!r} holds no Linear or Conv1D layer; give a spec.")
