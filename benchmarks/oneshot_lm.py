@@ -21,9 +21,10 @@ block) and the table reports test perplexity (non-overlapping ``--seq-len`` wind
 seconds and the peak bytes of Grams + cached block inputs. ``--llmcompressor-python PY`` runs
 vllm-project/llm-compressor's ``SparseGPTModifier`` / ``WandaPruningModifier`` (``oneshot``)
 in that interpreter (its own venv) on the same saved model and calibration windows; its
-SparseGPT chooses unstructured masks per layer (per block of 128 columns, as the paper), so
-our SparseGPT runs that way too for the comparison ("sparsegpt (per layer)"); its Wanda, like
-ours, per output row.
+SparseGPT chooses unstructured masks per layer (per block of 128 columns, as the paper), and
+its sequential pipeline calibrates every module of a decoder layer from one pass through the
+still-dense layer; so each of its rows sits next to ours run the same way ("(llmc protocol)":
+``sequential="layers"``, its per-row counts ``int(d·s)`` pruned, SparseGPT masked per layer).
 
     python benchmarks/oneshot_lm.py [--train-minutes 20] [--llmcompressor-python PY]
 
@@ -34,6 +35,8 @@ from __future__ import annotations
 
 import argparse
 import ast
+import copy
+import hashlib
 import json
 import math
 import subprocess
@@ -63,34 +66,63 @@ JOINT = {
 }
 
 
-def corpus() -> tuple[str, dict]:
-    """The Python interpreter's own English documentation (see the module docstring)."""
-    import pydoc_data.topics
+# Packages whose docstrings join the interpreter's own (core dependencies of admmprune, so on
+# every machine that runs this): name -> license.
+PACKAGES = {"torch": "BSD-3-Clause", "numpy": "BSD-3-Clause"}
 
-    root = Path(ast.__file__).resolve().parent
-    parts = [pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics)]
-    files = 0
+
+def _docstrings(root: Path, skip) -> tuple[list[str], int]:
+    docs, files = [], 0
     for f in sorted(root.rglob("*.py")):
         rel = f.relative_to(root).parts
-        if rel[0] in ("site-packages", "test", "idlelib", "lib2to3") or "tests" in rel:
+        if skip(rel) or any(part in ("test", "tests", "testing") for part in rel):
             continue
         try:
             tree = ast.parse(f.read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError):
+        except (SyntaxError, UnicodeDecodeError, ValueError):
             continue
         files += 1
         for node in ast.walk(tree):
             if isinstance(node, ast.Module | ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
                 doc = ast.get_docstring(node)
                 if doc and len(doc) > 80:
-                    parts.append(doc)
-    text = "\n\n".join(parts)
+                    docs.append(doc)
+    return docs, files
+
+
+def corpus() -> tuple[dict[str, str], dict]:
+    """English documentation already on the machine (see the module docstring), deduplicated,
+    split by document: a document's SHA-1 puts it in test (1 in 20), validation (1 in 20) or
+    train, so the three splits share no text and no source."""
+    import importlib
+    import pydoc_data.topics
+
+    stdlib = Path(ast.__file__).resolve().parent
+    docs = [pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics)]
+    found, files = _docstrings(stdlib, lambda rel: rel[0] in STDLIB_SKIP)
+    docs += found
+    sources = [f"pydoc_data.topics + docstrings of {files} stdlib modules of Python "
+               f"{sys.version.split()[0]} (PSF License)"]  # fmt: skip
+    for name, license_ in PACKAGES.items():
+        mod = importlib.import_module(name)
+        found, files = _docstrings(Path(mod.__file__).resolve().parent, lambda rel: False)
+        docs += found
+        sources.append(f"docstrings of {files} modules of {name} {mod.__version__} ({license_})")
+    docs = list(dict.fromkeys(docs))  # overloads and re-exports repeat docstrings
+    splits: dict[str, list[str]] = {"train": [], "validation": [], "test": []}
+    for doc in docs:
+        bucket = hashlib.sha1(doc.encode()).digest()[0] % 20
+        splits["test" if bucket == 0 else "validation" if bucket == 1 else "train"].append(doc)
+    text = {k: "\n\n".join(v) for k, v in splits.items()}
     return text, {
-        "source": f"pydoc_data.topics + docstrings of {files} stdlib modules of Python "
-        f"{sys.version.split()[0]} ({root})",
-        "license": "PSF License",
-        "chars": len(text),
+        "sources": sources,
+        "documents": {k: len(v) for k, v in splits.items()},
+        "chars": {k: len(v) for k, v in text.items()},
+        "sha1": hashlib.sha1("\0".join(docs).encode()).hexdigest(),
     }
+
+
+STDLIB_SKIP = ("site-packages", "test", "idlelib", "lib2to3")
 
 
 def tokenizer(path: Path, text: str, vocab: int):
@@ -109,7 +141,9 @@ def tokenizer(path: Path, text: str, vocab: int):
     return PreTrainedTokenizerFast(tokenizer_file=str(path))
 
 
-def train(args, ids: torch.Tensor, vocab: int, out: Path):
+def train(args, ids: torch.Tensor, val: torch.Tensor, vocab: int, out: Path, sha1: str):
+    """AdamW on a cosine schedule over the time budget; keeps the weights of the best
+    validation perplexity (checked every ``--eval-every`` steps, and at the end)."""
     import transformers
 
     cfg = transformers.LlamaConfig(
@@ -126,6 +160,17 @@ def train(args, ids: torch.Tensor, vocab: int, out: Path):
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1, betas=(0.9, 0.95))
     g = torch.Generator().manual_seed(args.seed)
     budget, start, step, losses = args.train_minutes * 60, time.perf_counter(), 0, []
+    val = val[: 128 * args.seq_len]
+    best = (math.inf, 0, None)
+
+    def check():
+        nonlocal best
+        ppl = perplexity(model.eval(), val, args.seq_len)
+        model.train()
+        print(f"step {step}: validation perplexity {ppl:.2f}", flush=True)
+        if ppl < best[0]:
+            best = (ppl, step, copy.deepcopy(model.state_dict()))
+
     model.train()
     while time.perf_counter() - start < budget:
         frac = (time.perf_counter() - start) / budget  # cosine on the time budget
@@ -142,9 +187,16 @@ def train(args, ids: torch.Tensor, vocab: int, out: Path):
         step += 1
         if step % 50 == 0:
             print(f"step {step}: loss {sum(losses[-50:]) / 50:.3f}", flush=True)
+        if step % args.eval_every == 0:
+            check()
+    check()
+    model.load_state_dict(best[2])
     model.eval().cpu().save_pretrained(out)
     info = {
+        "corpus_sha1": sha1,
         "steps": step,
+        "best_step": best[1],
+        "validation_ppl": best[0],
         "tokens_seen": step * args.batch * args.seq_len,
         "final_loss": sum(losses[-50:]) / max(len(losses[-50:]), 1),
         "minutes": (time.perf_counter() - start) / 60,
@@ -164,10 +216,11 @@ def peak(report) -> int:
     return report.gram_bytes_peak + report.activation_bytes_peak
 
 
-def ours(dense: Path, solver: str, constraint, calibration, test, seq_len: int) -> dict:
+def ours(dense: Path, solver: str, constraint, calibration, test, seq_len: int,
+         sequential=True) -> dict:  # fmt: skip
     model = load(dense)
     t = time.perf_counter()
-    masks = ap.oneshot(model, constraint, calibration, solver=solver)
+    masks = ap.oneshot(model, constraint, calibration, solver=solver, sequential=sequential)
     seconds = time.perf_counter() - t
     layers = set(masks)
     st = storage(model)
@@ -183,16 +236,31 @@ def ours(dense: Path, solver: str, constraint, calibration, test, seq_len: int) 
     }
 
 
+def llmc_spec(model, setting: str) -> dict:
+    """The setting with llm-compressor's counts: it prunes ``int(d·s)`` of a row of ``d``
+    weights where admmprune keeps ``keep_count(keep, d)`` (at 80 % a row of 256 keeps 52 there,
+    51 here: alone that moves Wanda's perplexity by 3 %); so one keep per layer width."""
+    c = SETTINGS[setting]()
+    if not setting.endswith("%"):
+        return c
+    s = round(1 - c.keep, 6)  # the value llm-compressor is given
+
+    def kept(d: int) -> float:
+        return (d - int(d * s)) / d
+
+    return {
+        name: ap.Unstructured(kept(m.in_features), per_row=c.per_row)
+        for name, m in model.named_modules()
+        if name.startswith("model.layers.") and isinstance(m, torch.nn.Linear)
+    }
+
+
 def llmcompressor(py: str, dense: Path, calib_file: Path, method: str, setting: str, out: Path):
     """Run llm-compressor in its own interpreter; returns the pruned directory or the error."""
-    sparsity, structure = {
-        "50%": (0.5, "0:0"),
-        "60%": (0.6, "0:0"),
-        "70%": (0.7, "0:0"),
-        "80%": (0.8, "0:0"),
-        "2:4": (0.5, "2:4"),
-        "4:8": (0.5, "4:8"),
-    }[setting]
+    if setting.endswith("%"):
+        sparsity, structure = round(1 - SETTINGS[setting]().keep, 6), "0:0"
+    else:
+        sparsity, structure = 0.5, setting
     target = out / f"llmc-{method}-{setting.replace(':', '_').replace('%', '')}"
     cmd = [
         py,
@@ -223,6 +291,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--train-minutes", type=float, default=20.0)
+    p.add_argument("--eval-every", type=int, default=200, help="validation checks (steps)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--samples", type=int, default=128, help="calibration windows")
     p.add_argument("--solvers", default=",".join(SOLVERS))
@@ -233,19 +302,27 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
 
     text, provenance = corpus()
-    cut = int(len(text) * 0.95)  # the tokenizer sees only the training text
-    tok = tokenizer(args.out / "tokenizer.json", text[:cut], args.vocab)
-    ids = torch.tensor(tok(text)["input_ids"], dtype=torch.long)
-    n_train = int(ids.numel() * 0.95)
-    train_ids, test = ids[:n_train], ids[n_train:]
-    provenance |= {"tokens": ids.numel(), "train_tokens": n_train, "test_tokens": test.numel()}
+    stamp = args.out / "corpus.json"  # the tokenizer and model cached here belong to it
+    if stamp.is_file() and json.loads(stamp.read_text()).get("sha1") != provenance["sha1"]:
+        sys.exit(
+            f"{args.out} caches a tokenizer and model of another corpus ({stamp}); pass another "
+            "--out, or move that directory away to rebuild them."
+        )
+    if not stamp.is_file() and (args.out / "tokenizer.json").is_file():
+        sys.exit(f"{args.out} holds a tokenizer of an unknown corpus; pass another --out.")
+    stamp.write_text(json.dumps(provenance, indent=1))
+    tok = tokenizer(args.out / "tokenizer.json", text["train"], args.vocab)
+    ids = {k: torch.tensor(tok(v)["input_ids"], dtype=torch.long) for k, v in text.items()}
+    train_ids, test = ids["train"], ids["test"]
+    n_train = train_ids.numel()
+    provenance["tokens"] = {k: v.numel() for k, v in ids.items()}
     print(provenance, flush=True)
 
     dense = args.out / "dense"
     if (dense / "config.json").is_file():
         training = json.loads((dense / "training.json").read_text())
     else:
-        training = train(args, train_ids, len(tok), dense)
+        training = train(args, train_ids, ids["validation"], len(tok), dense, provenance["sha1"])
     g = torch.Generator().manual_seed(args.seed + 1)
     starts = torch.randint(0, n_train - args.seq_len, (args.samples,), generator=g)
     windows = torch.stack([train_ids[s : s + args.seq_len] for s in starts.tolist()])
@@ -263,12 +340,15 @@ def main() -> None:
             rows.append({"setting": setting, "method": solver, **r})
             print(rows[-1], flush=True)
         if args.llmcompressor_python:
-            if setting.endswith("%"):  # llm-compressor's SparseGPT masks per layer (the paper's)
-                keep = SETTINGS[setting]().keep
-                r = ours(dense, "sparsegpt", ap.Unstructured(keep), calibration, test, args.seq_len)
-                rows.append({"setting": setting, "method": "sparsegpt (per layer)", **r})
-                print(rows[-1], flush=True)
             for method in ("sparsegpt", "wanda"):
+                # llm-compressor's protocol: every module of a decoder layer calibrated from one
+                # pass (sequential="layers"); its SparseGPT masks per layer (the paper's)
+                spec = llmc_spec(model, setting)
+                if method == "sparsegpt" and setting.endswith("%"):
+                    spec = {k: ap.Unstructured(c.keep) for k, c in spec.items()}
+                r = ours(dense, method, spec, calibration, test, args.seq_len, sequential="layers")
+                rows.append({"setting": setting, "method": f"{method} (llmc protocol)", **r})
+                print(rows[-1], flush=True)
                 target, info = llmcompressor(
                     args.llmcompressor_python,
                     dense,

@@ -5,7 +5,9 @@
   concatenations) keeps the same fraction f of its channels, those with the largest L2 norm over
   all producer slices, and the model is compacted;
 - ``columns`` (shape-wise): every conv keeps the same fraction of its GEMM columns, computed by
-  :class:`admmprune.sparse.ColumnConv2d` (im2col + gather + smaller GEMM);
+  :class:`admmprune.sparse.ColumnConv2d` in the form ``to_columns`` measures fastest per layer
+  at each timed batch size (the dense conv, a smaller conv on the alive channels, or the kept
+  columns grouped by kernel offset into one 1×1 conv); the forms chosen are in the JSON;
 - ``filters+columns``: channels compacted to sqrt(R), then columns to the rest.
 
 The fraction is found by bisection so the MACs are 1/R of the dense model's. Dense and pruned are
@@ -34,9 +36,9 @@ from torch import nn
 from admmprune import Columns, prune
 from admmprune.accounting import count
 from admmprune.compact import _output_layers, compact
-from admmprune.latency import measure_paired
+from admmprune.latency import inference_form, measure_paired
 from admmprune.models import build_model
-from admmprune.sparse import to_columns
+from admmprune.sparse import ColumnConv2d, to_columns
 from admmprune.train import resolve_device
 
 
@@ -95,10 +97,12 @@ def compacted_at(model: nn.Module, x: torch.Tensor, reduction: float):
 
 
 def columns_at(model: nn.Module, x: torch.Tensor, reduction: float):
+    """The column-pruned model, still masked (``timed_form`` picks its layers' forms)."""
+
     def make(keep):
         masked = copy.deepcopy(model)
         prune(masked, {nn.Conv2d: Columns(keep)})
-        return to_columns(masked), count(masked, x)["sparse_macs"]
+        return masked, count(masked, x)["sparse_macs"]
 
     return _bisect(make, count(model, x)["macs"], reduction)
 
@@ -111,6 +115,17 @@ def pruned_at(kind: str, model: nn.Module, x: torch.Tensor, reduction: float):
     small, keep_c, r_c = compacted_at(model, x, reduction**0.5)
     fast, keep_k, r_k = columns_at(small, x, reduction / r_c)
     return fast, keep_c * keep_k, count(model, x)["macs"] / (count(small, x)["macs"] / r_k)
+
+
+def timed_form(model: nn.Module, x: torch.Tensor, kind: str, form: dict):
+    """``model`` and ``x`` as deployed (BN folded first, then NHWC); column kinds then get each
+    layer's fastest form measured on this very input; returns the forms chosen too."""
+    model, x = inference_form(model, x, **form)
+    if kind == "channels":
+        return model, x, {}
+    fast = to_columns(model, x)
+    forms = {n: m.form for n, m in fast.named_modules() if isinstance(m, ColumnConv2d)}
+    return fast, x, forms
 
 
 def main() -> None:
@@ -155,10 +170,13 @@ def main() -> None:
         for kind, reduction in [(k, r) for k in args.kinds for r in args.reductions]:
             small, keep, got = pruned_at(kind, model, x1, reduction)
             params = sum(int(torch.count_nonzero(t)) for t in small.state_dict().values())
-            pair = {"dense": timed_dense, "compact": small.to(device)}
+            small = small.to(device)
             for batch in args.batches:
                 xb = torch.randn(batch, 3, 32, 32, device=device)
-                t = measure_paired(pair, xb, args.rounds, **form)
+                dense_form, xf = inference_form(timed_dense, xb, **form)
+                compact_form, _, forms = timed_form(small, xb, kind, form)
+                pair = {"dense": dense_form, "compact": compact_form}
+                t = measure_paired(pair, xf, args.rounds)
                 td, ts = t["dense"], t["compact"]
                 row = {
                     "device": where,
@@ -176,6 +194,7 @@ def main() -> None:
                     "compact_ms": ts,
                     "speedup": td / ts,
                     "speedup_per_mac_reduction": td / ts / got,
+                    "column_forms": forms,
                 }
                 rows.append(row)
                 print(

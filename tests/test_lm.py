@@ -91,6 +91,36 @@ def test_block_by_block_equals_the_whole_model_sequential_pass():
         assert torch.allclose(pa[name], pb[name], rtol=1e-4, atol=1e-6), name
 
 
+def test_sequential_by_layer_calibrates_a_layer_from_one_dense_pass():
+    """llm-compressor's protocol: layer 0 as in the parallel mode (nothing before it is pruned),
+    layer 1 as the parallel mode on the model whose layer 0 is already pruned."""
+    spec = ap.Unstructured(0.5, per_row=True)
+    models = {mode: _reinit(tiny("llama")) for mode in (True, "layers", False)}
+    masks = {mode: ap.oneshot(m, spec, calibration(), solver="wanda", sequential=mode)
+             for mode, m in models.items()}  # fmt: skip
+    layer0 = [n for n in masks["layers"] if ".layers.0." in n]
+    layer1 = [n for n in masks["layers"] if ".layers.1." in n]
+    assert all(torch.equal(masks["layers"][n], masks[False][n]) for n in layer0)
+    # o_proj reads the pruned attention in the fully sequential mode: its mask differs there
+    o_proj = "model.layers.0.self_attn.o_proj.weight"
+    assert not torch.equal(masks[True][o_proj], masks["layers"][o_proj])
+    assert not all(torch.equal(masks["layers"][n], masks[False][n]) for n in layer1)
+    ref = _reinit(tiny("llama"))
+    with torch.no_grad():
+        for n, p in ref.named_parameters():
+            if n in layer0:
+                p.copy_(dict(models["layers"].named_parameters())[n])
+    again = ap.oneshot(ref, {n.removesuffix(".weight"): spec for n in layer1}, calibration(),
+                       solver="wanda", sequential=False)  # fmt: skip
+    assert all(torch.equal(again[n], masks["layers"][n]) for n in layer1)
+    assert "sequential by layer" in masks["layers"].report.summary()
+    with pytest.raises(ValueError, match="sequential='layers' needs every constrained layer"):
+        ap.oneshot(nn.Sequential(nn.Linear(4, 4)), {"0": spec}, torch.randn(8, 4),
+                   sequential="layers")  # fmt: skip
+    with pytest.raises(ValueError, match="use True, 'layers' or False"):
+        ap.oneshot(_reinit(tiny("llama")), spec, calibration(), sequential="blocks")
+
+
 def test_two_four_on_a_causal_lm_and_the_kernel_rules():
     model = _reinit(tiny("llama"))
     ap.oneshot(model, ap.NM(2, 4), calibration(), solver="sparsegpt")

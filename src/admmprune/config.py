@@ -161,7 +161,7 @@ class OneShotCfg(_Strict):
     solver: Literal["admm", "sparsegpt", "wanda", "magnitude"] = "admm"
     samples: Annotated[int, Field(gt=0)] = 1024
     batch_size: Annotated[int, Field(gt=0)] = 256
-    sequential: bool = True
+    sequential: bool | Literal["layers"] = True  # see admmprune.oneshot
     damp: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 0.01
     options: dict[str, float | int] = {}
 

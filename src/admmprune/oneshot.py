@@ -36,7 +36,11 @@ Solvers (one interface, the same statistics):
 ``sequential=True`` processes blocks in forward order, each block's statistics computed from
 the outputs of the already-pruned layers before it (SparseGPT's sequential mode). A block is a
 run of layers that read the same input tensor (e.g. attention's q, k, v): they share one Gram.
-Only one block's Grams are alive at a time.
+Only one block's Grams are alive at a time. ``sequential="layers"`` is the coarser protocol of
+llm-compressor's sequential pipeline: each transformer layer's statistics come from the pruned
+layers before it, but every block inside one layer is calibrated from the same pass through
+the still-dense layer (one pass per layer; the layer's Grams are held together).
+``sequential=False`` calibrates every block from the dense model.
 """
 
 from __future__ import annotations
@@ -95,7 +99,7 @@ class OneShotReport:
     solver: str
     samples: int
     batches: int
-    sequential: bool
+    sequential: bool | str  # True, "layers" or False (see oneshot)
     damp: float
     layers: dict[str, LayerReport] = field(default_factory=dict)
     gram_bytes_peak: int = 0
@@ -118,7 +122,7 @@ class OneShotReport:
     def summary(self) -> str:
         return (
             f"one-shot {self.solver}: {len(self.layers)} layers from {self.samples} calibration "
-            f"samples ({self.batches} batches, {'sequential' if self.sequential else 'parallel'}),"
+            f"samples ({self.batches} batches, {_MODES[self.sequential]}),"
             f" summed layer error {self.error:.4g}, Grams peak "
             f"{self.gram_bytes_peak / 2**20:.1f} MiB"
             + (
@@ -747,7 +751,12 @@ def _damped(g: _Gram, damp: float) -> torch.Tensor:
 # the entry point
 
 
-def _check_args(solver: str, damp: float, options: dict) -> None:
+_MODES = {True: "sequential", "layers": "sequential by layer", False: "parallel"}
+
+
+def _check_args(solver: str, damp: float, options: dict, sequential) -> None:
+    if sequential not in _MODES:
+        raise ValueError(f"sequential={sequential!r}: use True, 'layers' or False.")
     if solver not in _SOLVE:
         raise ValueError(f"solver={solver!r}: use one of {', '.join(SOLVERS)}.")
     if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not 0 < damp < 1e3:
@@ -784,7 +793,7 @@ def oneshot(
     calibration,
     *,
     solver: str = "admm",
-    sequential: bool = True,
+    sequential: bool | str = True,
     damp: float = 0.01,
     default: Constraint | None = None,
     log=None,
@@ -802,7 +811,10 @@ def oneshot(
             ``model(**x)``, a tuple as ``model(*x)`` (inputs only: no labels); a single tensor
             or dict is one batch.
         solver: ``"admm"``, ``"sparsegpt"``, ``"wanda"`` or ``"magnitude"``.
-        sequential: each block's statistics from the already-pruned layers before it.
+        sequential: ``True``: each block's statistics from the already-pruned layers before
+            it; ``"layers"``: each transformer layer's from the pruned layers before it, every
+            block inside it from one pass through the dense layer (llm-compressor's protocol;
+            needs ``by_layer``); ``False``: every block's from the dense model.
         damp: ``H + damp·mean(diag H)·I``.
         default: constraint for every prunable weight the spec does not name.
         log: a function called with one summary line (e.g. ``print``).
@@ -818,7 +830,7 @@ def oneshot(
     Returns the :class:`Masks` of the constrained weights; ``masks.report`` is the
     :class:`OneShotReport`. On any error the model's weights are left as they were.
     """
-    _check_args(solver, damp, solver_options)
+    _check_args(solver, damp, solver_options, sequential)
     if isinstance(spec, Constraint):
         spec = _blocks_spec(model, spec)
     targets = select(model, spec, default)
@@ -842,10 +854,11 @@ def oneshot(
     try:
         blocks, once = _discover(model, views, batches[0], device)
         found = _layer_list(model, targets) if sequential and by_layer is not False else None
-        if by_layer and found is None:
+        if (by_layer or sequential == "layers") and found is None:
+            asked = "sequential='layers'" if sequential == "layers" else "by_layer=True"
             raise ValueError(
-                "by_layer=True needs every constrained layer inside one nn.ModuleList of "
-                "identical blocks (a transformer's layers) and sequential=True."
+                f"{asked} needs every constrained layer inside one nn.ModuleList of identical "
+                "blocks (a transformer's layers), with sequential on and by_layer not False."
             )
         supports = {}
 
@@ -869,8 +882,9 @@ def oneshot(
                 for j, layer in enumerate(found[1]):
                     mine = {id(m) for m in layer.modules()}
                     run = _block_runner(layer, inputs)
-                    for block in (b for b in blocks if id(b[0].module) in mine):
-                        solve([block], run)
+                    inside = [b for b in blocks if id(b[0].module) in mine]
+                    for stage in [inside] if sequential == "layers" else [[b] for b in inside]:
+                        solve(stage, run)
                     peak = max(report.activation_bytes_peak, _bytes(inputs))
                     report.activation_bytes_peak = peak
                     if j + 1 < len(found[1]):

@@ -4,10 +4,10 @@
   input: a Linear computes ``y = W x``, a Conv2d (``groups = 1``) ``W · unfold(x)`` (im2col).
   What ADMM-NN-S's storage/compute comparison measures against the compact dense model.
 - 2:4 (N:M) sparsity on NVIDIA's sparse tensor cores: :func:`to_semi_structured` (CUDA).
-- Column (shape) sparsity: a conv whose zero GEMM columns are whole input channels just reads
-  fewer channels (``x[:, alive]`` into a smaller dense conv); otherwise it gathers the kept rows
-  of ``unfold(x)`` and multiplies them with the kept columns of ``W`` (im2col + gather + a
-  smaller GEMM).
+- Column (shape) sparsity: :class:`ColumnConv2d` in the fastest of three exact forms, measured
+  per layer by :func:`to_columns`: the dense conv, a smaller conv on the input channels that
+  keep any column, or the kept columns grouped by kernel offset (a gather of each offset's
+  channels from a strided view of the padded input, then one 1×1 conv with the kept weights).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import warnings
 
 import torch
 from torch import nn
+from torch.nn import functional
 
 __all__ = [
     "ColumnConv2d",
@@ -100,61 +101,186 @@ def _swap_sparse(out: nn.Module, min_sparsity: float) -> None:
         setattr(out.get_submodule(parent_name) if parent_name else out, attr, new)
 
 
-class ColumnConv2d(nn.Module):
-    """A ``groups = 1`` Conv2d computing with its kept GEMM columns only.
+_COLUMN_FORMS = ("dense", "channels", "offsets")
 
-    If every zero column belongs to an input channel whose columns are all zero, the layer is a
-    smaller dense conv on the alive input channels; else ``y = W[:, K] · unfold(x)[K]``.
+
+class ColumnConv2d(nn.Module):
+    """A Conv2d whose GEMM columns (input channel ``c``, kernel offset ``(i, j)``) are partly
+    zero (shape-wise sparsity), computed in one of three exact forms:
+
+    - ``"dense"``: the conv itself, zeros multiplied;
+    - ``"channels"``: a smaller dense conv on the input channels that keep any column (their
+      zero columns stay inside as zeros);
+    - ``"offsets"``: the kept columns grouped by kernel offset, ``C_ij`` the channels kept at
+      ``(i, j)``::
+
+          y = b + Σ_(i,j) W[:, C_ij, i, j] ⋆₁ₓ₁ x̃[:, C_ij, i·d_h + s_h·p, j·d_w + s_w·q]
+
+      (``x̃`` zero-padded): each offset's channels are gathered from a strided view of ``x̃``
+      (no im2col of the pruned columns), stacked, and one 1×1 conv with the kept weights does
+      exactly the kept MACs. Grouped convs share the kept columns across groups, so the stack
+      is ordered group by group and the 1×1 conv keeps ``groups``.
+
+    :func:`to_columns` picks the fastest form per layer by measurement.
     """
 
-    def __init__(self, conv: nn.Conv2d) -> None:
+    def __init__(self, conv: nn.Conv2d, form: str | None = None) -> None:
         super().__init__()
-        if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-            raise ValueError("ColumnConv2d takes groups=1, zero, numeric padding convs only.")
+        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise ValueError("ColumnConv2d takes convs with zero, numeric padding only.")
         W = conv.weight.detach()
-        out, cin, kh, kw = W.shape
-        cols = W.reshape(out, -1).ne(0).any(dim=0)
-        alive = cols.view(cin, kh * kw).any(dim=1)
-        self.by_channel = bool(torch.equal(cols.view(cin, -1), alive[:, None].expand(cin, kh * kw)))
-        self.conv_args = (conv.stride, conv.padding, conv.dilation)
+        out, cin_g, kh, kw = W.shape
+        g = conv.groups
+        kept = W.ne(0).any(dim=0)  # [cin_g, kh, kw]: the GEMM columns any filter keeps
+        alive = kept.flatten(1).any(dim=1)
+        self.by_channel = bool(torch.equal(kept, alive[:, None, None].expand_as(kept)))
+        if form is None:
+            form = "channels" if self.by_channel else "offsets"
+        if form not in _COLUMN_FORMS:
+            raise ValueError(f"form={form!r}: one of {', '.join(_COLUMN_FORMS)}.")
+        self.form = form
+        self.conv_args = (conv.stride, conv.padding, conv.dilation, g)
         self.kernel_size, self.out_channels = conv.kernel_size, out
+        self.timings: dict[str, float] = {}  # ms per form, when to_columns measured them
         self.register_buffer("b", None if conv.bias is None else conv.bias.detach().clone())
-        if self.by_channel:
-            self.register_buffer("idx", alive.nonzero().flatten())
-            self.register_buffer("W", W[:, alive].contiguous())
+        base = torch.arange(g).mul(cin_g)[:, None]  # group-major global channel indices
+
+        def channels(local: torch.Tensor) -> torch.Tensor:
+            return (base + local[None]).flatten()
+
+        self.offsets: list[tuple[int, int, int, int]] = []  # (i, j, start, end) into idx
+        if form == "dense":
+            self.register_buffer("idx", None)
+            self.register_buffer("W", W.clone())
+        elif form == "channels":
+            local = alive.nonzero().flatten()
+            self.register_buffer("idx", channels(local))
+            self.register_buffer("W", W[:, local].contiguous())
         else:
-            self.register_buffer("idx", cols.nonzero().flatten())
-            self.register_buffer("W", W.reshape(out, -1)[:, cols].contiguous())
+            parts, weights, start = [], [], 0
+            for i in range(kh):
+                for j in range(kw):
+                    local = kept[:, i, j].nonzero().flatten()
+                    if local.numel():
+                        parts.append(channels(local))
+                        weights.append(W[:, local, i, j])
+                        self.offsets.append((i, j, start, start + parts[-1].numel()))
+                        start += parts[-1].numel()
+            self.register_buffer("idx", torch.cat(parts) if parts else W.new_zeros(0).long())
+            Wk = torch.cat(weights, 1) if weights else W.new_zeros(out, 1)
+            self.register_buffer("W", Wk[:, :, None, None].contiguous())
+
+    def extra_repr(self) -> str:
+        return f"{self.out_channels}, kernel_size={self.kernel_size}, form={self.form!r}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        stride, padding, dilation = self.conv_args
-        if self.by_channel:
-            return nn.functional.conv2d(
-                x.index_select(1, self.idx), self.W, self.b, stride, padding, dilation
+        stride, padding, dilation, groups = self.conv_args
+        if self.form == "dense":
+            return functional.conv2d(x, self.W, self.b, stride, padding, dilation, groups)
+        if self.form == "channels":
+            return functional.conv2d(
+                x.index_select(1, self.idx), self.W, self.b, stride, padding, dilation, groups
             )
-        B, _, H, Wd = x.shape
-        cols = nn.functional.unfold(x, self.kernel_size, dilation, padding, stride)
-        y = torch.matmul(self.W, cols.index_select(1, self.idx))  # [B, out, L]
-        if self.b is not None:
-            y = y + self.b.view(1, -1, 1)
-        Ho = (H + 2 * padding[0] - dilation[0] * (self.kernel_size[0] - 1) - 1) // stride[0] + 1
-        Wo = (Wd + 2 * padding[1] - dilation[1] * (self.kernel_size[1] - 1) - 1) // stride[1] + 1
-        return y.view(B, self.out_channels, Ho, Wo)
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, stride, dilation
+        Ho = (x.shape[2] + 2 * padding[0] - dh * (kh - 1) - 1) // sh + 1
+        Wo = (x.shape[3] + 2 * padding[1] - dw * (kw - 1) - 1) // sw + 1
+        if not self.offsets:  # every column pruned: only the bias is left
+            y = x.new_zeros(x.shape[0], self.out_channels, Ho, Wo)
+            return y if self.b is None else y + self.b.view(1, -1, 1, 1)
+        xp = functional.pad(x, (padding[1], padding[1], padding[0], padding[0]))
+        pieces = []
+        for i, j, start, end in self.offsets:
+            view = xp[:, :, i * dh : i * dh + (Ho - 1) * sh + 1 : sh,
+                      j * dw : j * dw + (Wo - 1) * sw + 1 : sw]  # fmt: skip
+            pieces.append(view.index_select(1, self.idx[start:end]))
+        if groups == 1:
+            cols = torch.cat(pieces, 1)
+        else:  # each group's channels together, in the order of W's columns
+            cols = torch.cat([q.unflatten(1, (groups, -1)) for q in pieces], 2).flatten(1, 2)
+        return functional.conv2d(cols, self.W, self.b, groups=groups)
+
+
+def _column_candidate(m: nn.Module) -> bool:
+    return (
+        isinstance(m, nn.Conv2d)
+        and m.padding_mode == "zeros"
+        and not isinstance(m.padding, str)
+        and bool(m.weight.eq(0).any())
+    )
+
+
+# measured choices: (geometry, kept pattern sizes, input shape, layout, threads) -> form
+_FORM_CACHE: dict[tuple, tuple[str, dict[str, float]]] = {}
+
+
+def _time_forms(conv: nn.Conv2d, x: torch.Tensor, rounds: int) -> tuple[str, dict[str, float]]:
+    from .latency import measure_paired
+
+    candidates = {f: ColumnConv2d(conv, f).to(x.device) for f in _COLUMN_FORMS}
+    if candidates["channels"].by_channel:  # exact smaller conv: "offsets" cannot do fewer MACs
+        candidates.pop("offsets")
+    kept = candidates["channels"].W.shape[1]
+    if kept == conv.weight.shape[1]:  # every channel alive: "channels" is "dense" plus a gather
+        candidates.pop("channels")
+    layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else None
+    key = (
+        tuple(conv.weight.shape), conv.stride, conv.padding, conv.dilation, conv.groups, kept,
+        tuple(e - s for *_, s, e in candidates.get("offsets", ColumnConv2d(conv, "dense")).offsets),
+        tuple(x.shape), x.dtype, str(x.device), layout is not None, torch.get_num_threads(),
+    )  # fmt: skip
+    if key not in _FORM_CACHE:
+        if layout is not None:
+            candidates = {f: c.to(memory_format=layout) for f, c in candidates.items()}
+        ms = measure_paired(candidates, torch.randn_like(x), rounds)
+        _FORM_CACHE[key] = (min(ms, key=ms.get), ms)
+    return _FORM_CACHE[key]
 
 
 @torch.no_grad()
-def to_columns(model: nn.Module, min_pruned: float = 0.0) -> nn.Module:
-    """A copy of ``model`` (eval mode) whose groups=1 Conv2d layers with more than
-    ``min_pruned`` of their GEMM columns zero become :class:`ColumnConv2d`."""
+def to_columns(
+    model: nn.Module,
+    example: torch.Tensor | None = None,
+    *,
+    min_pruned: float = 0.0,
+    rounds: int = 7,
+) -> nn.Module:
+    """A copy of ``model`` (eval mode) whose Conv2d layers with more than ``min_pruned`` of
+    their weights zero become :class:`ColumnConv2d`.
+
+    With ``example`` (a batch as it will be served: its batch size, dtype, device and memory
+    format), each layer runs every form on its own input shape, timed in alternation
+    (``rounds`` paired runs), and keeps the fastest, so no layer is slower than its dense conv;
+    the choice is cached per layer shape and kept pattern in this process. ``layer.form`` is
+    the choice, ``layer.timings`` the milliseconds per form. Without ``example`` the form is
+    fixed: ``"channels"`` when the zero columns are whole input channels, else
+    ``"offsets"``. BatchNorm is not folded here: fold it first (e.g. ``torch.fx``'s ``fuse``).
+    """
     out = copy.deepcopy(model).eval()
-    for name, m in list(out.named_modules()):
-        if not isinstance(m, nn.Conv2d) or m.groups != 1 or isinstance(m.padding, str):
-            continue
-        cols = m.weight.reshape(m.weight.shape[0], -1).ne(0).any(dim=0)
-        if float((~cols).float().mean()) <= min_pruned:
-            continue
+    convs = {
+        name: m for name, m in out.named_modules()
+        if _column_candidate(m) and float(m.weight.eq(0).float().mean()) > min_pruned
+    }  # fmt: skip
+    inputs: dict[str, torch.Tensor] = {}
+    if example is not None:
+        handles = [
+            m.register_forward_pre_hook(lambda _m, a, n=n: inputs.setdefault(n, a[0]))
+            for n, m in convs.items()
+        ]
+        try:
+            out(example)
+        finally:
+            for h in handles:
+                h.remove()
+    for name, m in convs.items():
+        if name in inputs:
+            form, ms = _time_forms(m, inputs[name], rounds)
+            new = ColumnConv2d(m, form)
+            new.timings = dict(ms)
+        else:
+            new = ColumnConv2d(m)
+        new = new.to(m.weight.device)
         parent_name, _, attr = name.rpartition(".")
-        setattr(out.get_submodule(parent_name) if parent_name else out, attr, ColumnConv2d(m))
+        setattr(out.get_submodule(parent_name) if parent_name else out, attr, new)
     return out
 
 
