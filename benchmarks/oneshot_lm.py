@@ -51,7 +51,8 @@ from admmprune.accounting import storage
 from admmprune.evaluate import perplexity
 
 HERE = Path(__file__).resolve().parent
-SOLVERS = ("magnitude", "wanda", "sparsegpt", "admm")
+SOLVERS = ("magnitude", "wanda", "sparsegpt", "admm", "admm-dense")
+# admm-dense: ADMM with dense_target=True (each layer fits the dense model's output)
 SETTINGS = {
     "50%": lambda: ap.Unstructured(0.5, per_row=True),
     "60%": lambda: ap.Unstructured(0.4, per_row=True),
@@ -220,7 +221,10 @@ def ours(dense: Path, solver: str, constraint, calibration, test, seq_len: int,
          sequential=True) -> dict:  # fmt: skip
     model = load(dense)
     t = time.perf_counter()
-    masks = ap.oneshot(model, constraint, calibration, solver=solver, sequential=sequential)
+    masks = ap.oneshot(
+        model, constraint, calibration, solver=solver.removesuffix("-dense"),
+        sequential=sequential, dense_target=solver.endswith("-dense"),
+    )  # fmt: skip
     seconds = time.perf_counter() - t
     layers = set(masks)
     st = storage(model)
@@ -374,7 +378,7 @@ def main() -> None:
                 print(rows[-1], flush=True)
     if not args.skip_joint:
         for setting, make in JOINT.items():
-            for solver in ("sparsegpt", "admm"):
+            for solver in ("sparsegpt", "admm", "admm-dense"):
                 r = ours(dense, solver, make(), calibration, test, args.seq_len)
                 rows.append({"setting": setting, "method": solver, **r})
                 print(rows[-1], flush=True)

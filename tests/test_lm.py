@@ -121,6 +121,24 @@ def test_sequential_by_layer_calibrates_a_layer_from_one_dense_pass():
         ap.oneshot(_reinit(tiny("llama")), spec, calibration(), sequential="blocks")
 
 
+@pytest.mark.parametrize("by_layer", [None, False])
+def test_dense_target_on_a_causal_lm_keeps_its_output_closer_to_the_dense_one(by_layer):
+    dense = _reinit(tiny("llama")).eval()
+    spec = ap.Unstructured(0.3, per_row=True)
+    x = calibration(n=1, seed=5)[0]
+    with torch.no_grad():
+        ref = dense(**x).logits
+    errors = {}
+    for target in (False, True):
+        model = _reinit(tiny("llama"))
+        masks = ap.oneshot(model, spec, calibration(), dense_target=target, by_layer=by_layer)
+        assert (masks.report.by_layer is None) == (by_layer is False)
+        assert all(float(m.float().mean()) == pytest.approx(0.3, abs=0.02) for m in masks.values())
+        with torch.no_grad():
+            errors[target] = float((model.eval()(**x).logits - ref).pow(2).mean())
+    assert errors[True] < errors[False]
+
+
 def test_two_four_on_a_causal_lm_and_the_kernel_rules():
     model = _reinit(tiny("llama"))
     ap.oneshot(model, ap.NM(2, 4), calibration(), solver="sparsegpt")

@@ -293,6 +293,35 @@ def test_sequential_feeds_later_layers_the_pruned_outputs(sequential):
         assert same == (pruned_inputs == sequential)
 
 
+def test_dense_target_fits_the_dense_output_from_the_pruned_inputs():
+    """min ||X̃Ŵᵀ − XWᵀ||² (+ the damping's pull to W): its least squares on the final support,
+    row by row; the first layer (X̃ = X) solves the plain problem."""
+    X = _correlated(256, 24, 11)
+    spec = {"0": ap.Unstructured(0.3), "2": ap.Unstructured(0.3)}
+    plain, model, dense = _mlp(3), _mlp(3), _mlp(3)
+    ap.oneshot(plain, spec, [X])
+    masks = ap.oneshot(model, spec, [X], dense_target=True)
+    assert masks.report.gram_bytes_peak == 2 * 48 * 48 * 4  # H and the cross Gram C
+    assert torch.allclose(model[0].weight, plain[0].weight, atol=1e-5)
+    with torch.no_grad():
+        Xt = model[1](model[0](X)).double()  # the pruned first layer's outputs
+        Xd = dense[1](dense[0](X)).double()
+        W = dense[2].weight.double()
+        n = X.shape[0]
+        H = _damped_gram(Xt.float())
+        lam = H - Xt.T @ Xt / n  # the damping term, on C as on H
+        B = W @ (Xd.T @ Xt / n + lam)
+        for r, row in enumerate(masks["2.weight"]):
+            s = row.nonzero().flatten()
+            best = torch.linalg.solve(H[s][:, s], B[r, s])
+            assert torch.allclose(model[2].weight[r, s].double(), best, atol=1e-4)
+        # and it reproduces the dense output better than the plain problem does
+        err = lambda m: float((m(X) - dense(X)).pow(2).sum())  # noqa: E731
+        assert err(model) < err(plain)
+    with pytest.raises(ValueError, match="dense_target=True needs solver='admm'"):
+        ap.oneshot(_mlp(3), spec, [X], solver="sparsegpt", dense_target=True)
+
+
 def test_oneshot_is_deterministic():
     X = _correlated(256, 24, 10)
     a, b = _mlp(), _mlp()

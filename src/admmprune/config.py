@@ -162,8 +162,18 @@ class OneShotCfg(_Strict):
     samples: Annotated[int, Field(gt=0)] = 1024
     batch_size: Annotated[int, Field(gt=0)] = 256
     sequential: bool | Literal["layers"] = True  # see admmprune.oneshot
+    dense_target: bool = False  # admm: fit the dense model's outputs (see admmprune.oneshot)
     damp: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 0.01
     options: dict[str, float | int] = {}
+
+    @model_validator(mode="after")
+    def _dense_target_is_admm(self):
+        if self.dense_target and self.solver != "admm":
+            raise ValueError(
+                f"dense_target: true needs solver: admm ({self.solver} solves the plain layer "
+                "problem)."
+            )
+        return self
 
 
 class CoupledCfg(_Strict):

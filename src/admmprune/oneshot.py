@@ -46,6 +46,7 @@ the still-dense layer (one pass per layer; the layer's Grams are held together).
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import time
 from collections.abc import Iterable, Mapping
@@ -219,14 +220,16 @@ class _CalibrationError(ValueError):
 
 
 class _Gram:
-    """``H = Σ XᵀX`` per conv group (fp32) and the number of rows of ``X`` seen."""
+    """``H = Σ XᵀX`` per conv group (fp32) and the number of rows of ``X`` seen; with the
+    dense model's inputs ``X_d`` to the same layer, also ``C = Σ X_dᵀX`` (``dense_target``)."""
 
-    def __init__(self, view: _View, device) -> None:
+    def __init__(self, view: _View, device, cross: bool = False) -> None:
         self.H = torch.zeros(view.G, view.d, view.d, device=device)
+        self.C = torch.zeros_like(self.H) if cross else None
         self.n = 0
         self.view = view
 
-    def add(self, x: torch.Tensor, batch: int) -> None:
+    def add(self, x: torch.Tensor, batch: int, x_dense: torch.Tensor | None = None) -> None:
         X = self.view.inputs(x.detach())
         if not bool(torch.isfinite(X.sum())):
             raise _CalibrationError(
@@ -234,6 +237,9 @@ class _Gram:
                 "activations; check the calibration data (normalisation, dtype) and the model."
             )
         self.H.baddbmm_(X.transpose(1, 2), X)
+        if self.C is not None:
+            Xd = self.view.inputs(x_dense.detach())
+            self.C.baddbmm_(Xd.transpose(1, 2), X)
         self.n += X.shape[1]
 
 
@@ -329,21 +335,24 @@ def _discover(model, views: dict[nn.Module, _View], first, device) -> tuple[list
     return blocks, once
 
 
-def _collect(run, n_batches: int, blocks, device, stop_early: bool) -> dict[str, _Gram]:
+def _collect(run, n_batches: int, blocks, device, stop_early: bool, dense=None) -> dict[str, _Gram]:
     """Grams of every layer in ``blocks`` over all batches (layers of a block share one);
-    ``run(i)`` runs batch ``i`` (1-based) through the model or one block of it."""
+    ``run(i)`` runs batch ``i`` (1-based) through the model or one block of it. ``dense``:
+    ``(run_dense, {layer: its dense twin})``: batch ``i`` first runs through the dense copy,
+    whose layers' inputs give the cross Grams."""
     grams: dict[str, _Gram] = {}
     hooks = {}
     for block in blocks:
-        g = _Gram(block[0], device)
+        g = _Gram(block[0], device, cross=dense is not None)
         for v in block:
             grams[v.name] = g
         hooks[block[0].module] = g  # the block's first layer reads the shared input
     last = blocks[-1][-1].module
     batch_no = [0]
+    seen: dict[nn.Module, torch.Tensor] = {}  # this batch's dense input per layer
 
     def pre(module, args):
-        hooks[module].add(args[0], batch_no[0])
+        hooks[module].add(args[0], batch_no[0], seen.pop(module, None))
 
     def after(module, args, output):
         raise _StopForwardError
@@ -351,9 +360,19 @@ def _collect(run, n_batches: int, blocks, device, stop_early: bool) -> dict[str,
     handles = [m.register_forward_pre_hook(pre) for m in hooks]
     if stop_early:
         handles.append(last.register_forward_hook(after))
+    if dense is not None:
+        run_dense, twin = dense
+        for m in hooks:
+            handles.append(twin[m].register_forward_pre_hook(
+                lambda _t, args, m=m: seen.__setitem__(m, args[0])))  # fmt: skip
+        if stop_early:
+            handles.append(twin[last].register_forward_hook(after))
     try:
         for i in range(1, n_batches + 1):
             batch_no[0] = i
+            if dense is not None:
+                with contextlib.suppress(_StopForwardError):
+                    run_dense(i)
             with contextlib.suppress(_StopForwardError):
                 run(i)
     finally:
@@ -438,6 +457,11 @@ def _advance(block: nn.Module, inputs: list[tuple[tuple, dict]]) -> list[tuple[t
             key = next(k for k, v in kwargs.items() if torch.is_tensor(v))
             out.append(((), {**kwargs, key: y}))
     return out
+
+
+def _twins(model: nn.Module, copy_: nn.Module) -> dict[nn.Module, nn.Module]:
+    """Each module of ``model`` → the same module in its deep copy."""
+    return dict(zip(model.modules(), copy_.modules(), strict=True))
 
 
 def _block_runner(block: nn.Module, inputs):
@@ -610,13 +634,15 @@ def _w_step(B, Z, U, rho, inverses: _Inverses):
     return torch.bmm(B + rho * (Z - U), inverses(rho))
 
 
-def _least_squares(W0, H, S, W_start, *, tol: float, max_iter: int):
-    """``argmin tr((Ŵ − W0) H (Ŵ − W0)ᵀ)`` over Ŵ supported on ``S``, per row
-    ``H_ss ŵ_s = (H w0)_s``: one Cholesky when every row of a group shares its support,
-    otherwise conjugate gradients on ``M ⊙ (Ŵ H) = M ⊙ (W0 H)`` from ``W_start``."""
+def _least_squares(W0, H, S, W_start, *, tol: float, max_iter: int, B=None):
+    """``argmin tr(Ŵ H Ŵᵀ) − 2 tr(Ŵ Bᵀ)`` over Ŵ supported on ``S`` (``B = W0 H`` unless
+    given: ``tr((Ŵ − W0) H (Ŵ − W0)ᵀ)``), per row ``H_ss ŵ_s = b_s``: one Cholesky when every
+    row of a group shares its support, otherwise conjugate gradients on ``M ⊙ (Ŵ H) = M ⊙ B``
+    from ``W_start``."""
     out = torch.zeros_like(W0)
     Mf = S.to(W0.dtype)
-    B = torch.bmm(W0, H) * Mf
+    own = B is None  # then a row that keeps everything is W0 itself
+    B = (torch.bmm(W0, H) if own else B) * Mf
     for g in range(W0.shape[0]):
         if bool((S[g] == S[g, :1]).all()):
             idx = S[g, 0].nonzero().flatten()
@@ -626,8 +652,9 @@ def _least_squares(W0, H, S, W_start, *, tol: float, max_iter: int):
                 out[g][:, idx] = sol.T.to(W0.dtype)
             continue
         out[g] = _cg(H[g], B[g], Mf[g], W_start[g] * Mf[g], tol, max_iter)
-        full = S[g].all(dim=1)  # a row that keeps everything is its own least squares
-        out[g][full] = W0[g][full]
+        if own:
+            full = S[g].all(dim=1)  # a row that keeps everything is its own least squares
+            out[g][full] = W0[g][full]
     return out
 
 
@@ -653,17 +680,21 @@ def _cg(H, B, M, X, tol: float, max_iter: int):
 def _admm(view, W, H, sparse, lv, *, iters: int = 40, ramp: int = 30, rho: float = 0.01,
           rho_growth: float = 1.3, rho_every: int = 3, cg_tol: float = 1e-4,
           cg_iters: int = 50, quant_iters: int = 30, quant_rho: float = 0.01,
-          quant_rho_growth: float = 1.2, **_):  # fmt: skip
+          quant_rho_growth: float = 1.2, C=None, **_):  # fmt: skip
     S = torch.ones_like(W, dtype=torch.bool)
     out = W
-    if sparse is not None and bool(_mask3(view, sparse, W).all()):
+    if sparse is not None and bool(_mask3(view, sparse, W).all()) and C is None:
         sparse = None  # the set keeps every weight (e.g. keep=1): W is the exact solution
     if sparse is not None:
         D = torch.diagonal(H, dim1=1, dim2=2).sqrt()  # scale to a unit diagonal
         Hn = H / D.unsqueeze(2) / D.unsqueeze(1)
         Wn = W * D.unsqueeze(1)
         inverses = _Inverses(Hn)
-        Bn = torch.bmm(Wn, Hn)
+        # the linear term W·H (or W·C for the dense target), in the scaled variables
+        Bn = torch.bmm(Wn, Hn) if C is None else torch.bmm(W, C) / D.unsqueeze(1)
+        if C is not None:  # start from the unconstrained optimum B H⁻¹
+            Wn = torch.linalg.solve(Hn.double(), Bn.double().transpose(1, 2))
+            Wn = Wn.transpose(1, 2).to(W.dtype)
         Z, U = Wn, torch.zeros_like(Wn)  # dense start: the ramp prunes from k = 0 on
         Wh = Wn
         for k in range(iters):
@@ -678,49 +709,56 @@ def _admm(view, W, H, sparse, lv, *, iters: int = 40, ramp: int = 30, rho: float
             if rho_next != rho_k:
                 U = U * (rho_k / rho_next)
         S = _mask3(view, sparse, Wh + U)
-        Wn_hat = _least_squares(Wn, Hn, S, Wh, tol=cg_tol, max_iter=cg_iters)
+        Wn_hat = _least_squares(Wn, Hn, S, Wh, tol=cg_tol, max_iter=cg_iters,
+                                B=None if C is None else Bn)  # fmt: skip
         out = Wn_hat / D.unsqueeze(1)
     if lv is not None:
-        out = _admm_quantize(W, H, S, out, lv, quant_iters, quant_rho, quant_rho_growth)
+        B = torch.bmm(W, H) if C is None else torch.bmm(W, C)
+        out = _admm_quantize(B, H, S, out, lv, quant_iters, quant_rho, quant_rho_growth)
     return out, S
 
 
-def _admm_quantize(W, H, S, start, lv, iters: int, rho: float, growth: float):
-    """ADMM on ``{Ŵ : Ŵ_S on the levels, Ŵ_¬S = 0}`` in the unscaled variables, from the
-    pruned solution ``start``; the final scale refitted in closed form for the chosen codes;
-    the best of the nearest-level rounding and the ADMM result is kept."""
+def _objective(H, B, Z) -> float:
+    """``tr(Z H Zᵀ) − 2 tr(Z Bᵀ)``: with ``B = W H`` the layer error of ``Z`` less a
+    constant, so the two rank candidates alike."""
+    return float((torch.bmm(Z, H) * Z).sum() - 2 * (Z * B).sum())
+
+
+def _admm_quantize(B, H, S, start, lv, iters: int, rho: float, growth: float):
+    """ADMM on ``{Ŵ : Ŵ_S on the levels, Ŵ_¬S = 0}`` in the unscaled variables (objective
+    ``tr(Ŵ H Ŵᵀ) − 2 tr(Ŵ Bᵀ)``), from the pruned solution ``start``; the final scale
+    refitted in closed form for the chosen codes; the best of the nearest-level rounding and
+    the ADMM iterates is kept."""
     inverses = _Inverses(H)
-    B = torch.bmm(W, H)
     rho0 = rho * float(torch.diagonal(H, dim1=1, dim2=2).mean())
     Z = _quantize_on(lv, start, S)
-    best, best_err = Z, _error(H, Z - W)
-    U = torch.zeros_like(W)
+    best, best_obj = Z, _objective(H, B, Z)
+    U = torch.zeros_like(start)
     for k in range(iters):
         Wh = _w_step(B, Z, U, rho0 * growth ** (k // 3), inverses)
         Z = _quantize_on(lv, Wh + U, S)
         U = U + Wh - Z
         if (k + 1) % 3 == 0:  # ρ grows: rescale the scaled dual
             U = U / growth
-        err = _error(H, Z - W)
-        if err < best_err:
-            best, best_err = Z, err
-    return _refit_scale(W, H, best)
+        obj = _objective(H, B, Z)
+        if obj < best_obj:
+            best, best_obj = Z, obj
+    return _refit_scale(B, H, best)
 
 
-def _refit_scale(W, H, Z):
-    """``a·C`` with the codes ``C = Z / max|Z|`` fixed and ``a = tr(C H Wᵀ)/tr(C H Cᵀ)``: the
+def _refit_scale(B, H, Z):
+    """``a·C`` with the codes ``C = Z / max|Z|`` fixed and ``a = tr(C Bᵀ)/tr(C H Cᵀ)``: the
     least-squares scale for those codes (the levels stay a scaled copy of the level set)."""
     top = float(Z.abs().max())
     if top == 0.0:
         return Z
     C = Z / top
-    CH = torch.bmm(C, H)
-    den = float((CH * C).sum())
-    a = float((CH * W).sum()) / den if den > 0 else 0.0
+    den = float((torch.bmm(C, H) * C).sum())
+    a = float((C * B).sum()) / den if den > 0 else 0.0
     if not a > 0:
         return Z
     refit = a * C
-    return refit if _error(H, refit - W) <= _error(H, Z - W) else Z
+    return refit if _objective(H, B, refit) <= _objective(H, B, Z) else Z
 
 
 _SOLVE = {"admm": _admm, "sparsegpt": _sparsegpt, "wanda": _wanda, "magnitude": _magnitude}
@@ -798,6 +836,7 @@ def oneshot(
     default: Constraint | None = None,
     log=None,
     by_layer: bool | None = None,
+    dense_target: bool = False,
     **solver_options,
 ) -> Masks:
     """Prune (and quantize) ``model`` in place, layer by layer, from calibration inputs.
@@ -824,6 +863,11 @@ def oneshot(
             (a model far deeper than memory's activation budget still prunes). ``None`` (the
             default): on whenever every constrained layer sits in one such list; the result
             equals the plain sequential mode's.
+        dense_target: (``admm`` only) each layer fits the dense model's output on the dense
+            model's inputs, ``min ||X̃Ŵᵀ − XWᵀ||²`` with ``X̃`` its inputs after the pruned
+            layers before it (``B = W·X_dᵀX̃`` replaces ``W·H``): the error the earlier layers
+            made is corrected where this layer can, at the cost of a dense copy of the model
+            (one layer with ``by_layer``) and a second forward per calibration pass.
         solver_options: ``admm``: iters, ramp, rho, rho_growth, rho_every, cg_tol, cg_iters,
             quant_iters, quant_rho, quant_rho_growth; ``sparsegpt``: blocksize.
 
@@ -831,6 +875,11 @@ def oneshot(
     :class:`OneShotReport`. On any error the model's weights are left as they were.
     """
     _check_args(solver, damp, solver_options, sequential)
+    if dense_target and solver != "admm":
+        raise ValueError(
+            f"dense_target=True needs solver='admm' ({solver!r} solves the plain layer "
+            "problem min ||XŴᵀ − XWᵀ||²)."
+        )
     if isinstance(spec, Constraint):
         spec = _blocks_spec(model, spec)
     targets = select(model, spec, default)
@@ -853,6 +902,12 @@ def oneshot(
     model.eval()
     try:
         blocks, once = _discover(model, views, batches[0], device)
+        if dense_target and not once:
+            raise ValueError(
+                "dense_target=True pairs each layer's input with the dense model's, so every "
+                "constrained layer must run once per forward; this model calls one of them "
+                "more than once."
+            )
         found = _layer_list(model, targets) if sequential and by_layer is not False else None
         if (by_layer or sequential == "layers") and found is None:
             asked = "sequential='layers'" if sequential == "layers" else "by_layer=True"
@@ -862,38 +917,54 @@ def oneshot(
             )
         supports = {}
 
-        def solve(stage, run):
-            grams = _collect(run, len(batches), stage, device, stop_early=once and sequential)
+        def solve(stage, run, dense=None):
+            grams = _collect(run, len(batches), stage, device, once and sequential, dense)
             report.gram_bytes_peak = max(
                 report.gram_bytes_peak,
-                sum(g.H.numel() * 4 for g in {id(g): g for g in grams.values()}.values()),
-            )
+                sum(g.H.numel() * 4 * (1 if g.C is None else 2)
+                    for g in {id(g): g for g in grams.values()}.values()),
+            )  # fmt: skip
             for block in stage:
-                H = _damped(grams[block[0].name], damp)
+                g = grams[block[0].name]
+                H = _damped(g, damp)
+                options = solver_options
+                if g.C is not None:  # damped like H, so a layer with X̃ = X is the plain problem
+                    options = {**solver_options, "C": g.C / max(1, g.n) + (H - g.H / max(1, g.n))}
                 for view in block:
                     supports[view.name] = _solve_layer(
-                        view, sets[view.name], H, grams[view.name], solver, solver_options, report
+                        view, sets[view.name], H, grams[view.name], solver, options, report
                     )
 
         if found is not None:
             report.by_layer = found[0]
             with _no_cache(model):
                 inputs = _capture(model, found[1][0], batches, device)
+                dense_inputs = inputs  # the first layer's inputs: nothing before it is pruned
                 for j, layer in enumerate(found[1]):
                     mine = {id(m) for m in layer.modules()}
                     run = _block_runner(layer, inputs)
+                    dense = None
+                    if dense_target:
+                        twin = copy.deepcopy(layer)
+                        dense = (_block_runner(twin, dense_inputs), _twins(layer, twin))
                     inside = [b for b in blocks if id(b[0].module) in mine]
                     for stage in [inside] if sequential == "layers" else [[b] for b in inside]:
-                        solve(stage, run)
-                    peak = max(report.activation_bytes_peak, _bytes(inputs))
-                    report.activation_bytes_peak = peak
+                        solve(stage, run, dense)
+                    held = _bytes(inputs) + (_bytes(dense_inputs) if dense_target else 0)
+                    report.activation_bytes_peak = max(report.activation_bytes_peak, held)
                     if j + 1 < len(found[1]):
+                        if dense_target:
+                            dense_inputs = _advance(twin, dense_inputs)
                         inputs = _advance(layer, inputs)
-                del inputs
+                del inputs, dense_inputs
         else:
+            dense = None
+            if dense_target:
+                twin = copy.deepcopy(model)
+                dense = (lambda i: _forward(twin, batches[i - 1], i, device), _twins(model, twin))
             stages = [[b] for b in blocks] if sequential else [blocks]
             for stage in stages:
-                solve(stage, lambda i: _forward(model, batches[i - 1], i, device))
+                solve(stage, lambda i: _forward(model, batches[i - 1], i, device), dense)
     except BaseException:
         for t in targets:
             t.param.copy_(originals[t.name].to(t.param.device))
