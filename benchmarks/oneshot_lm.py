@@ -1,19 +1,23 @@
 """One-shot pruning of a small causal LM: perplexity of magnitude, Wanda, SparseGPT and ADMM
-(ours) at 50–80 % (per row) and 2:4 / 4:8, optionally against llm-compressor; joint 4-bit.
+(ours; ``admm-dense``: with ``dense_target=True``) at 50–80 % (per row) and 2:4 / 4:8,
+optionally against llm-compressor; joint 4-bit.
 
 Everything is rebuilt offline, and cached in ``--out``:
 
-- **Corpus**: the English documentation that ships with the Python interpreter running this
-  script: ``pydoc_data.topics`` (the language reference's help topics) and every docstring of
-  80+ characters in the standard library's modules (``test``, ``idlelib``, ``lib2to3`` and
-  ``site-packages`` excluded), files in sorted order. PSF License. The token stream is split
-  by position: the first 95 % trains the model and gives the calibration windows (drawn with
-  ``--seed``), the last 5 % is the perplexity test split.
+- **Corpus**: English documentation already on every machine that runs admmprune:
+  ``pydoc_data.topics`` (the language reference's help topics) and every docstring of 80+
+  characters in the standard library's modules (``test``, ``idlelib``, ``lib2to3`` and
+  ``site-packages`` excluded; PSF License) and in torch's and numpy's (``PACKAGES``:
+  BSD-3-Clause; test modules excluded), files in sorted order, duplicates dropped. Split by
+  document (its SHA-1): 1 in 20 to test, 1 in 20 to validation, the rest trains the model and
+  gives the calibration windows (drawn with ``--seed``). ``corpus.json`` in ``--out`` records
+  the sources, versions and the corpus hash; a cache of another corpus is refused.
 - **Tokenizer**: byte-level BPE, ``--vocab`` tokens, trained on the training split with
   ``tokenizers``.
 - **Model**: a LLaMA-architecture ``transformers`` causal LM (``--layers`` × ``--hidden``,
   tied embeddings), trained by this script with AdamW for ``--train-minutes`` (2 CPU threads:
-  about 7 M parameters in 20 minutes); ``--device cuda`` trains where a GPU is.
+  about 7 M parameters in 20 minutes), keeping the weights of the best validation perplexity
+  (checked every ``--eval-every`` steps); ``--device cuda`` trains where a GPU is.
 
 Then each solver prunes a fresh copy of the dense model from the same calibration windows
 (``--samples`` × ``--seq-len`` tokens; every Linear of the decoder blocks, sequential block by

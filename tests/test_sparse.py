@@ -109,7 +109,8 @@ def test_to_columns_measures_each_layer_and_keeps_the_fastest_exact_form():
         assert set(timed[4].timings) == {"dense", "offsets"}
     for i in (0, 2, 4):
         ms = timed[i].timings
-        assert timed[i].form == min(ms, key=ms.get)
+        best = min(ms, key=ms.get)
+        assert timed[i].form == (best if ms[best] <= 0.95 * ms["dense"] else "dense")
     assert to_columns(model, x)[0].timings == timed[0].timings  # cached: measured once
     with torch.no_grad():
         ref = model.eval()(x)
