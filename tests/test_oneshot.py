@@ -322,6 +322,16 @@ def test_dense_target_fits_the_dense_output_from_the_pruned_inputs():
         ap.oneshot(_mlp(3), spec, [X], solver="sparsegpt", dense_target=True)
 
 
+def test_recipe_oneshot_settings_are_checked():
+    from admmprune.config import OneShotCfg
+
+    assert OneShotCfg(sequential="layers", dense_target=True).sequential == "layers"
+    with pytest.raises(ValueError, match="dense_target: true needs solver: admm"):
+        OneShotCfg(solver="wanda", dense_target=True)
+    with pytest.raises(ValueError, match="sequential"):
+        OneShotCfg(sequential="blocks")
+
+
 def test_oneshot_is_deterministic():
     X = _correlated(256, 24, 10)
     a, b = _mlp(), _mlp()

@@ -112,6 +112,8 @@ def test_to_columns_measures_each_layer_and_keeps_the_fastest_exact_form():
         best = min(ms, key=ms.get)
         assert timed[i].form == (best if ms[best] <= 0.95 * ms["dense"] else "dense")
     assert to_columns(model, x)[0].timings == timed[0].timings  # cached: measured once
+    with pytest.raises(TypeError, match="pass min_pruned= by name"):
+        to_columns(model, 0.5)
     with torch.no_grad():
         ref = model.eval()(x)
         for fast in (fixed, timed):

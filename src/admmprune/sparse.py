@@ -281,6 +281,11 @@ def to_columns(
     fixed: ``"channels"`` when the zero columns are whole input channels, else
     ``"offsets"``. BatchNorm is not folded here: fold it first (e.g. ``torch.fx``'s ``fuse``).
     """
+    if example is not None and not torch.is_tensor(example):
+        raise TypeError(
+            f"to_columns(model, example): example must be an input batch (a tensor), got "
+            f"{type(example).__name__}; pass min_pruned= by name."
+        )
     out = copy.deepcopy(model).eval()
     convs = {
         name: m for name, m in out.named_modules()
