@@ -104,6 +104,14 @@ def _swap_sparse(out: nn.Module, min_sparsity: float) -> None:
 _COLUMN_FORMS = ("dense", "channels", "offsets")
 
 
+def _kept_columns(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """The GEMM columns any filter keeps (``[cin/groups, kh, kw]``), the input channels that
+    keep any, and whether the zero columns are whole channels."""
+    kept = W.ne(0).any(dim=0)
+    alive = kept.flatten(1).any(dim=1)
+    return kept, alive, bool(torch.equal(kept, alive[:, None, None].expand_as(kept)))
+
+
 class ColumnConv2d(nn.Module):
     """A Conv2d whose GEMM columns (input channel ``c``, kernel offset ``(i, j)``) are partly
     zero (shape-wise sparsity), computed in one of three exact forms:
@@ -132,9 +140,7 @@ class ColumnConv2d(nn.Module):
         W = conv.weight.detach()
         out, cin_g, kh, kw = W.shape
         g = conv.groups
-        kept = W.ne(0).any(dim=0)  # [cin_g, kh, kw]: the GEMM columns any filter keeps
-        alive = kept.flatten(1).any(dim=1)
-        self.by_channel = bool(torch.equal(kept, alive[:, None, None].expand_as(kept)))
+        kept, alive, self.by_channel = _kept_columns(W)
         if form is None:
             form = "channels" if self.by_channel else "offsets"
         if form not in _COLUMN_FORMS:
@@ -188,7 +194,7 @@ class ColumnConv2d(nn.Module):
             y = x.new_zeros(N, self.out_channels, Ho, Wo)
             return y if self.b is None else y + self.b.view(1, -1, 1, 1)
         xp = functional.pad(x, (padding[1], padding[1], padding[0], padding[0]))
-        nhwc = xp.dim() == 4 and xp.is_contiguous(memory_format=torch.channels_last)
+        nhwc = xp.is_contiguous(memory_format=torch.channels_last)
         flat = self._gather_index(xp.shape[1:], Ho, Wo, nhwc)
         if nhwc:  # gather in NHWC: the result is the 1×1 conv's channels-last input as is
             cols = xp.permute(0, 2, 3, 1).reshape(N, -1).index_select(1, flat)
@@ -237,22 +243,21 @@ _FORM_CACHE: dict[tuple, tuple[str, dict[str, float]]] = {}
 def _time_forms(conv: nn.Conv2d, x: torch.Tensor, rounds: int) -> tuple[str, dict[str, float]]:
     from .latency import measure_paired
 
-    candidates = {f: ColumnConv2d(conv, f).to(x.device) for f in _COLUMN_FORMS}
-    if candidates["channels"].by_channel:  # exact smaller conv: "offsets" cannot do fewer MACs
-        candidates.pop("offsets")
-    kept = candidates["channels"].W.shape[1]
-    if kept == conv.weight.shape[1]:  # every channel alive: "channels" is "dense" plus a gather
-        candidates.pop("channels")
+    kept, alive, by_channel = _kept_columns(conv.weight.detach())
+    forms = ["dense"]
+    if not bool(alive.all()):  # with every channel alive "channels" is "dense" plus a gather
+        forms.append("channels")
+    if not by_channel:  # an exact smaller conv: "offsets" cannot do fewer MACs
+        forms.append("offsets")
     layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else None
-    per_offset = conv.weight.ne(0).any(dim=0).sum(dim=0)  # kept channels at each (i, j)
     key = (
-        tuple(conv.weight.shape), conv.stride, conv.padding, conv.dilation, conv.groups, kept,
-        tuple(per_offset.flatten().tolist()), tuple(x.shape), x.dtype, str(x.device),
-        layout is not None, torch.get_num_threads(),
+        tuple(conv.weight.shape), conv.stride, conv.padding, conv.dilation, conv.groups,
+        int(alive.sum()), tuple(kept.sum(dim=0).flatten().tolist()),  # kept channels per (i, j)
+        tuple(x.shape), x.dtype, str(x.device), layout is not None, torch.get_num_threads(),
     )  # fmt: skip
     if key not in _FORM_CACHE:
-        if layout is not None:
-            candidates = {f: c.to(memory_format=layout) for f, c in candidates.items()}
+        fmt = layout or torch.preserve_format
+        candidates = {f: ColumnConv2d(conv, f).to(x.device, memory_format=fmt) for f in forms}
         ms = measure_paired(candidates, torch.randn_like(x), rounds)
         best = min(ms, key=ms.get)
         if ms[best] > _MARGIN * ms["dense"]:  # within timing noise of dense: keep dense
