@@ -41,6 +41,10 @@ llm-compressor's sequential pipeline: each transformer layer's statistics come f
 layers before it, but every block inside one layer is calibrated from the same pass through
 the still-dense layer (one pass per layer; the layer's Grams are held together).
 ``sequential=False`` calibrates every block from the dense model.
+
+``dense_target=True`` (admm) fits each layer to the *dense* model's output from its pruned
+inputs ``X̃``: ``min ||X̃Ŵᵀ − XWᵀ||²``, i.e. ``H = X̃ᵀX̃`` and the linear term ``W·XᵀX̃`` (damped
+like ``H``) in place of ``W·H``; the dense inputs come from a dense twin run beside the model.
 """
 
 from __future__ import annotations
