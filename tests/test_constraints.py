@@ -176,3 +176,21 @@ def test_bad_keep_fraction_is_a_clear_error(cls, keep):
 def test_percent_keep_suggests_fraction():
     with pytest.raises(ValueError, match=r"Filters\(keep=0.2\)"):
         Filters(20)
+
+
+@pytest.mark.parametrize("shape", [(12, 30), (8, 3, 3, 3), (5, 50)])
+@pytest.mark.parametrize("rows_first", [True, False])
+def test_filters_and_columns_fast_path_equals_the_projections_in_turn(shape, rows_first):
+    """The row + column pair skips the intermediate Z's: same support and Z as projecting in
+    turn both ways and keeping the closer result."""
+    torch.manual_seed(len(shape))
+    parts = (Filters(0.5), Columns(0.3))
+    inter = Intersection(*(parts if rows_first else parts[::-1]))
+    for _ in range(25):
+        W = torch.randn(*shape) * torch.rand(shape[0], *[1] * (len(shape) - 1))
+        fast = inter.project(W)
+        a = inter._in_turn(W, inter.parts, 1)
+        b = inter._in_turn(W, inter.parts[::-1], 1)
+        ref = b if (W - b.Z).norm() < (W - a.Z).norm() else a
+        assert torch.equal(fast.support, ref.support)
+        assert torch.equal(fast.Z, ref.Z)

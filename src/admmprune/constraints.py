@@ -375,11 +375,37 @@ class Intersection(Constraint):
         return Projection(Z, support)
 
     def project(self, W: torch.Tensor, groups: int = 1) -> Projection:
+        kinds = {type(p) for p in self.parts}
+        if len(self.parts) == 2 and kinds == {Filters, Columns}:
+            return self._rows_and_columns(W)
         first = self._in_turn(W, self.parts, groups)
         second = self._in_turn(W, self.parts[::-1], groups)
         d1 = (W - first.Z).float().norm()
         d2 = (W - second.Z).float().norm()
         return second if d2 < d1 else first
+
+    def _rows_and_columns(self, W: torch.Tensor) -> Projection:
+        """Filters & Columns, both orders, without building either intermediate ``Z``: each
+        is a row set ``R`` and a column set ``C``, and ``||W − Z||² = ||W||² − ||W_RC||²``,
+        so the order that keeps more energy wins; only the result is materialised."""
+        M = _scores_dtype(W).detach().reshape(W.shape[0], -1)
+        rows_first = self.parts[0].__class__ is Filters
+        f, c = self.parts if rows_first else self.parts[::-1]
+        kr, kc = keep_count(f.keep, M.shape[0]), keep_count(c.keep, M.shape[1])
+        # rows, then the columns of the kept rows
+        R1 = topk_mask(M.norm(dim=1), kr)
+        C1 = topk_mask(M[R1].norm(dim=0), kc)
+        # columns, then the rows of the kept columns
+        C2 = topk_mask(M.norm(dim=0), kc)
+        R2 = topk_mask(M[:, C2].norm(dim=1), kr)
+        kept1 = M[R1][:, C1].float().square().sum()
+        kept2 = M[R2][:, C2].float().square().sum()
+        if rows_first:  # ties: the given order
+            R, C = (R2, C2) if kept2 > kept1 else (R1, C1)
+        else:
+            R, C = (R1, C1) if kept1 > kept2 else (R2, C2)
+        support = (R[:, None] & C[None, :]).view(W.shape)
+        return Projection(W * support, support)
 
     def __repr__(self) -> str:
         return " & ".join(repr(p) for p in self.parts)
