@@ -796,11 +796,16 @@ def _damped(g: _Gram, damp: float) -> torch.Tensor:
 _MODES = {True: "sequential", "layers": "sequential by layer", False: "parallel"}
 
 
-def _check_args(solver: str, damp: float, options: dict, sequential) -> None:
+def _check_args(solver: str, damp: float, options: dict, sequential, dense_target) -> None:
     if sequential not in _MODES:
         raise ValueError(f"sequential={sequential!r}: use True, 'layers' or False.")
     if solver not in _SOLVE:
         raise ValueError(f"solver={solver!r}: use one of {', '.join(SOLVERS)}.")
+    if dense_target and solver != "admm":
+        raise ValueError(
+            f"dense_target=True needs solver='admm' ({solver!r} solves the plain layer "
+            "problem min ||XŴᵀ − XWᵀ||²)."
+        )
     if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not 0 < damp < 1e3:
         raise ValueError(f"damp={damp!r}: a positive number, e.g. 0.01 (of mean(diag H)).")
     unknown = set(options) - _OPTIONS[solver]
@@ -878,12 +883,7 @@ def oneshot(
     Returns the :class:`Masks` of the constrained weights; ``masks.report`` is the
     :class:`OneShotReport`. On any error the model's weights are left as they were.
     """
-    _check_args(solver, damp, solver_options, sequential)
-    if dense_target and solver != "admm":
-        raise ValueError(
-            f"dense_target=True needs solver='admm' ({solver!r} solves the plain layer "
-            "problem min ||XŴᵀ − XWᵀ||²)."
-        )
+    _check_args(solver, damp, solver_options, sequential, dense_target)
     if isinstance(spec, Constraint):
         spec = _blocks_spec(model, spec)
     targets = select(model, spec, default)
