@@ -127,3 +127,54 @@ def test_global_batch_must_split_over_the_processes(tmp_path):
     res = cli("run", str(path), "--nproc", "2")
     assert res.returncode != 0 and "multiple of 2" in res.stderr
     assert not (tmp_path / "odd").exists()
+
+
+def _ddp_grad_mode_worker(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+    from torch import nn
+    from torch.nn.parallel import DistributedDataParallel
+
+    import admmprune as ap
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)  # the same model on both ranks
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    admm = ap.ADMM(model, {"0": ap.Unstructured(0.25)}, rho=0.5, mode="grad")
+    ddp = DistributedDataParallel(model)
+    torch.manual_seed(1 + rank)  # different data on each rank
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    nn.functional.cross_entropy(ddp(x), y).backward()
+    torch.save({"grad": model[0].weight.grad, "x": x, "y": y}, f"{out}/rank{rank}.pt")
+    admm.close()
+    dist.destroy_process_group()
+
+
+def test_grad_mode_term_survives_ddp_averaging(tmp_path):
+    """The in-place grad hook runs before DDP's reducer reads the gradient: every rank ends with
+    mean(model gradients) + rho·(W − Z + U), the term neither lost nor counted twice."""
+    import socket
+
+    import torch.multiprocessing as mp
+    from torch import nn
+
+    import admmprune as ap
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_grad_mode_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    saved = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    admm = ap.ADMM(model, {"0": ap.Unstructured(0.25)}, rho=0.5)
+    plain = []
+    for s in saved:
+        model.zero_grad()
+        nn.functional.cross_entropy(model(s["x"]), s["y"]).backward()
+        plain.append(model[0].weight.grad.clone())
+    W = model[0].weight.detach()
+    expected = (plain[0] + plain[1]) / 2 + 0.5 * (W - admm._state["0.weight"].T)
+    assert not torch.allclose(expected, (plain[0] + plain[1]) / 2, atol=1e-3)
+    for s in saved:
+        torch.testing.assert_close(s["grad"], expected, rtol=1e-5, atol=1e-6)

@@ -261,3 +261,99 @@ def test_bad_ssauto_input():
     with pytest.raises(ValueError, match="matches no"):
         SSAuto(model, {"conv9": True}, target=0.5)
     assert isinstance(ap.ADMM, type)
+
+
+def _reference_dykstra(V, tau_rows, tau_cols, iters):
+    """The row + column prox one matrix at a time, as SS-Auto computed it before the fast path."""
+    x, p, q = V, torch.zeros_like(V), torch.zeros_like(V)
+    for _ in range(iters):
+        y = group_soft_threshold(x + p, tau_rows, dim=1)
+        p = x + p - y
+        x_new = group_soft_threshold(y + q, tau_cols, dim=0)
+        q = y + q - x_new
+        done = torch.allclose(x_new, x, rtol=0, atol=1e-7 * float(V.abs().max() + 1e-30))
+        x = x_new
+        if done:
+            break
+    rows, cols = y.ne(0).any(dim=1), x.ne(0).any(dim=0)
+    return x * rows[:, None] * cols[None, :], rows, cols
+
+
+def _reference_support(s: SSAuto):
+    """The reference path: every layer's prox on its own, a layer below min_keep rescaled by a
+    bisection of its thresholds at every λ, and λ searched from 1e-6 at every update. (Before
+    the fast path the rescaling took 8 steps, to 1/256 of λ; here 20, so that both resolve
+    the floor more finely than the bisection on λ does.)"""
+
+    def prox_all(lam):
+        out = {}
+        for t in s.targets:
+            M = s._matrix(t)
+            tr, tc = s._taus(t, M, lam)
+            proxed = _reference_dykstra(M, tr, tc, s.iters)
+            r_min, c_min = s._floor(t)
+            if s.min_keep and (proxed[1].sum() < r_min or proxed[2].sum() < c_min):
+                lo, hi, proxed = 0.0, 1.0, (M, M.ne(0).any(1), M.ne(0).any(0))
+                for _ in range(20):
+                    f = (lo + hi) / 2
+                    p = _reference_dykstra(M, f * tr, f * tc, s.iters)
+                    if p[1].sum() >= r_min and p[2].sum() >= c_min:
+                        lo, proxed = f, p
+                    else:
+                        hi = f
+            out[t.name] = proxed
+        return out
+
+    fits = lambda lam: s._kept_fraction(prox_all(lam)) >= s.target  # noqa: E731
+    lo, hi = 0.0, 1e-6
+    while fits(hi):
+        lo, hi = hi, hi * 10
+        assert hi < 1e12, "the floors alone keep the target: pick a lower min_keep"
+    for _ in range(30):
+        mid = (lo * hi) ** 0.5 if lo > 0 else hi / 10
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+        if lo > 0 and hi / lo < 1 + 1e-4:
+            break
+    proxed = s._trim(prox_all(lo), lo)
+    return lo, {n: (rows, cols) for n, (_, rows, cols) in proxed.items()}
+
+
+def stages_of_convs():
+    """Six convs in two stages of three (same shapes within a stage, 4x the positions in the
+    first): the batched, floored and warm-started search all have work to do."""
+    torch.manual_seed(7)
+    layers = [nn.Conv2d(4, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)]
+    layers += [nn.Conv2d(8, 8, 3, padding=1), nn.MaxPool2d(2), nn.Conv2d(8, 16, 3, padding=1)]
+    layers += [nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)]
+    model = nn.Sequential(*layers)
+    with torch.no_grad():
+        for m in model:
+            if isinstance(m, nn.Conv2d):
+                M = m.weight.view(m.weight.shape[0], -1)
+                M.mul_(torch.randn(M.shape[0], 1).mul(0.5).exp() * torch.randn(1, M.shape[1]).exp())
+    return model
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("min_keep", [0.0, 0.25])
+def test_fast_update_gives_the_reference_lambda_and_supports(seed, min_keep):
+    """The batched prox, the floors found once per update and the warm-started λ give the
+    reference path's λ (to the search's 1e-4) and the same rows and columns, over
+    two updates with the weights moved between them."""
+    model = stages_of_convs()
+    x = torch.randn(1, 4, 8, 8)
+    torch.manual_seed(seed)
+    s = SSAuto(model, ["*"], target=0.35, by="macs", example_input=x, min_keep=min_keep)
+    for _ in range(2):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(1 + 0.3 * torch.randn_like(p))
+        lam_ref, kept_ref = _reference_support(s)
+        s.update()
+        assert s.lam == pytest.approx(lam_ref, rel=2e-4)
+        for name, (rows, cols) in kept_ref.items():
+            assert torch.equal(s.kept[name][0], rows), name
+            assert torch.equal(s.kept[name][1], cols), name
+        if min_keep:
+            assert any(int(r.sum()) == s._floor(t)[0] or int(c.sum()) == s._floor(t)[1]
+                       for t in s.targets for r, c in [s.kept[t.name]])  # fmt: skip

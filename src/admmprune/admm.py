@@ -41,22 +41,33 @@ Rho = float | Sequence[float] | Callable[[int], float]
 
 
 class _ProximalPenalty(torch.autograd.Function):
-    """``rho/2 · ||W − T||²`` with ``T = Z − U``, in fp32; gradient ``rho·(W − T)``.
+    """``Σ_i rho/2 · ||W_i − T_i||²`` with ``T = Z − U``, in fp32; gradient ``rho·(W_i − T_i)``.
 
-    The value comes from a fused reduction and nothing is saved but references, so a training
-    step pays about two passes over the constrained weights, not autograd's chain of copies.
+    One node for every constrained weight (one Python call, not one per layer); the value comes
+    from ``torch.dist``, which reads W and T without writing, and nothing is saved but
+    references, so a training step pays about five passes over the constrained weights, not
+    autograd's chain of copies.
     """
 
     @staticmethod
-    def forward(ctx, W: torch.Tensor, T: torch.Tensor, rho: float):
-        ctx.save_for_backward(W, T)
-        ctx.rho = rho
-        return 0.5 * rho * nn.functional.mse_loss(W.float(), T, reduction="sum")
+    def forward(ctx, rho: float, Ts: list[torch.Tensor], *Ws: torch.Tensor):
+        ctx.save_for_backward(*Ws)
+        ctx.rho, ctx.Ts = rho, Ts
+        sq = [torch.dist(W.float(), T).square() for W, T in zip(Ws, Ts)]
+        return 0.5 * rho * torch.stack(sq).sum()
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        W, T = ctx.saved_tensors
-        return (W.float() - T).mul_(ctx.rho * grad).to(W.dtype), None, None
+        scale = ctx.rho * grad
+        grads = [(W.float() - T).mul_(scale).to(W.dtype) for W, T in zip(ctx.saved_tensors, ctx.Ts)]
+        return None, None, *grads
+
+
+def _proximal_penalty(Ws: list[torch.Tensor], Ts: list[torch.Tensor], rho: float) -> torch.Tensor:
+    """``Σ_i rho/2 · ||W_i − T_i||²``, differentiable in the W's (a zero tensor for none)."""
+    if not Ws:
+        return torch.zeros(())
+    return _ProximalPenalty.apply(rho, Ts, *Ws)
 
 
 @dataclass
@@ -159,7 +170,7 @@ class ADMM:
         self._hooks = []
         if mode == "grad":
             for t in self.targets:
-                self._hooks.append(t.param.register_hook(self._grad_hook(t)))
+                self._hooks.append(t.param.register_post_accumulate_grad_hook(self._grad_hook(t)))
 
     def _initial(self, W: dict, init: Mapping[str, torch.Tensor] | None) -> dict:
         """``Z⁰``: ``Π_S(W⁰)``, or taken from ``init`` (masks: ``W⁰ ⊙ M``; tensors: as given)."""
@@ -299,9 +310,8 @@ class ADMM:
                 "mode='grad' already adds the penalty's gradient in backward; do not add "
                 "admm.penalty() to the loss (use admm.penalty_value() to log it)."
             )
-        return sum(
-            _ProximalPenalty.apply(t.param, self._layer(t).T, self.rho) for t in self.targets
-        )
+        Ts = [self._layer(t).T for t in self.targets]
+        return _proximal_penalty([t.param for t in self.targets], Ts, self.rho)
 
     @torch.no_grad()
     def penalty_value(self) -> float:
@@ -309,10 +319,19 @@ class ADMM:
         return float(sum(0.5 * self.rho * self._residual(t).pow(2).sum() for t in self.targets))
 
     def _grad_hook(self, t: Target):
-        def hook(grad: torch.Tensor) -> torch.Tensor:
+        """``W.grad += rho·(W − T)`` in place once W's gradient is accumulated: two passes over
+        W's size and no allocation (a pre-accumulation hook must return a new tensor, and the
+        allocation alone cost more than the arithmetic: benchmarks/README.md, overhead). Runs
+        before DDP's reducer hook on the same gradient, so the term is averaged with it (it is
+        the same on every rank); tested."""
+
+        def hook(W: torch.Tensor) -> None:
+            T, rho = self._layer(t).T, self.rho
             with torch.no_grad():
-                D = self._residual(t).mul_(self.rho)  # a new tensor: never mutate grad
-                return D.add_(grad) if D.dtype == grad.dtype else grad + D.to(grad.dtype)
+                if W.grad.dtype == T.dtype:
+                    W.grad.add_(W, alpha=rho).sub_(T, alpha=rho)
+                else:  # fp16 / bf16 weights: the difference in fp32
+                    W.grad.add_((W.float() - T).mul_(rho).to(W.grad.dtype))
 
         return hook
 

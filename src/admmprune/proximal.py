@@ -64,6 +64,12 @@ of the current weights keeps at least that fraction; the per-layer rates are wha
 do), the kept fraction can jump past the target; the survivors closest to dying (smallest
 ``||Z_g||/τ_g``) are then zeroed one at a time, so the target is met to within one group.
 :meth:`SSAuto.prune` keeps exactly the rows × columns the last ``Z`` kept.
+
+**Cost of an update**: the layers of one GEMM shape run as one batched Dykstra (each stops at
+its own convergence); a layer that ``min_keep`` binds gets the largest λ that keeps its floor
+once per update (to 1e-6), not a fresh bisection at every step of the search; the search starts
+from the previous update's λ. The λ and supports are those of the per-layer path (tested, to
+the search's 1e-4 in λ); the time is in benchmarks/README.md (``overhead.py``).
 """
 
 from __future__ import annotations
@@ -75,7 +81,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from .admm import _ProximalPenalty
+from .admm import _proximal_penalty
 from .constraints import Constraint, Projection
 from .masks import Masks, check_finite, hard_prune
 from .select import Key, Spec, select
@@ -94,7 +100,9 @@ _FORMAT = "admmprune.SSAuto"
 def group_soft_threshold(V: torch.Tensor, tau: torch.Tensor | float, dim: int) -> torch.Tensor:
     """``argmin_Z Σ_g τ_g·||Z_g|| + ½||Z − V||²`` for the groups along ``dim`` of a matrix
     (``dim=1``: each row is a group; ``dim=0``: each column). ``tau``: scalar or one per group."""
-    norms = V.norm(dim=dim, keepdim=True)
+    # vector_norm over a strided dim is ~15x slower on CPU than summing squares there
+    last = dim in (-1, V.ndim - 1)
+    norms = V.norm(dim=dim, keepdim=True) if last else V.square().sum(dim, keepdim=True).sqrt()
     tau = torch.as_tensor(tau, dtype=V.dtype, device=V.device)
     if tau.ndim:
         tau = tau.reshape(norms.shape)
@@ -108,22 +116,42 @@ def prox_rows_columns(
     """``argmin_Z Σ_r τ_r||Z_r|| + Σ_c τ_c||Z_c|| + ½||Z − V||²`` for a matrix ``V``.
 
     Returns ``(Z, kept_rows, kept_cols)``; ``Z`` is exactly zero outside kept rows × columns.
+    Dykstra stops early once an iteration moves no entry by more than ``1e-7·max|V|``.
     """
-    x = V
-    p = torch.zeros_like(V)
-    q = torch.zeros_like(V)
-    for _ in range(iters):
-        y = group_soft_threshold(x + p, tau_rows, dim=1)
+    as_batch = lambda tau: tau[None] if isinstance(tau, torch.Tensor) and tau.ndim else tau  # noqa: E731
+    Z, rows, cols = _prox_batch(V[None], as_batch(tau_rows), as_batch(tau_cols), iters)
+    return Z[0], rows[0], cols[0]
+
+
+def _prox_batch(
+    V: torch.Tensor, tau_rows, tau_cols, iters: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`prox_rows_columns` of a stack of matrices ``V[L, r, c]`` at once, each with its
+    own thresholds (``[L, r]``, ``[L, c]`` or scalars) and its own stopping iteration: a matrix
+    that has converged leaves the batch, so each one gets exactly the iterates it gets alone."""
+    Z, Y = torch.empty_like(V), torch.empty_like(V)  # each matrix's last x and y
+    idx = torch.arange(V.shape[0], device=V.device)  # the matrices still iterating
+    tr, tc = tau_rows, tau_cols
+    x, p, q = V, torch.zeros_like(V), torch.zeros_like(V)
+    atol = 1e-7 * (V.abs().amax(dim=(1, 2)) + 1e-30)
+    for k in range(iters):
+        y = group_soft_threshold(x + p, tr, dim=-1)
         p = x + p - y
-        x_new = group_soft_threshold(y + q, tau_cols, dim=0)
+        x_new = group_soft_threshold(y + q, tc, dim=-2)
         q = y + q - x_new
-        done = torch.allclose(x_new, x, rtol=0, atol=1e-7 * float(V.abs().max() + 1e-30))
+        done = (x_new - x).abs().amax(dim=(1, 2)) <= atol
         x = x_new
-        if done:
+        if k == iters - 1 or bool(done.all()):
+            Z[idx], Y[idx] = x, y
             break
-    rows = y.ne(0).any(dim=1)
-    cols = x.ne(0).any(dim=0)
-    return x * rows[:, None] * cols[None, :], rows, cols
+        if bool(done.any()):  # these stop here; the rest go on without them
+            Z[idx[done]], Y[idx[done]] = x[done], y[done]
+            keep = ~done
+            idx, x, p, q, atol = idx[keep], x[keep], p[keep], q[keep], atol[keep]
+            tr, tc = (t[keep] if isinstance(t, torch.Tensor) and t.ndim else t for t in (tr, tc))
+    rows = Y.ne(0).any(dim=2)
+    cols = Z.ne(0).any(dim=1)
+    return Z * rows[:, :, None] * cols[:, None, :], rows, cols
 
 
 class RowsColumns(Constraint):
@@ -235,6 +263,9 @@ class SSAuto:
             )
         self.lam = 0.0
         self.num_updates = 0
+        # per update: the λ above which a layer sits at its min_keep floor, and its prox there
+        self._floor_lam: dict[str, float] = {}
+        self._floor_prox: dict[str, tuple] = {}
         self.Z: dict[str, torch.Tensor] = {}
         self.kept: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._prev_norms: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -259,9 +290,8 @@ class SSAuto:
         BatchNorm entries included), differentiable in W; add it to the loss."""
         params = [(t.name, t.param) for t in self.targets]
         params += [(name, self.model.get_parameter(name)) for name in self.bn]
-        return sum(
-            _ProximalPenalty.apply(P, self.T[name].to(P.device), self.rho) for name, P in params
-        )
+        Ts = [self.T[name].to(P.device) for name, P in params]
+        return _proximal_penalty([P for _, P in params], Ts, self.rho)
 
     # the Z-step ------------------------------------------------------------------------------
     def _taus(self, t, M: torch.Tensor, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -291,25 +321,79 @@ class SSAuto:
     def _matrix(self, t) -> torch.Tensor:
         return self._V(t.name, t.param).reshape(t.param.shape[0], -1)
 
-    def _prox_all(self, lam: float) -> dict:
-        out = {}
+    def _prox_at(self, lams: Mapping[str, float]) -> dict:
+        """The prox of each layer in ``lams`` at its own λ; layers of one GEMM shape run as one
+        batched Dykstra (ResNet-20's 18 block convs are 5 shapes)."""
+        by_shape: dict[tuple, list] = {}
         for t in self.targets:
-            M = self._matrix(t)
-            tr, tc = self._taus(t, M, lam)
-            proxed = prox_rows_columns(M, tr, tc, self.iters)
-            r_min, c_min = self._floor(t)
-            if self.min_keep and (proxed[1].sum() < r_min or proxed[2].sum() < c_min):
-                # this layer's thresholds scaled down (bisection on the factor) until it keeps
-                # min_keep of its rows and of its columns; factor 0 keeps everything
-                lo, hi, proxed = 0.0, 1.0, (M, M.ne(0).any(1), M.ne(0).any(0))
-                for _ in range(8):  # the floor to within 1/256 of the thresholds
-                    f = (lo + hi) / 2
-                    p = prox_rows_columns(M, f * tr, f * tc, self.iters)
-                    if p[1].sum() >= r_min and p[2].sum() >= c_min:
-                        lo, proxed = f, p
-                    else:
-                        hi = f
-            out[t.name] = proxed
+            if t.name in lams:
+                by_shape.setdefault((t.param.shape[0], t.param[0].numel()), []).append(t)
+        out = {}
+        for layers in by_shape.values():
+            Ms, trs, tcs = [], [], []
+            for t in layers:
+                M = self._matrix(t)
+                tr, tc = self._taus(t, M, lams[t.name])
+                Ms.append(M), trs.append(tr), tcs.append(tc)
+            Z, rows, cols = _prox_batch(
+                torch.stack(Ms), torch.stack(trs), torch.stack(tcs), self.iters
+            )
+            for i, t in enumerate(layers):
+                out[t.name] = (Z[i], rows[i], cols[i])
+        return out
+
+    def _meets_floor(self, t, proxed) -> bool:
+        r_min, c_min = self._floor(t)
+        return bool(proxed[1].sum() >= r_min and proxed[2].sum() >= c_min)
+
+    def _find_floors(self, names: list[str], lam: float) -> None:
+        """For the layers that fall below ``min_keep`` at ``lam``: the largest λ at which each
+        still keeps its floor (bisection in log λ to 1e-6, all of them at once) and its prox
+        there. A layer's thresholds scale with λ, so this λ does not depend on the global one:
+        found once per update, it caps the layer's λ at every later step of the search."""
+        targets = {t.name: t for t in self.targets}
+        hi = dict.fromkeys(names, lam)
+        lo = dict.fromkeys(names, lam / 10)
+        pending = set(names)
+        while pending:  # step down until each keeps its floor (a tiny λ keeps everything)
+            proxed = self._prox_at({n: lo[n] for n in pending})
+            for n in sorted(pending):
+                if self._meets_floor(targets[n], proxed[n]):
+                    self._floor_prox[n] = proxed[n]
+                    pending.discard(n)
+                elif lo[n] < 1e-30 * lam:  # nothing but λ = 0 keeps it: keep every weight
+                    M = self._matrix(targets[n])
+                    lo[n], self._floor_prox[n] = 0.0, (M, M.ne(0).any(1), M.ne(0).any(0))
+                    pending.discard(n)
+                else:
+                    hi[n], lo[n] = lo[n], lo[n] / 10
+        pending = {n for n in names if lo[n] > 0}
+        while pending:
+            mid = {n: math.sqrt(lo[n] * hi[n]) for n in pending}
+            proxed = self._prox_at(mid)
+            for n, m in mid.items():
+                if self._meets_floor(targets[n], proxed[n]):
+                    lo[n], self._floor_prox[n] = m, proxed[n]
+                else:
+                    hi[n] = m
+            pending = {n for n in pending if hi[n] / lo[n] >= 1 + 1e-6}
+        self._floor_lam.update({n: lo[n] for n in names})
+
+    def _prox_all(self, lam: float) -> dict:
+        """Every layer's prox at ``lam``, or, where that would take it below ``min_keep``, at the
+        largest λ that keeps its floor (:meth:`_find_floors`)."""
+        capped = {n for n, cap in self._floor_lam.items() if lam >= cap}
+        out = self._prox_at({t.name: lam for t in self.targets if t.name not in capped})
+        out.update({n: self._floor_prox[n] for n in capped})
+        if self.min_keep:
+            short = [
+                t.name
+                for t in self.targets
+                if t.name not in capped and not self._meets_floor(t, out[t.name])
+            ]
+            if short:
+                self._find_floors(short, lam)
+                out.update({n: self._floor_prox[n] for n in short})
         return out
 
     def _kept_fraction(self, proxed: Mapping) -> float:
@@ -323,17 +407,28 @@ class SSAuto:
 
     def search(self, iters: int = 30) -> float:
         """The largest λ whose prox of the current weights still keeps at least ``target``
-        (bisection in log λ)."""
-        lo, hi = 0.0, 1e-6
-        while self._kept_fraction(self._prox_all(hi)) >= self.target:
-            lo, hi = hi, hi * 10
-            if hi > 1e12:
-                if self.min_keep:
-                    return lo  # the floors bind everywhere: trimming takes the rest
-                raise RuntimeError("SSAuto: no λ reaches the target; is every weight zero?")
+        (bisection in log λ to 1e-4). The bracket starts at the last update's λ (the weights
+        move little between updates), stepping by 2; on the first update from 1e-6 by 10."""
+        fits = lambda lam: self._kept_fraction(self._prox_all(lam)) >= self.target  # noqa: E731
+        start, step = (self.lam, 2.0) if self.lam > 0 else (1e-6, 10.0)
+        if fits(start):
+            lo, hi = start, start * step
+            while fits(hi):
+                lo, hi = hi, hi * step
+                if hi > 1e12:
+                    if self.min_keep:
+                        return lo  # the floors bind everywhere: trimming takes the rest
+                    raise RuntimeError("SSAuto: no λ reaches the target; is every weight zero?")
+        else:
+            lo, hi = start / step, start
+            while not fits(lo):
+                lo, hi = lo / step, lo
+                if lo < 1e-30:
+                    lo = 0.0
+                    break
         for _ in range(iters):
             mid = math.sqrt(lo * hi) if lo > 0 else hi / 10
-            if self._kept_fraction(self._prox_all(mid)) >= self.target:
+            if fits(mid):
                 lo = mid
             else:
                 hi = mid
@@ -384,6 +479,7 @@ class SSAuto:
         """Find λ for the target, then ``Z ← prox(W)``; returns λ, rho, kept, per-layer rates."""
         for t in self.targets:
             check_finite(t.param, t.name, f"at SSAuto update {self.num_updates + 1}")
+        self._floor_lam, self._floor_prox = {}, {}  # the weights moved since the last update
         self.lam = self.search()
         # kept(λ) moves in steps, and groups of nearly equal norm die together; trimming the
         # weakest survivors meets the target to within one group.
