@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 import admmprune as ap
+from admmprune.accounting import count
 from admmprune.proximal import SSAuto, group_soft_threshold, prox_rows_columns
 from conftest import make_blobs
 
@@ -343,7 +344,9 @@ def test_fast_update_gives_the_reference_lambda_and_supports(seed, min_keep):
     model = stages_of_convs()
     x = torch.randn(1, 4, 8, 8)
     torch.manual_seed(seed)
-    s = SSAuto(model, ["*"], target=0.35, by="macs", example_input=x, min_keep=min_keep)
+    s = SSAuto(
+        model, ["*"], target=0.35, by="macs", example_input=x, min_keep=min_keep, couple=False
+    )
     for _ in range(2):
         with torch.no_grad():
             for p in model.parameters():
@@ -357,3 +360,92 @@ def test_fast_update_gives_the_reference_lambda_and_supports(seed, min_keep):
         if min_keep:
             assert any(int(r.sum()) == s._floor(t)[0] or int(c.sum()) == s._floor(t)[1]
                        for t in s.targets for r, c in [s.kept[t.name]])  # fmt: skip
+
+
+def test_coupled_prox_is_the_minimiser_and_reduces_to_the_single_matrix_prox():
+    from admmprune.proximal import _prox_coupled
+
+    torch.manual_seed(4)
+    V = torch.randn(6, 10)
+    tr, tc = torch.full((6,), 1.5), torch.full((10,), 1.2)
+    (Z,), alive, _ = _prox_coupled([V], [torch.arange(6)], tr, [tc], 500)
+    ref, rows, _ = prox_rows_columns(V, tr, tc, iters=500)
+    torch.testing.assert_close(Z, ref, atol=1e-5, rtol=0)
+    assert torch.equal(alive, rows)
+    # two matrices, channel j = row j of A and row perm[j] of B; columns only on A
+    A, B = torch.randn(5, 7), torch.randn(5, 3)
+    perm = torch.tensor([3, 0, 4, 1, 2])
+    tr, tc = torch.full((5,), 2.0), torch.full((7,), 0.8)
+    (ZA, ZB), alive, _ = _prox_coupled([A, B], [torch.arange(5), perm], tr, [tc, None], 2000)
+
+    def objective(ZA, ZB):
+        rows = (ZA.pow(2).sum(1) + ZB[perm].pow(2).sum(1)).sqrt()
+        return (
+            (tr * rows).sum()
+            + (tc * ZA.norm(dim=0)).sum()
+            + 0.5 * ((ZA - A).pow(2).sum() + (ZB - B).pow(2).sum())
+        )
+
+    best = objective(ZA, ZB)
+    for _ in range(200):
+        dA, dB = 1e-2 * torch.randn_like(A), 1e-2 * torch.randn_like(B)
+        assert objective(ZA + dA, ZB + dB) >= best - 1e-5
+    assert not alive.all() and alive.any()
+    for j in range(5):  # a channel lives or dies in both matrices
+        assert bool(ZA[j].any()) == bool(ZB[perm[j]].any()) == bool(alive[j])
+
+
+def spread_resnet():
+    from admmprune.models import build_model
+
+    torch.manual_seed(5)
+    model = build_model("resnet20", num_classes=4, in_channels=3, input_size=8)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d):
+                M = m.weight.view(m.weight.shape[0], -1)
+                M.mul_(torch.randn(M.shape[0], 1).mul(0.7).exp() * torch.randn(1, M.shape[1]).exp())
+            elif isinstance(m, nn.BatchNorm2d):  # not the identity: outputs depend on them
+                m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.2, 0.2)
+                m.running_mean.uniform_(-0.1, 0.1), m.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+def test_coupled_rows_on_a_resnet_are_all_removed_and_the_count_is_the_compact_model():
+    """Residual streams are one row group per channel: every row SS-Auto kills leaves the
+    model with compact(), none is left as a zero that costs full time, and the kept MACs
+    SS-Auto counts are the compact model's (consumer columns of dead channels included)."""
+    model = spread_resnet()
+    x = torch.randn(2, 3, 8, 8)
+    s = SSAuto(model, ["layer*.conv*"], target=0.4, by="macs", example_input=x[:1], min_keep=0.2)
+    assert {u.key for u in s.units} == {"group:conv1", "group:layer2.0.shortcut.0",
+                                        "group:layer3.0.shortcut.0"}  # fmt: skip
+    assert "conv1.weight" in s._follows and "bn1.bias" in s._follows  # the stem dies with them
+    stats = s.update()
+    assert stats["kept"] == pytest.approx(0.4, abs=0.03)
+    killed = sum(int((~r).sum()) for r, _ in s.kept.values())
+    assert killed > 0 and any(not a.all() for a in s.alive.values())  # coupled channels died
+    masks = s.prune()
+    assert "bn1.bias" in masks and "conv1.weight" in masks
+    model.eval()
+    small, report = ap.compact(model, x)  # compares the outputs itself
+    assert report.total_not_removable == 0
+    assert report.removed.get("conv1", 0) == int((~s.alive["group:conv1"]).sum())
+    layers = {c.name: c for c in count(small, x[:1])["layers"]}
+    dense = {c.name: c for c in count(model, x[:1])["layers"]}
+    blocks = [t.module_name for t in s.targets]
+    kept = sum(layers[n].sparse_macs for n in blocks) / sum(dense[n].macs for n in blocks)
+    assert kept == pytest.approx(stats["kept"], abs=1e-9)
+
+
+def test_coupled_state_round_trip_and_couple_off():
+    model = spread_resnet()
+    x = torch.randn(1, 3, 8, 8)
+    s = SSAuto(model, ["layer*.conv*"], target=0.5, by="macs", example_input=x, min_keep=0.2)
+    s.update()
+    t = SSAuto(model, ["layer*.conv*"], target=0.5, by="macs", example_input=x, min_keep=0.2)
+    t.load_state_dict(s.state_dict())
+    assert all(torch.equal(t.alive[k], a) for k, a in s.alive.items())
+    assert all(torch.equal(t.Z[k], z) for k, z in s.Z.items())
+    off = SSAuto(model, ["layer*.conv*"], target=0.5, by="macs", example_input=x, couple=False)
+    assert not off.units and not off._consumers

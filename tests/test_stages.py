@@ -33,7 +33,12 @@ def test_the_demo_writes_the_metrics_rows_of_the_pipeline_before_the_stages(tmp_
     assert len(now) == len(before) == 46
     for a, b in zip(now, before):
         assert list(a) == list(b)  # the same rows, their keys in the same order
-        assert flat_numbers(a) == pytest.approx(flat_numbers(b), rel=1e-9, abs=1e-12)
+        # the logged penalty is an fp32 sum whose reduction changed since (torch.dist): the
+        # gradient and so every other number are the same to the last bits
+        fa, fb = flat_numbers(a), flat_numbers(b)
+        if "penalty" in fa:
+            assert fa.pop("penalty") == pytest.approx(fb.pop("penalty"), rel=1e-5)
+        assert fa == pytest.approx(fb, rel=1e-9, abs=1e-12)
         assert flat_others(a) == flat_others(b)
 
 

@@ -140,6 +140,7 @@ class SsAutoCfg(_Strict):
     reweight: bool = False
     debias: bool = True  # Z keeps W's values on the surviving groups (see proximal.py)
     couple_bn: bool = True  # a dead row's BatchNorm entries are pulled to zero with it
+    couple: bool = True  # coupled rows (residual streams) are one group: compact removes them
     min_keep: Annotated[float, Field(ge=0, le=1)] = 0.0  # per layer, of rows and of columns
     dual: bool = False  # ADMM's scaled dual U on the soft problem (see proximal.py)
     updates_per_epoch: Annotated[int, Field(gt=0)] = 1

@@ -46,6 +46,9 @@ class ChannelGroup:
     norm: str = "l2"  # "l2": the Euclidean projection; "l1": rank by L1 norm (one-shot only)
     dims: tuple[int, ...] = ()  # per member; () = all 0
     kind: str = "channels"  # or "heads" (head_groups)
+    # the Conv/Linear weights that read these channels: (name, input index of channel j); what
+    # compaction also removes (their GEMM columns of a dead channel). Not projected.
+    consumers: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
     @property
     def n(self) -> int:
@@ -146,8 +149,13 @@ def channel_groups(
         n = len(group.items[0].idxs)
         members: dict[str, tuple[int, ...]] = {}
         dims: dict[str, int] = {}
+        consumers: dict[str, tuple[int, ...]] = {}
         for item in group.items:
             m = item.dep.target.module
+            reads = item.dep.handler.__name__ == "prune_in_channels" and len(item.idxs) == n
+            plain = getattr(m, "groups", 1) == 1 and not _graph.is_conv1d(m)
+            if reads and isinstance(m, DG.types) and plain:
+                consumers[f"{names[m]}.weight"] = tuple(int(i) for i in item.idxs)
             if item.dep.handler.__name__ != "prune_out_channels" or len(item.idxs) != n:
                 continue
             if not isinstance(m, DG.types + _NORMS):
@@ -160,7 +168,12 @@ def channel_groups(
                         1 if attr == "weight" and _graph.is_conv1d(m) else 0
                     )
         if members:
-            out.append(ChannelGroup(root, keep, tuple(members.items()), norm, tuple(dims.values())))
+            out.append(
+                ChannelGroup(
+                    root, keep, tuple(members.items()), norm, tuple(dims.values()),
+                    consumers=tuple(consumers.items()),
+                )
+            )  # fmt: skip
     for a in DG.attention:  # say why an attention projection the glob names is not a group
         for m in a.projections():
             if layers is not None and fnmatch.fnmatchcase(names[m], layers):

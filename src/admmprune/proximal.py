@@ -76,7 +76,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -154,6 +154,53 @@ def _prox_batch(
     return Z * rows[:, :, None] * cols[:, None, :], rows, cols
 
 
+def _prox_coupled(
+    Vs: list[torch.Tensor],
+    row_of: list[torch.Tensor],
+    tau_rows: torch.Tensor,
+    tau_cols: list[torch.Tensor | None],
+    iters: int,
+) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """The row + column prox when rows are coupled across matrices: channel ``j`` is row
+    ``row_of[m][j]`` of every ``Vs[m]``, one group ``(Z_m[row_of[m][j]])_m`` with threshold
+    ``tau_rows[j]``; matrix ``m`` has column groups with ``tau_cols[m]`` (``None``: none)::
+
+        argmin Σ_j τ_j·||(Z_m[r_m(j)])_m|| + Σ_m Σ_c τ_mc·||Z_m[:, c]|| + ½ Σ_m ||Z_m − V_m||²
+
+    The matrices side by side, rows in channel order, are one matrix whose rows are the
+    channels and whose columns are every member's (threshold 0 where a member has none): this
+    is :func:`prox_rows_columns` of it. Returns ``(Zs, alive channels, their row norms)``."""
+    V = torch.cat([Vm[r] for Vm, r in zip(Vs, row_of)], dim=1)
+    tc = torch.cat(
+        [
+            torch.zeros(Vm.shape[1], device=V.device) if t is None else t
+            for Vm, t in zip(Vs, tau_cols)
+        ]
+    )
+    Z, alive, _ = _prox_batch(V[None], tau_rows[None], tc[None], iters)
+    Z, alive = Z[0], alive[0]
+    out, start = [], 0
+    for Vm, r in zip(Vs, row_of):
+        Zm = torch.empty_like(Vm)
+        Zm[r] = Z[:, start : start + Vm.shape[1]]
+        out.append(Zm)
+        start += Vm.shape[1]
+    return out, alive, Z.norm(dim=1)
+
+
+@dataclass
+class _Coupled:
+    """Channels that every one of ``weights`` produces (a residual stream): ``(name, row of
+    channel j)`` per Conv/Linear weight, ``targets`` the ones the spec selected (they also get
+    column groups), ``followers`` the entries that die with a channel and are not targets:
+    the other producer weights and, with ``couple_bn``, BatchNorm / bias entries."""
+
+    key: str
+    weights: list[tuple[str, torch.Tensor]]
+    targets: list[str]
+    followers: list[tuple[str, torch.Tensor]]
+
+
 class RowsColumns(Constraint):
     """The support an :class:`SSAuto` run chose for one layer: given rows × columns of the GEMM
     view. Its projection keeps exactly those entries (used by the final hard prune)."""
@@ -188,6 +235,12 @@ class SSAuto:
             plain prox, ``Z = prox(W)``.
         couple_bn: pull the BatchNorm entries of dead rows to zero too (needs ``example_input``
             to find each layer's BatchNorm; without it nothing is coupled).
+        couple: the rows of layers whose outputs are coupled (a residual stream: the convs that
+            feed one addition, the shortcut and the stem) are one group per channel, as
+            :func:`admmprune.channel_groups` finds them, so every row SS-Auto kills is removed
+            by :func:`admmprune.compact`; the members the spec leaves out join with their rows
+            only. The kept MACs / weights count the compact model: a consumer's columns that
+            read a dead channel count as removed. Needs ``example_input`` (else off).
         min_keep: every layer keeps at least this fraction of its rows and of its columns
             (its thresholds are scaled down where λ would take more; 0: only never empty).
         dual: keep a scaled dual ``U`` (ADMM on the soft problem, see above).
@@ -209,6 +262,7 @@ class SSAuto:
         reweight: bool = False,
         debias: bool = True,
         couple_bn: bool = True,
+        couple: bool = True,
         min_keep: float = 0.0,
         dual: bool = False,
         iters: int = 50,
@@ -239,6 +293,7 @@ class SSAuto:
                     "a Conv or Linear weight. Leave it out of the spec."
                 )
         self.positions = {t.name: 1 for t in self.targets}
+        per_layer: dict[str, int] = {}
         if by == "macs":
             from .accounting import count
 
@@ -253,6 +308,15 @@ class SSAuto:
                 for attr in ("weight", "bias"):
                     if bn is not None and getattr(model.get_submodule(bn), attr) is not None:
                         self.bn[f"{bn}.{attr}"] = t.name
+        self.units: list[_Coupled] = []
+        self._unit_of: dict[str, _Coupled] = {}
+        self.alive: dict[str, torch.Tensor] = {}  # per unit: its channels the last update kept
+        # (producer: a target or a unit key, row of channel j, consumer target, its GEMM
+        # columns of channel j [n, k]): what compaction removes with a dead channel
+        self._consumers: list[tuple[str, torch.Tensor, str, torch.Tensor]] = []
+        self._follows: dict[str, tuple[str, torch.Tensor]] = {}  # follower: (unit, index of j)
+        if couple and example_input is not None:
+            self._couple(example_input, per_layer, couple_bn)
         floor = sum(self.positions[t.name] * math.prod(self._floor(t)) for t in self.targets) / sum(
             self.positions[t.name] * t.param.numel() for t in self.targets
         )
@@ -273,11 +337,58 @@ class SSAuto:
             for t in self.targets:
                 check_finite(t.param, t.name, "at SSAuto start")
                 self.Z[t.name] = t.param.detach().float().clone()  # Z⁰ = W⁰: no pull at first
-            for name in self.bn:
+            for name in [*self.bn, *self._follows]:
                 self.Z[name] = model.get_parameter(name).detach().float().clone()
         # the scaled dual (``dual=True``; none when off) and the pull target
         self.U = {name: torch.zeros_like(Z) for name, Z in self.Z.items()} if self.dual else {}
         self._set_targets()
+
+    def _couple(self, example_input, per_layer: dict[str, int], couple_bn: bool) -> None:
+        """Coupled row groups and the consumers of every target's channels (see ``couple``)."""
+        from .groups import channel_groups
+
+        try:
+            groups = channel_groups(self.model, example_input, 1.0)
+        except ValueError:  # no removable channel group: nothing is coupled
+            return
+        names = {t.name for t in self.targets}
+        params = dict(self.model.named_parameters())
+        for g in groups:
+            dims = g.dims or (0,) * len(g.members)
+            members = [
+                (n, torch.tensor(idx))
+                for (n, idx), d in zip(g.members, dims)
+                if d == 0 and all(isinstance(i, int) for i in idx)
+            ]
+            weights = [(n, r) for n, r in members if params[n].ndim >= 2]
+            mine = [n for n, _ in weights if n in names]
+            if not mine or any(len(r) != params[n].shape[0] for n, r in weights):
+                continue
+            if len(weights) > 1:  # a residual stream: one row group per channel
+                key = f"group:{g.name}"
+                followers = [(n, r) for n, r in members if n not in names]
+                if not couple_bn:
+                    followers = [(n, r) for n, r in followers if params[n].ndim >= 2]
+                weights.sort(key=lambda w: w[0] not in names)  # targets first
+                self.units.append(_Coupled(key, weights, mine, followers))
+                for n, r in followers:
+                    self._follows[n] = (key, r)
+                for n in list(self.bn):  # its BatchNorms are followers of the unit now
+                    if self.bn[n] in mine:
+                        del self.bn[n]
+                producer, row = key, torch.arange(g.n)
+            else:
+                producer, row = mine[0], weights[0][1]
+            for c, idx in g.consumers:
+                if c in names:
+                    k = params[c][0, 0].numel()  # GEMM columns per input channel
+                    cols = torch.tensor(idx)[:, None] * k + torch.arange(k)[None, :]
+                    self._consumers.append((producer, row, c, cols))
+        self._unit_of = {n: u for u in self.units for n in u.targets}
+        for u in self.units:  # MAC weights of the members the spec left out
+            for n, _ in u.weights:
+                if n not in self.positions:
+                    self.positions[n] = per_layer.get(n.removesuffix(".weight"), 1)
 
     def _set_targets(self) -> None:
         """``T = Z − U`` (``Z`` without ``dual``), what the W-step pulls towards; cached, since
@@ -289,7 +400,7 @@ class SSAuto:
         """``Σ_i rho/2 · ||W_i − Z_i + U_i||²`` in fp32 (``U = 0`` without ``dual``; the coupled
         BatchNorm entries included), differentiable in W; add it to the loss."""
         params = [(t.name, t.param) for t in self.targets]
-        params += [(name, self.model.get_parameter(name)) for name in self.bn]
+        params += [(name, self.model.get_parameter(name)) for name in [*self.bn, *self._follows]]
         Ts = [self.T[name].to(P.device) for name, P in params]
         return _proximal_penalty([P for _, P in params], Ts, self.rho)
 
@@ -321,9 +432,16 @@ class SSAuto:
     def _matrix(self, t) -> torch.Tensor:
         return self._V(t.name, t.param).reshape(t.param.shape[0], -1)
 
-    def _prox_at(self, lams: Mapping[str, float]) -> dict:
-        """The prox of each layer in ``lams`` at its own λ; layers of one GEMM shape run as one
-        batched Dykstra (ResNet-20's 18 block convs are 5 shapes)."""
+    def _keys(self) -> list[str]:
+        """What one λ acts on together: each uncoupled target, and each coupled unit."""
+        return [t.name for t in self.targets if t.name not in self._unit_of] + [
+            u.key for u in self.units
+        ]
+
+    def _prox_at(self, lams: Mapping[str, float]) -> dict[str, dict]:
+        """The prox of each key in ``lams`` at its own λ: ``{key: {target: (Z, rows, cols)}}``
+        (a unit also gives ``{key: (alive channels, their norms)}``). Uncoupled layers of one
+        GEMM shape run as one batched Dykstra (ResNet-20's 18 block convs are 5 shapes)."""
         by_shape: dict[tuple, list] = {}
         for t in self.targets:
             if t.name in lams:
@@ -339,71 +457,149 @@ class SSAuto:
                 torch.stack(Ms), torch.stack(trs), torch.stack(tcs), self.iters
             )
             for i, t in enumerate(layers):
-                out[t.name] = (Z[i], rows[i], cols[i])
+                out[t.name] = {t.name: (Z[i], rows[i], cols[i])}
+        for u in self.units:
+            if u.key in lams:
+                out[u.key] = self._prox_unit(u, lams[u.key])
         return out
 
-    def _meets_floor(self, t, proxed) -> bool:
-        r_min, c_min = self._floor(t)
-        return bool(proxed[1].sum() >= r_min and proxed[2].sum() >= c_min)
+    def _unit_matrices(self, u: _Coupled) -> list[torch.Tensor]:
+        return [self._V(n, self.model.get_parameter(n)).reshape(len(r), -1) for n, r in u.weights]
 
-    def _find_floors(self, names: list[str], lam: float) -> None:
-        """For the layers that fall below ``min_keep`` at ``lam``: the largest λ at which each
-        still keeps its floor (bisection in log λ to 1e-6, all of them at once) and its prox
-        there. A layer's thresholds scale with λ, so this λ does not depend on the global one:
-        found once per update, it caps the layer's λ at every later step of the search."""
+    def _unit_tau(self, u: _Coupled, Ms: list[torch.Tensor], lam: float) -> torch.Tensor:
+        """A channel's threshold: λ/rho × ``sqrt(Σ_m cols_m · P_m · rms_m²)``, the row weight of
+        :meth:`_taus` summed in square over the members (what one row of each costs)."""
+        c = math.sqrt(
+            sum(
+                M.shape[1] * self.positions[n] * (float(M.pow(2).mean()) or 1.0)
+                for (n, _), M in zip(u.weights, Ms)
+            )
+        )
+        tau = torch.full((len(u.weights[0][1]),), lam / self.rho * c, device=Ms[0].device)
+        if self.reweight and u.key in self._prev_norms:
+            norms = self._prev_norms[u.key][0]
+            tau = tau / (norms + 1e-3 * float(norms.max() + 1e-12))
+        return tau
+
+    def _prox_unit(self, u: _Coupled, lam: float) -> dict:
+        Ms = self._unit_matrices(u)
         targets = {t.name: t for t in self.targets}
-        hi = dict.fromkeys(names, lam)
-        lo = dict.fromkeys(names, lam / 10)
-        pending = set(names)
+        tau_cols = [
+            self._taus(targets[n], M, lam)[1] if n in targets else None
+            for (n, _), M in zip(u.weights, Ms)
+        ]
+        rows_of = [r.to(Ms[0].device) for _, r in u.weights]
+        Zs, alive, norms = _prox_coupled(
+            Ms, rows_of, self._unit_tau(u, Ms, lam), tau_cols, self.iters
+        )
+        res = {u.key: (alive, norms)}
+        for (n, r), Z in zip(u.weights, Zs):
+            if n in targets:
+                rows = torch.zeros(Z.shape[0], dtype=torch.bool, device=Z.device)
+                rows[r] = alive
+                res[n] = (Z, rows, Z.ne(0).any(0))
+        return res
+
+    def _meets_floor(self, key: str, res: Mapping) -> bool:
+        targets = {t.name: t for t in self.targets}
+        for n, (_, rows, cols) in ((n, v) for n, v in res.items() if n in targets):
+            r_min, c_min = self._floor(targets[n])
+            if rows.sum() < r_min or cols.sum() < c_min:
+                return False
+        return True
+
+    def _keep_all(self, key: str) -> dict:
+        """λ = 0: every weight kept."""
+        targets = {t.name: t for t in self.targets}
+        names = self._unit_targets(key)
+        res = {}
+        for n in names:
+            M = self._matrix(targets[n])
+            res[n] = (M, M.ne(0).any(1), M.ne(0).any(0))
+        if key in {u.key for u in self.units}:
+            n0 = len(next(u for u in self.units if u.key == key).weights[0][1])
+            res[key] = (torch.ones(n0, dtype=torch.bool), torch.full((n0,), math.inf))
+        return res
+
+    def _unit_targets(self, key: str) -> list[str]:
+        for u in self.units:
+            if u.key == key:
+                return u.targets
+        return [key]
+
+    def _find_floors(self, keys: list[str], lam: float) -> None:
+        """For the keys (layers, units) that fall below ``min_keep`` at ``lam``: the largest λ
+        at which each still keeps its floor (bisection in log λ to 1e-6, all of them at once)
+        and its prox there. A layer's thresholds scale with λ, so this λ does not depend on the
+        global one: found once per update, it caps the layer's λ at every later step of the
+        search."""
+        hi = dict.fromkeys(keys, lam)
+        lo = dict.fromkeys(keys, lam / 10)
+        pending = set(keys)
         while pending:  # step down until each keeps its floor (a tiny λ keeps everything)
             proxed = self._prox_at({n: lo[n] for n in pending})
             for n in sorted(pending):
-                if self._meets_floor(targets[n], proxed[n]):
+                if self._meets_floor(n, proxed[n]):
                     self._floor_prox[n] = proxed[n]
                     pending.discard(n)
                 elif lo[n] < 1e-30 * lam:  # nothing but λ = 0 keeps it: keep every weight
-                    M = self._matrix(targets[n])
-                    lo[n], self._floor_prox[n] = 0.0, (M, M.ne(0).any(1), M.ne(0).any(0))
+                    lo[n], self._floor_prox[n] = 0.0, self._keep_all(n)
                     pending.discard(n)
                 else:
                     hi[n], lo[n] = lo[n], lo[n] / 10
-        pending = {n for n in names if lo[n] > 0}
+        pending = {n for n in keys if lo[n] > 0}
         while pending:
             mid = {n: math.sqrt(lo[n] * hi[n]) for n in pending}
             proxed = self._prox_at(mid)
             for n, m in mid.items():
-                if self._meets_floor(targets[n], proxed[n]):
+                if self._meets_floor(n, proxed[n]):
                     lo[n], self._floor_prox[n] = m, proxed[n]
                 else:
                     hi[n] = m
             pending = {n for n in pending if hi[n] / lo[n] >= 1 + 1e-6}
-        self._floor_lam.update({n: lo[n] for n in names})
+        self._floor_lam.update({n: lo[n] for n in keys})
 
     def _prox_all(self, lam: float) -> dict:
         """Every layer's prox at ``lam``, or, where that would take it below ``min_keep``, at the
-        largest λ that keeps its floor (:meth:`_find_floors`)."""
+        largest λ that keeps its floor (:meth:`_find_floors`): ``{target: (Z, rows, cols)}``
+        and ``{unit key: (alive channels, norms)}``."""
+        keys = self._keys()
         capped = {n for n, cap in self._floor_lam.items() if lam >= cap}
-        out = self._prox_at({t.name: lam for t in self.targets if t.name not in capped})
-        out.update({n: self._floor_prox[n] for n in capped})
+        by_key = self._prox_at({n: lam for n in keys if n not in capped})
+        by_key.update({n: self._floor_prox[n] for n in capped})
         if self.min_keep:
-            short = [
-                t.name
-                for t in self.targets
-                if t.name not in capped and not self._meets_floor(t, out[t.name])
-            ]
+            short = [n for n in keys if n not in capped and not self._meets_floor(n, by_key[n])]
             if short:
                 self._find_floors(short, lam)
-                out.update({n: self._floor_prox[n] for n in short})
-        return out
+                by_key.update({n: self._floor_prox[n] for n in short})
+        return {n: v for res in by_key.values() for n, v in res.items()}
+
+    def _kept_count(self, rows: Mapping, cols: Mapping) -> float:
+        """Σ positions × kept rows × kept columns over the targets, a consumer's columns that
+        read a dead channel (one compaction removes) not counted."""
+        dead_in = {}
+        for producer, row, consumer, ccols in self._consumers:
+            dead = ~rows[producer].to(row.device)[row]
+            if dead.any():
+                d = dead_in.setdefault(consumer, torch.zeros_like(cols[consumer]))
+                d[ccols[dead].flatten().to(d.device)] = True
+        kept = 0
+        for t in self.targets:
+            c = cols[t.name] & ~dead_in[t.name] if t.name in dead_in else cols[t.name]
+            kept += self.positions[t.name] * int(rows[t.name].sum()) * int(c.sum())
+        return kept
+
+    def _total(self) -> float:
+        return sum(self.positions[t.name] * t.param.numel() for t in self.targets)
+
+    def _masks_of(self, proxed: Mapping) -> tuple[dict, dict]:
+        rows = {n: v[1] for n, v in proxed.items() if len(v) == 3}
+        cols = {n: v[2] for n, v in proxed.items() if len(v) == 3}
+        rows.update({n: v[0] for n, v in proxed.items() if len(v) == 2})  # unit: alive
+        return rows, cols
 
     def _kept_fraction(self, proxed: Mapping) -> float:
-        kept = total = 0
-        for t in self.targets:
-            _, rows, cols = proxed[t.name]
-            w = self.positions[t.name]
-            kept += w * int(rows.sum()) * int(cols.sum())
-            total += w * t.param.numel()
-        return kept / total
+        return self._kept_count(*self._masks_of(proxed)) / self._total()
 
     def search(self, iters: int = 30) -> float:
         """The largest λ whose prox of the current weights still keeps at least ``target``
@@ -438,40 +634,87 @@ class SSAuto:
 
     def _trim(self, proxed: dict, lam: float) -> dict:
         """Zero the surviving groups closest to dying (smallest ``||Z_g|| / τ_g``), one at a time,
-        while that brings the kept fraction closer to the target."""
-        weight = {t.name: self.positions[t.name] for t in self.targets}
-        total = sum(weight[t.name] * t.param.numel() for t in self.targets)
-        rows_n = {n: int(r.sum()) for n, (_, r, _) in proxed.items()}
-        cols_n = {n: int(c.sum()) for n, (_, _, c) in proxed.items()}
-        kept = sum(weight[n] * rows_n[n] * cols_n[n] for n in proxed)
-        floors = {t.name: self._floor(t) for t in self.targets}
+        while that brings the kept fraction closer to the target. A row (or a unit's channel)
+        also takes its consumers' columns of that channel off the count, as compaction does."""
+        weight = self.positions
+        goal = self.target * self._total()
+        targets = {t.name: t for t in self.targets}
+        rows, cols = ({n: m.clone() for n, m in masks.items()} for masks in self._masks_of(proxed))
+        dead_in = {n: torch.zeros_like(cols[n]) for n in targets}
+        for producer, row, consumer, ccols in self._consumers:
+            dead = ~rows[producer].to(row.device)[row]
+            dead_in[consumer][ccols[dead].flatten().to(dead_in[consumer].device)] = True
+        rows_n = {n: int(rows[n].sum()) for n in targets}
+        eff_n = {n: int((cols[n] & ~dead_in[n]).sum()) for n in targets}
+        kept = sum(weight[n] * rows_n[n] * eff_n[n] for n in targets)
+        floors = {n: self._floor(t) for n, t in targets.items()}
+        by_producer: dict[str, list] = {}
+        for producer, row, consumer, ccols in self._consumers:
+            inverse = torch.empty_like(row)  # row index -> channel
+            inverse[row] = torch.arange(len(row))
+            by_producer.setdefault(producer, []).append((inverse, consumer, ccols))
+
         candidates = []
         for t in self.targets:
-            Z, rows, cols = proxed[t.name]
+            Z, alive_rows, alive_cols = proxed[t.name]
             tr, tc = self._taus(t, self._matrix(t), lam)
-            for axis, alive, norms, tau in (
-                (0, rows, Z.norm(dim=1), tr),
-                (1, cols, Z.norm(dim=0), tc),
-            ):
+            groups = [(1, alive_cols, Z.norm(dim=0), tc)]
+            if t.name not in self._unit_of:
+                groups.insert(0, (0, alive_rows, Z.norm(dim=1), tr))
+            for axis, alive, norms, tau in groups:
                 for i in alive.nonzero().flatten().tolist():
                     candidates.append((float(norms[i] / tau[i]), t.name, axis, i))
+        for u in self.units:
+            alive, norms = proxed[u.key]
+            tau = self._unit_tau(u, self._unit_matrices(u), lam)
+            for j in alive.nonzero().flatten().tolist():
+                candidates.append((float(norms[j] / tau[j]), u.key, 2, j))
         candidates.sort()
-        dead: dict = {}
+
+        def killed_columns(producer: str, i: int):
+            """Each consumer's live columns that channel (row) ``i`` of ``producer`` feeds."""
+            for inverse, consumer, ccols in by_producer.get(producer, ()):
+                c = ccols[int(inverse[i])].to(cols[consumer].device)
+                yield consumer, c[cols[consumer][c] & ~dead_in[consumer][c]]
+
         for _, name, axis, i in candidates:
-            lose = weight[name] * (cols_n[name] if axis == 0 else rows_n[name])
-            if abs(kept - lose - self.target * total) >= abs(kept - self.target * total):
+            if axis == 1:
+                live = not bool(dead_in[name][i])
+                lose, members = weight[name] * rows_n[name] * live, [name]
+            else:
+                members = self._unit_targets(name)
+                lose = sum(weight[n] * eff_n[n] for n in members)
+                lose += sum(weight[c] * rows_n[c] * len(k) for c, k in killed_columns(name, i))
+            if abs(kept - lose - goal) >= abs(kept - goal):
                 break
-            if (rows_n, cols_n)[axis][name] <= floors[name][axis]:
+            if axis == 1 and int(cols[name].sum()) <= floors[name][1]:
                 continue  # never below min_keep, never an empty layer
+            if axis != 1 and any(rows_n[n] <= floors[n][0] for n in members):
+                continue
             kept -= lose
-            (rows_n, cols_n)[axis][name] -= 1
-            dead.setdefault(name, []).append((axis, i))
+            if axis == 1:
+                cols[name][i] = False
+                eff_n[name] -= live
+                continue
+            for c, k in list(killed_columns(name, i)):
+                dead_in[c][k] = True
+                eff_n[c] -= len(k)
+            if axis == 2:
+                rows[name][i] = False
+                u = next(u for u in self.units if u.key == name)
+                for n, r in u.weights:
+                    if n in targets:
+                        rows[n][int(r[i])] = False
+                        rows_n[n] -= 1
+            else:
+                rows[name][i] = False
+                rows_n[name] -= 1
         out = dict(proxed)
-        for name, items in dead.items():
-            Z, rows, cols = (x.clone() for x in proxed[name])
-            for axis, i in items:
-                (rows if axis == 0 else cols)[i] = False
-            out[name] = (Z * rows[:, None] * cols[None, :], rows, cols)
+        for n in targets:
+            Z = proxed[n][0]
+            out[n] = (Z * rows[n][:, None] * cols[n][None, :], rows[n], cols[n])
+        for u in self.units:
+            out[u.key] = (rows[u.key], proxed[u.key][1])
         return out
 
     @torch.no_grad()
@@ -506,6 +749,18 @@ class SSAuto:
         for name, layer in self.bn.items():  # a dead row's BatchNorm entries fade with it
             V = self._V(name, self.model.get_parameter(name))
             self.Z[name] = V * self.kept[layer][0].to(V.device)
+        self.alive = {u.key: proxed[u.key][0] for u in self.units}
+        for name in self._follows:  # and so does everything else that writes a dead channel
+            V = self._V(name, self.model.get_parameter(name))
+            self.Z[name] = V * self._follower_mask(name).to(V.device)
+        if self.reweight:
+            for u in self.units:
+                Ms = [
+                    self.model.get_parameter(n).detach().float().reshape(len(r), -1)
+                    for n, r in u.weights
+                ]
+                sq = sum(M.square().sum(1)[r.to(M.device)] for M, (_, r) in zip(Ms, u.weights))
+                self._prev_norms[u.key] = (sq.sqrt(), torch.zeros(0))
         grow = self.rho_growth
         for name, U in self.U.items():  # U += W − Z, rescaled for the next rho
             W = self.model.get_parameter(name).detach().float()
@@ -521,6 +776,14 @@ class SSAuto:
         self.num_updates += 1
         return stats
 
+    def _follower_mask(self, name: str) -> torch.Tensor:
+        """Which entries of follower ``name`` live: the rows of its unit's alive channels."""
+        key, idx = self._follows[name]
+        P = self.model.get_parameter(name)
+        rows = torch.zeros(P.shape[0], dtype=torch.bool)
+        rows[idx] = self.alive[key].cpu()
+        return rows.reshape(-1, *[1] * (P.ndim - 1)).expand(P.shape)
+
     def rates(self) -> dict[str, float]:
         """Kept fraction per layer that the last update chose."""
         return {
@@ -534,7 +797,19 @@ class SSAuto:
         if not self.kept:
             self.update()
         chosen = [replace(t, constraint=RowsColumns(*self.kept[t.name])) for t in self.targets]
-        return hard_prune(self.model, chosen)
+        masks = hard_prune(self.model, chosen)
+        # what else writes a dead channel (a unit's other producers, BatchNorm entries) is
+        # zeroed too, so that compact() removes the channel
+        extra = {n: self._follower_mask(n) for n in self._follows}
+        for name, layer in self.bn.items():
+            P = self.model.get_parameter(name)
+            extra[name] = self.kept[layer][0].to(P.device).reshape(P.shape)
+        if not extra:
+            return masks
+        for name, mask in extra.items():
+            P = self.model.get_parameter(name)
+            P.mul_(mask.to(P.device, P.dtype))
+        return Masks(self.model, {**dict(masks), **extra})
 
     def close(self) -> None:
         """Nothing to remove (no hooks); for the same interface as :class:`admmprune.ADMM`."""
@@ -549,6 +824,7 @@ class SSAuto:
             "Z": {k: v.cpu() for k, v in self.Z.items()},
             "U": {k: v.cpu() for k, v in self.U.items()},
             "kept": {k: [r.cpu(), c.cpu()] for k, (r, c) in self.kept.items()},
+            "alive": {k: a.cpu() for k, a in self.alive.items()},
             "prev_norms": {k: [r.cpu(), c.cpu()] for k, (r, c) in self._prev_norms.items()},
         }
 
@@ -571,6 +847,7 @@ class SSAuto:
         self.U = {k: v.clone() for k, v in state.get("U", {}).items()}
         self._set_targets()
         self.kept = {k: (r.clone(), c.clone()) for k, (r, c) in state["kept"].items()}
+        self.alive = {k: a.clone() for k, a in state.get("alive", {}).items()}
         self._prev_norms = {k: (r.clone(), c.clone()) for k, (r, c) in state["prev_norms"].items()}
 
 

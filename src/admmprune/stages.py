@@ -148,7 +148,7 @@ class Compress(Stage):
         if r.method == "ssauto":
             c = r.ssauto
             names = ("target", "by", "rho", "rho_growth", "reweight", "debias", "couple_bn",
-                     "min_keep", "dual")  # fmt: skip
+                     "couple", "min_keep", "dual")  # fmt: skip
             kwargs = {k: getattr(c, k) for k in names}
             kwargs["example_input"] = self.run.test_inputs(1)  # MACs counted on one image
             return {"updates_per_epoch": c.updates_per_epoch, "ssauto_kwargs": kwargs}
