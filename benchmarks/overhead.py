@@ -4,6 +4,7 @@
    plain vs ADMM ``mode="penalty"`` vs ADMM ``mode="grad"``. The three are interleaved round by
    round so machine noise hits them alike; we report medians and the overhead ratios.
 2. Time of one ``ADMM.update()`` on a model with >= 100 M constrained parameters, per constraint.
+3. Time of one ``SSAuto.update()`` on CIFAR ResNet-20, coupled rows off and on.
 
 Targets (issue #2): step overhead <= 10 %; the 100 M update under 2 s on 2 cores.
 
@@ -89,6 +90,36 @@ def update_times(million: int, repeats: int) -> dict[str, float]:
     return out
 
 
+def ssauto_update_times(repeats: int, couple: bool | None = None) -> dict[str, float]:
+    """Seconds of one SS-Auto ``update()`` on CIFAR ResNet-20 (its 18 block convs, by MACs,
+    ``min_keep=0.3``, target 0.5): the first (λ searched from scratch) and the median of the
+    next ``repeats`` (weights moved between them); and one hard ADMM update for scale.
+    ``couple=None`` leaves the keyword out (versions before it)."""
+    from admmprune.models import build_model
+    from admmprune.proximal import SSAuto
+
+    torch.manual_seed(0)
+    model = build_model("resnet20", num_classes=10, in_channels=3, input_size=32)
+    x = torch.randn(1, 3, 32, 32)
+    kw = {} if couple is None else {"couple": couple}
+    s = SSAuto(model, ["layer*.conv*"], target=0.5, by="macs", example_input=x, min_keep=0.3, **kw)
+    t0 = time.perf_counter()
+    s.update()
+    first = time.perf_counter() - t0
+    ts = []
+    for _ in range(repeats):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p), alpha=1e-2)
+        t0 = time.perf_counter()
+        s.update()
+        ts.append(time.perf_counter() - t0)
+    admm = ap.ADMM(model, {"layer*.conv*": ap.Filters(0.71) & ap.Columns(0.71)})
+    t0 = time.perf_counter()
+    admm.update()
+    return {"first": first, "next": statistics.median(ts), "admm": time.perf_counter() - t0}
+
+
 def main() -> None:
     ap_ = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -123,6 +154,12 @@ def main() -> None:
         if k != "constrained_params":
             print(f"| {k} | {v:.2f} |")
 
+    ss = {c: ssauto_update_times(args.repeats, couple=c) for c in (False, True)}
+    print("\nOne SSAuto.update() on ResNet-20 (18 block convs, by MACs, min_keep 0.3), seconds")
+    print("| couple | first | next (median) | hard ADMM update |\n|---|---:|---:|---:|")
+    for c, r in ss.items():
+        print(f"| {c} | {r['first']:.2f} | {r['next']:.2f} | {r['admm']:.3f} |")
+
     result = {
         "machine": {
             "cpu": platform.processor() or platform.machine(),
@@ -136,6 +173,7 @@ def main() -> None:
             "overhead_paired_median": ratio,
         },
         "update": upd,
+        "ssauto_update_s": {f"couple={c}": r for c, r in ss.items()},
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,11 @@
    - ``admm ssauto-rates``: hard ADMM with the rows/columns fractions SS-Auto chose per layer.
 3. Accuracy, kept MACs (positions × kept weights over the block convs) and per-layer rates;
    a PNG bar chart of the per-layer kept fractions.
+4. Each pruned model compacted (``admmprune.compact``): its block-conv MACs, the channels
+   removed and any zero channel it could not remove; the compact models (their zero columns
+   in the form ``to_columns`` measures fastest) and the dense one timed side by side (paired,
+   BN folded, NHWC, batch ``--latency-batch``); and each run's
+   compression-stage seconds against hard ADMM's (the same epochs, one process).
 
     python benchmarks/ssauto_vs_admm.py --data-dir ../shared/data          # CPU: short schedule
     python benchmarks/ssauto_vs_admm.py --data-dir ../shared/data --quick  # minutes
@@ -31,13 +36,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _cifar import add_common_args, dense_checkpoint, load
+from admmprune import compact
 from admmprune.accounting import count
+from admmprune.latency import inference_form, measure_paired
 from admmprune.models import build_model
 from admmprune.proximal import SoftRowsColumns
 from admmprune.select import select
+from admmprune.sparse import to_columns
 from mnist_admmnn import pct, run_recipe
 
 LAYERS = "layer*.conv*"
+STAGE = "admm"  # the compression stage's name in the summary's seconds
 METHODS = ("ssauto", "admm-uniform", "admm-ssauto-rates")
 
 
@@ -93,6 +102,8 @@ def main() -> None:
     p.add_argument("--min-keep", type=float, default=0.3, help="SS-Auto's per-layer floor")
     p.add_argument("--dual", action="store_true", help="SS-Auto with a dual variable U")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--latency-batch", type=int, default=64)
+    p.add_argument("--latency-rounds", type=int, default=20)
     args = p.parse_args()
     if "admm-ssauto-rates" in args.methods and "ssauto" not in args.methods:
         p.error("admm-ssauto-rates uses the rates the ssauto run chose: add ssauto to --methods")
@@ -111,6 +122,7 @@ def main() -> None:
     x1 = data.test.batch(torch.arange(1))[0]
 
     runs = {}
+    compacted = {}
 
     def go(label: str, method: str, **extra) -> dict:
         t0 = time.perf_counter()
@@ -126,7 +138,18 @@ def main() -> None:
                 float(M.ne(0).any(1).float().mean()),
                 float(M.ne(0).any(0).float().mean()),
             )
+        m.eval()
+        small, rep = compact(m, x1)
+        layers = {c.name: c for c in count(small, x1)["layers"]}
+        dense = {c.name: c for c in count(m, x1)["layers"]}
+        mods = [n.removesuffix(".weight") for n in names]
+        compacted[label] = small
         runs[label] = {
+            "compact_macs": sum(layers[n].sparse_macs for n in mods)
+            / sum(dense[n].macs for n in mods),
+            "channels_removed": sum(rep.removed.values()),
+            "zero_channels_kept": rep.total_not_removable,
+            "stage_seconds": s["seconds"],
             "accuracy_test": s["accuracy"]["final"],
             "accuracy_val": s["accuracy"].get("final_val"),
             "dense_test": s["accuracy"]["start"],
@@ -160,7 +183,26 @@ def main() -> None:
             for n, (r, c) in chosen.items()
         })  # fmt: skip
 
-    res = {"settings": vars(args), "layers": names, "runs": runs,
+    dense_model = build_model(args.model, **model_kw)
+    dense_model.load_state_dict(torch.load(dense_path, weights_only=True))
+    xb = data.test.batch(torch.arange(args.latency_batch))[0]
+    # as deployed: BN folded, NHWC, then each layer's zero columns in the form to_columns
+    # measures fastest on this batch (compact() removes whole channels only)
+    dense_f, xf = inference_form(dense_model.eval(), xb, fold_bn=True, channels_last=True)
+    forms = {"dense": dense_f}
+    for label, small in compacted.items():
+        forms[label] = to_columns(
+            inference_form(small, xb, fold_bn=True, channels_last=True)[0], xf
+        )
+    ms = measure_paired(forms, xf, args.latency_rounds)
+    for label, r in runs.items():
+        r["latency_ms"], r["speedup"] = ms[label], ms["dense"] / ms[label]
+    ref = runs.get("admm uniform")
+    for r in runs.values():
+        r["stage_ratio"] = (
+            r["stage_seconds"].get(STAGE, 0.0) / ref["stage_seconds"][STAGE] if ref else None
+        )
+    res = {"settings": vars(args), "layers": names, "runs": runs, "dense_latency_ms": ms["dense"],
            "seconds": time.perf_counter() - t_start}  # fmt: skip
     (out / "results.json").write_text(json.dumps(res, indent=2))
     lines = [
@@ -169,16 +211,25 @@ def main() -> None:
         f"({args.dense or f'{args.dense_epochs} epochs'}: "
         f"{100 * next(iter(runs.values()))['dense_test']:.2f} % on the 1k test images).",
         "",
-        "| method | val acc. | test acc. (1k) | kept MACs | per-layer kept (min–max) |",
-        "|---|---:|---:|---:|---|",
+        "| method | val acc. | test acc. (1k) | kept MACs | compact MACs | channels removed "
+        "/ zero kept | speedup | compression stage s (× ADMM's) | per-layer kept (min–max) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for label, r in runs.items():
         rates = list(r["rates"].values())
+        ratio = f" ({r['stage_ratio']:.2f}×)" if r["stage_ratio"] is not None else ""
         lines.append(
             f"| {label} | {pct(r['accuracy_val'])} | "
             f"{100 * r['accuracy_test']:.2f} % "
-            f"| {100 * r['kept_macs']:.1f} % | {100 * min(rates):.0f}–{100 * max(rates):.0f} % |"
+            f"| {100 * r['kept_macs']:.1f} % | {100 * r['compact_macs']:.1f} % "
+            f"| {r['channels_removed']} / {r['zero_channels_kept']} | {r['speedup']:.2f}× "
+            f"| {r['stage_seconds'].get(STAGE, 0.0):.0f}{ratio} "
+            f"| {100 * min(rates):.0f}–{100 * max(rates):.0f} % |"
         )
+    lines.append(f"\nLatency: dense {ms['dense']:.2f} ms at batch {args.latency_batch}, "
+                 f"{torch.get_num_threads()} threads, BN folded, NHWC, to_columns, paired "
+                 f"medians of "
+                 f"{args.latency_rounds} rounds.")  # fmt: skip
     (out / "results.md").write_text("\n".join(lines) + "\n")
     plot(runs, names, out / "rates.png")
     print("\n" + "\n".join(lines))

@@ -115,6 +115,13 @@ def test_ssauto_vs_admm_tiny_run(tmp_path):
         assert abs(r["kept_macs"] - 0.5) < 0.05
     uniform = res["runs"]["admm uniform"]["rates"].values()
     assert max(uniform) - min(uniform) < 0.05  # uniform is uniform; SS-Auto's are its own
+    ss = res["runs"]["ssauto"]
+    # SS-Auto's coupled rows: its target is the compact model's MACs, and compact removes
+    # every channel it killed (the uncoupled hard ADMM rows on residual convs cannot go)
+    assert abs(ss["compact_macs"] - 0.5) < 0.05 and ss["channels_removed"] > 0
+    assert ss["zero_channels_kept"] == 0
+    assert res["runs"]["admm uniform"]["stage_ratio"] == 1.0 and ss["stage_ratio"] > 0
+    assert res["dense_latency_ms"] > 0 and all(r["speedup"] > 0 for r in res["runs"].values())
     assert (out / "rates.png").read_bytes()[:4] == b"\x89PNG"
 
 

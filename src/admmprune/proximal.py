@@ -69,7 +69,7 @@ do), the kept fraction can jump past the target; the survivors closest to dying 
 its own convergence); a layer that ``min_keep`` binds gets the largest λ that keeps its floor
 once per update (to 1e-6), not a fresh bisection at every step of the search; the search starts
 from the previous update's λ. The λ and supports are those of the per-layer path (tested, to
-the search's 1e-4 in λ); the time is in benchmarks/README.md (``overhead.py``).
+the search's 1e-4 in λ); the time is in benchmarks/README.md (``overhead.py``, part 3).
 """
 
 from __future__ import annotations
