@@ -410,11 +410,16 @@ def test_compact_report_carries_macs():
     assert report.mac_reduction == pytest.approx(report.macs_before / report.macs_after)
 
 
-def test_tensorboard_logs_every_metrics_scalar(tmp_path):
+def test_tensorboard_logs_every_metrics_scalar(tmp_path, monkeypatch):
     pytest.importorskip("tensorboard", reason="needs the tensorboard extra")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
 
+    closed = []
+    original = SummaryWriter.close
+    monkeypatch.setattr(SummaryWriter, "close", lambda w: (closed.append(w), original(w))[1])
     _, run_dir = finished(tmp_path, logging={"tensorboard": True})
+    assert len(closed) == 1  # the run closes its writer (its file and thread) when it ends
     acc = EventAccumulator(str(run_dir / "tensorboard"))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])

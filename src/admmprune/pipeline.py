@@ -416,10 +416,15 @@ class _Run:
             self._started = (time.perf_counter(), done)  # the ETA's pace: this process's
         else:
             self.info["start_acc"] = self.evaluate()["test_acc"]
-        with self.flag:
-            for si in range(start, len(self.stages)):
-                self._run_stage(si, st if (st and si == start) else None)
-        return self._finish()
+        try:
+            with self.flag:
+                for si in range(start, len(self.stages)):
+                    self._run_stage(si, st if (st and si == start) else None)
+            return self._finish()
+        finally:
+            if self._tb is not None:  # also when a stage fails or the run is interrupted
+                self._tb.close()
+                self._tb = None
 
     def _restore(self, st: dict) -> None:
         """Model, masks, info, metrics file and RNG as the checkpoint left them."""
