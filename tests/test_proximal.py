@@ -283,8 +283,8 @@ def _reference_dykstra(V, tau_rows, tau_cols, iters):
 def _reference_support(s: SSAuto):
     """The reference path: every layer's prox on its own, a layer below min_keep rescaled by a
     bisection of its thresholds at every λ, and λ searched from 1e-6 at every update. (Before
-    the fast path the rescaling took 8 steps, to 1/256 of λ; here 20, so that both resolve
-    the floor more finely than the bisection on λ does.)"""
+    the fast path the rescaling took 8 steps, to 1/256 of λ; here 20, to 1e-6, so that the
+    floor is resolved as finely as the fast path's 1e-4 and the bisection on λ resolve it.)"""
 
     def prox_all(lam):
         out = {}

@@ -67,7 +67,7 @@ do), the kept fraction can jump past the target; the survivors closest to dying 
 
 **Cost of an update**: the layers of one GEMM shape run as one batched Dykstra (each stops at
 its own convergence); a layer that ``min_keep`` binds gets the largest λ that keeps its floor
-once per update (to 1e-6), not a fresh bisection at every step of the search; the search starts
+once per update (to 1e-4), not a fresh bisection at every step of the search; the search starts
 from the previous update's λ. The λ and supports are those of the per-layer path (tested, to
 the search's 1e-4 in λ); the time is in benchmarks/README.md (``overhead.py``, part 3).
 """
@@ -529,7 +529,7 @@ class SSAuto:
 
     def _find_floors(self, keys: list[str], lam: float) -> None:
         """For the keys (layers, units) that fall below ``min_keep`` at ``lam``: the largest λ
-        at which each still keeps its floor (bisection in log λ to 1e-6, all of them at once)
+        at which each still keeps its floor (bisection in log λ to 1e-4, all of them at once)
         and its prox there. A layer's thresholds scale with λ, so this λ does not depend on the
         global one: found once per update, it caps the layer's λ at every later step of the
         search."""
@@ -556,7 +556,7 @@ class SSAuto:
                     lo[n], self._floor_prox[n] = m, proxed[n]
                 else:
                     hi[n] = m
-            pending = {n for n in pending if hi[n] / lo[n] >= 1 + 1e-6}
+            pending = {n for n in pending if hi[n] / lo[n] >= 1 + 1e-4}
         self._floor_lam.update({n: lo[n] for n in keys})
 
     def _prox_all(self, lam: float) -> dict:
