@@ -206,3 +206,31 @@ def test_every_single_byte_corruption_of_a_packed_file_is_refused(tmp_path):
         path.write_bytes(bad)
         with pytest.raises(ValueError):
             ap.load_compressed(path, nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 2)))
+
+
+def test_conv1d_weights_are_stored_in_their_gemm_orientation(tmp_path):
+    """GPT-2's Conv1D stores W as [in, out]; pruned 2:4 along its inputs (its GEMM columns) it
+    is N:M in the accounting and in the packed file, and reads back in its own layout."""
+    tr = pytest.importorskip("transformers", reason="needs the [hf] extra")
+    torch.manual_seed(0)
+    model = tr.GPT2LMHeadModel(tr.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4))
+    names = ["transformer.h.0.attn.c_attn", "transformer.h.0.mlp.c_fc"]
+    ap.prune(model, dict.fromkeys(names, ap.NM(2, 4)))
+    W = model.get_parameter(f"{names[1]}.weight")  # [in 32, out 128]
+    assert W.shape == (32, 128) and int(W.T.reshape(-1, 4).ne(0).sum(1).max()) == 2
+    layers = storage(model)["layers"]
+    for n in names:
+        s = layers[f"{n}.weight"]
+        assert s["format"] == "nm" and (s["nm"]["n"], s["nm"]["m"]) == (2, 4)
+    path = tmp_path / "gpt2.admmprune"
+    ap.export_compressed(model, path)
+    fresh = tr.GPT2LMHeadModel(tr.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4))
+    back = ap.load_compressed(path, fresh)
+    for k, v in model.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+    header = json.loads(
+        zlib.decompress(
+            path.read_bytes()[12 : 12 + struct.unpack("<I", path.read_bytes()[8:12])[0]]
+        )
+    )
+    assert set(header["transposed"]) >= {f"{n}.weight" for n in names}

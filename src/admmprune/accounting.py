@@ -335,6 +335,12 @@ def layer_weights(model: nn.Module) -> set[str]:
     return out
 
 
+def transposed_weights(model: nn.Module) -> set[str]:
+    """State-dict names of the weights stored ``[in, out]`` (transformers' ``Conv1D``): their
+    GEMM view, the one storage formats see (rows = outputs, N:M along the inputs), is ``W.T``."""
+    return {f"{n}.weight" if n else "weight" for n, m in model.named_modules() if is_conv1d(m)}
+
+
 @torch.no_grad()
 def storage(model: nn.Module) -> dict:
     """Storage in bits of every tensor of ``model.state_dict()``.
@@ -347,11 +353,11 @@ def storage(model: nn.Module) -> dict:
     code every support could spend (a structured support can be coded in fewer, because it is
     not an arbitrary one). ``total_raw / total_bits`` is the compression rate.
     """
-    weights = layer_weights(model)
+    weights, transposed = layer_weights(model), transposed_weights(model)
     layers, other = {}, 0
     for name, t in model.state_dict().items():
         if name in weights:
-            layers[name] = weight_storage(t)
+            layers[name] = weight_storage(t.T if name in transposed else t)
         else:
             other += t.numel() * t.element_size() * 8
     weights_raw = sum(s["dense_raw"] for s in layers.values())

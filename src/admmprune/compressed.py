@@ -9,6 +9,10 @@ Layout (little-endian)::
     payload                          each tensor's sections, each padded to a whole byte
     CRC-32                           uint32, of everything before it (version 3 on)
 
+A weight stored ``[in, out]`` (transformers' ``Conv1D``) is written as its transpose, the GEMM
+view the formats are defined on (so 2:4 along its inputs is N:M), and listed in the header's
+``"transposed"`` (version 5 on); it is read back in its own layout.
+
 Every Conv/Linear weight is written in the smallest of the formats of
 :func:`admmprune.accounting.weight_storage` (dense codes, relative indices with fillers, the
 structured block with row/column bitmaps, or hybrid: those bitmaps with the block in relative
@@ -38,6 +42,7 @@ from .accounting import (
     layer_weights,
     nm_layout,
     relative_gaps,
+    transposed_weights,
     value_code,
     weight_storage,
 )
@@ -45,8 +50,10 @@ from .accounting import (
 __all__ = ["export_compressed", "load_compressed"]
 
 MAGIC = b"ADMMPRN"
-VERSION = 4  # 2 added the hybrid format, 3 the CRC-32, 4 the N:M format; older files read
-_READS = (1, 2, 3, 4)
+# 2 added the hybrid format, 3 the CRC-32, 4 the N:M format, 5 Conv1D weights in their GEMM
+# orientation (header "transposed"); older files read
+VERSION = 5
+_READS = (1, 2, 3, 4, 5)
 _CRC = 4  # bytes of the trailing CRC-32 (version 3 on)
 _DTYPES = {
     str(d).removeprefix("torch."): d
@@ -182,13 +189,16 @@ def export_compressed(
     ``model_spec`` (e.g. ``{"name": "lenet5", "num_classes": 10, "in_channels": 1,
     "input_size": 28}``) is stored so :func:`load_compressed` can build the model by itself.
     """
-    weights = layer_weights(model)
-    entries, payload = [], []
+    weights, transposed = layer_weights(model), transposed_weights(model)
+    entries, payload, flipped = [], [], []
     for name, t in model.state_dict().items():
         dtype = str(t.dtype).removeprefix("torch.")
         if dtype not in _DTYPES:
             raise ValueError(f"{name!r}: dtype {t.dtype} cannot be packed; cast the model first.")
         if name in weights and t.dtype.is_floating_point:
+            if name in transposed and t.ndim == 2:
+                t = t.T.contiguous()
+                flipped.append(name)
             meta, sections = _encode_weight(t)
         else:
             meta, sections = {"format": "raw"}, [_raw(t)]
@@ -196,7 +206,10 @@ def export_compressed(
         entries.append([name, dtype, list(t.shape), fmt, *(meta[k] for k in _FIELDS[fmt])])
         payload.extend(sections)
     header = zlib.compress(
-        json.dumps({"model": model_spec, "tensors": entries}, separators=(",", ":")).encode(), 9
+        json.dumps(
+            {"model": model_spec, "tensors": entries, "transposed": flipped}, separators=(",", ":")
+        ).encode(),
+        9,
     )
     data = MAGIC + bytes([VERSION]) + struct.pack("<I", len(header)) + header + b"".join(payload)
     data += struct.pack("<I", zlib.crc32(data))
@@ -344,6 +357,13 @@ def _read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
             sections.append(data[offset : offset + size])
             offset += size
         state[e["name"]] = _decode(e, sections)
+    flipped = header.get("transposed", [])
+    if not isinstance(flipped, list) or any(
+        not isinstance(n, str) or n not in state or state[n].ndim != 2 for n in flipped
+    ):
+        raise _MalformedError(f"bad transposed list {str(flipped)[:80]!r}")
+    for name in flipped:
+        state[name] = state[name].T.contiguous()
     return header, state
 
 
