@@ -99,6 +99,7 @@ def main() -> None:
     p.add_argument("--rho-growth", type=float, default=1.5, help="per update, every method")
     p.add_argument("--plain-prox", action="store_true", help="SS-Auto with debias=False")
     p.add_argument("--no-couple-bn", action="store_true", help="SS-Auto with couple_bn=False")
+    p.add_argument("--no-couple", action="store_true", help="SS-Auto with couple=False")
     p.add_argument("--min-keep", type=float, default=0.3, help="SS-Auto's per-layer floor")
     p.add_argument("--dual", action="store_true", help="SS-Auto with a dual variable U")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
@@ -170,6 +171,7 @@ def main() -> None:
     soft = {"layers": [LAYERS], "target": args.target, "by": "macs", "rho": args.rho,
             "rho_growth": args.rho_growth, "updates_per_epoch": args.updates_per_epoch,
             "debias": not args.plain_prox, "couple_bn": not args.no_couple_bn,
+            "couple": not args.no_couple,
             "min_keep": args.min_keep, "dual": args.dual}  # fmt: skip
     if "ssauto" in args.methods:
         go("ssauto", "ssauto", ssauto=soft)

@@ -309,7 +309,8 @@ class SSAuto:
                     if bn is not None and getattr(model.get_submodule(bn), attr) is not None:
                         self.bn[f"{bn}.{attr}"] = t.name
         self.units: list[_Coupled] = []
-        self._unit_of: dict[str, _Coupled] = {}
+        self._unit_of: dict[str, _Coupled] = {}  # target -> its unit
+        self._unit_by_key: dict[str, _Coupled] = {}
         self.alive: dict[str, torch.Tensor] = {}  # per unit: its channels the last update kept
         # (producer: a target or a unit key, row of channel j, consumer target, its GEMM
         # columns of channel j [n, k]): what compaction removes with a dead channel
@@ -360,6 +361,8 @@ class SSAuto:
                 for (n, idx), d in zip(g.members, dims)
                 if d == 0 and all(isinstance(i, int) for i in idx)
             ]
+            if len(members) != len(g.members):  # e.g. heads, or Conv1D's [in, out]: not ours
+                continue
             weights = [(n, r) for n, r in members if params[n].ndim >= 2]
             mine = [n for n, _ in weights if n in names]
             if not mine or any(len(r) != params[n].shape[0] for n, r in weights):
@@ -385,6 +388,7 @@ class SSAuto:
                     cols = torch.tensor(idx)[:, None] * k + torch.arange(k)[None, :]
                     self._consumers.append((producer, row, c, cols))
         self._unit_of = {n: u for u in self.units for n in u.targets}
+        self._unit_by_key = {u.key: u for u in self.units}
         for u in self.units:  # MAC weights of the members the spec left out
             for n, _ in u.weights:
                 if n not in self.positions:
@@ -500,7 +504,8 @@ class SSAuto:
                 res[n] = (Z, rows, Z.ne(0).any(0))
         return res
 
-    def _meets_floor(self, key: str, res: Mapping) -> bool:
+    def _meets_floor(self, res: Mapping) -> bool:
+        """Whether every target in one key's prox keeps its min_keep rows and columns."""
         targets = {t.name: t for t in self.targets}
         for n, (_, rows, cols) in ((n, v) for n, v in res.items() if n in targets):
             r_min, c_min = self._floor(targets[n])
@@ -516,16 +521,14 @@ class SSAuto:
         for n in names:
             M = self._matrix(targets[n])
             res[n] = (M, M.ne(0).any(1), M.ne(0).any(0))
-        if key in {u.key for u in self.units}:
-            n0 = len(next(u for u in self.units if u.key == key).weights[0][1])
+        if key in self._unit_by_key:
+            n0 = len(self._unit_by_key[key].weights[0][1])
             res[key] = (torch.ones(n0, dtype=torch.bool), torch.full((n0,), math.inf))
         return res
 
     def _unit_targets(self, key: str) -> list[str]:
-        for u in self.units:
-            if u.key == key:
-                return u.targets
-        return [key]
+        """The targets one key's λ acts on: a unit's, or the one layer."""
+        return self._unit_by_key[key].targets if key in self._unit_by_key else [key]
 
     def _find_floors(self, keys: list[str], lam: float) -> None:
         """For the keys (layers, units) that fall below ``min_keep`` at ``lam``: the largest λ
@@ -539,7 +542,7 @@ class SSAuto:
         while pending:  # step down until each keeps its floor (a tiny λ keeps everything)
             proxed = self._prox_at({n: lo[n] for n in pending})
             for n in sorted(pending):
-                if self._meets_floor(n, proxed[n]):
+                if self._meets_floor(proxed[n]):
                     self._floor_prox[n] = proxed[n]
                     pending.discard(n)
                 elif lo[n] < 1e-30 * lam:  # nothing but λ = 0 keeps it: keep every weight
@@ -552,7 +555,7 @@ class SSAuto:
             mid = {n: math.sqrt(lo[n] * hi[n]) for n in pending}
             proxed = self._prox_at(mid)
             for n, m in mid.items():
-                if self._meets_floor(n, proxed[n]):
+                if self._meets_floor(proxed[n]):
                     lo[n], self._floor_prox[n] = m, proxed[n]
                 else:
                     hi[n] = m
@@ -568,7 +571,7 @@ class SSAuto:
         by_key = self._prox_at({n: lam for n in keys if n not in capped})
         by_key.update({n: self._floor_prox[n] for n in capped})
         if self.min_keep:
-            short = [n for n in keys if n not in capped and not self._meets_floor(n, by_key[n])]
+            short = [n for n in keys if n not in capped and not self._meets_floor(by_key[n])]
             if short:
                 self._find_floors(short, lam)
                 by_key.update({n: self._floor_prox[n] for n in short})
@@ -701,8 +704,7 @@ class SSAuto:
                 eff_n[c] -= len(k)
             if axis == 2:
                 rows[name][i] = False
-                u = next(u for u in self.units if u.key == name)
-                for n, r in u.weights:
+                for n, r in self._unit_by_key[name].weights:
                     if n in targets:
                         rows[n][int(r[i])] = False
                         rows_n[n] -= 1
