@@ -308,6 +308,7 @@ class SSAuto:
                 for attr in ("weight", "bias"):
                     if bn is not None and getattr(model.get_submodule(bn), attr) is not None:
                         self.bn[f"{bn}.{attr}"] = t.name
+        self._by_name = {t.name: t for t in self.targets}
         self.units: list[_Coupled] = []
         self._unit_of: dict[str, _Coupled] = {}  # target -> its unit
         self._unit_by_key: dict[str, _Coupled] = {}
@@ -487,7 +488,7 @@ class SSAuto:
 
     def _prox_unit(self, u: _Coupled, lam: float) -> dict:
         Ms = self._unit_matrices(u)
-        targets = {t.name: t for t in self.targets}
+        targets = self._by_name
         tau_cols = [
             self._taus(targets[n], M, lam)[1] if n in targets else None
             for (n, _), M in zip(u.weights, Ms)
@@ -506,7 +507,7 @@ class SSAuto:
 
     def _meets_floor(self, res: Mapping) -> bool:
         """Whether every target in one key's prox keeps its min_keep rows and columns."""
-        targets = {t.name: t for t in self.targets}
+        targets = self._by_name
         for n, (_, rows, cols) in ((n, v) for n, v in res.items() if n in targets):
             r_min, c_min = self._floor(targets[n])
             if rows.sum() < r_min or cols.sum() < c_min:
@@ -515,7 +516,7 @@ class SSAuto:
 
     def _keep_all(self, key: str) -> dict:
         """λ = 0: every weight kept."""
-        targets = {t.name: t for t in self.targets}
+        targets = self._by_name
         names = self._unit_targets(key)
         res = {}
         for n in names:
@@ -577,20 +578,22 @@ class SSAuto:
                 by_key.update({n: self._floor_prox[n] for n in short})
         return {n: v for res in by_key.values() for n, v in res.items()}
 
+    def _dead_inputs(self, rows: Mapping, cols: Mapping) -> dict[str, torch.Tensor]:
+        """Per target, its GEMM columns that read a dead channel (compaction removes them)."""
+        dead_in = {n: torch.zeros_like(c) for n, c in cols.items()}
+        for producer, row, consumer, ccols in self._consumers:
+            dead = ~rows[producer].to(row.device)[row]
+            dead_in[consumer][ccols[dead].flatten().to(dead_in[consumer].device)] = True
+        return dead_in
+
     def _kept_count(self, rows: Mapping, cols: Mapping) -> float:
         """Σ positions × kept rows × kept columns over the targets, a consumer's columns that
         read a dead channel (one compaction removes) not counted."""
-        dead_in = {}
-        for producer, row, consumer, ccols in self._consumers:
-            dead = ~rows[producer].to(row.device)[row]
-            if dead.any():
-                d = dead_in.setdefault(consumer, torch.zeros_like(cols[consumer]))
-                d[ccols[dead].flatten().to(d.device)] = True
-        kept = 0
-        for t in self.targets:
-            c = cols[t.name] & ~dead_in[t.name] if t.name in dead_in else cols[t.name]
-            kept += self.positions[t.name] * int(rows[t.name].sum()) * int(c.sum())
-        return kept
+        dead_in = self._dead_inputs(rows, cols)
+        return sum(
+            self.positions[n] * int(rows[n].sum()) * int((cols[n] & ~dead_in[n]).sum())
+            for n in self._by_name
+        )
 
     def _total(self) -> float:
         return sum(self.positions[t.name] * t.param.numel() for t in self.targets)
@@ -641,12 +644,9 @@ class SSAuto:
         also takes its consumers' columns of that channel off the count, as compaction does."""
         weight = self.positions
         goal = self.target * self._total()
-        targets = {t.name: t for t in self.targets}
+        targets = self._by_name
         rows, cols = ({n: m.clone() for n, m in masks.items()} for masks in self._masks_of(proxed))
-        dead_in = {n: torch.zeros_like(cols[n]) for n in targets}
-        for producer, row, consumer, ccols in self._consumers:
-            dead = ~rows[producer].to(row.device)[row]
-            dead_in[consumer][ccols[dead].flatten().to(dead_in[consumer].device)] = True
+        dead_in = self._dead_inputs(rows, cols)
         rows_n = {n: int(rows[n].sum()) for n in targets}
         eff_n = {n: int((cols[n] & ~dead_in[n]).sum()) for n in targets}
         kept = sum(weight[n] * rows_n[n] * eff_n[n] for n in targets)
