@@ -45,8 +45,8 @@ class _ProximalPenalty(torch.autograd.Function):
 
     One node for every constrained weight (one Python call, not one per layer); the value comes
     from ``torch.dist``, which reads W and T without writing, and nothing is saved but
-    references, so a training step pays about five passes over the constrained weights, not
-    autograd's chain of copies.
+    references: the forward reads W and T once, the backward writes one ``rho·(W − T)`` per
+    weight, not autograd's chain of copies.
     """
 
     @staticmethod
