@@ -107,7 +107,9 @@ class ADMM:
         rho_growth: with a float ``rho``, multiply rho by this at every :meth:`update`.
         rho_max: with a float ``rho``, never grow rho past this.
         mode: ``"penalty"`` (add :meth:`penalty` to your loss) or ``"grad"`` (hooks add
-            ``rho·(W − Z + U)`` to each gradient in backward; do not add the penalty).
+            ``rho·(W − Z + U)`` to each gradient in backward; do not add the penalty). With
+            loss scaling (``torch.amp.GradScaler``) use ``"penalty"``: the hooks' term is not
+            scaled with the loss, so unscaling would divide the pull by the scale.
         groups: coupled channel groups (:func:`admmprune.channel_groups`), each projected
             jointly so that every channel ADMM zeroes is physically removable. A group member
             that ``spec`` also gives :class:`Columns` or :class:`Unstructured` gets both sets
