@@ -109,3 +109,23 @@ def test_two_four_linear_runs_on_the_sparse_kernels_and_matches_dense():
     with torch.no_grad():
         got = model(x)
     assert (got - want).abs().max() <= 1e-2 * want.abs().max()
+
+
+@cuda
+def test_deploy_on_cuda_times_cuda_graphs_and_keeps_the_outputs():
+    from torch import nn
+
+    import admmprune as ap
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 8, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4),
+    ).cuda().eval()  # fmt: skip
+    x = torch.randn(16, 3, 16, 16, device="cuda")
+    d = ap.deploy(model, x, rounds=5)
+    assert {"compile:default", "compile:reduce-overhead"} <= set(d.report.timings_ms) | set(
+        d.report.skipped
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(d(x), model(x), rtol=1e-3, atol=1e-4)

@@ -16,6 +16,7 @@ from .constraints import (
     Projection,
     Unstructured,
 )
+from .deploy import Deployed, DeployReport, deploy
 from .groups import ChannelGroup, channel_groups
 from .heads import PrunedMultiheadAttention, PrunedShiftedWindowAttention, head_groups
 from .masks import Masks, prune
@@ -36,6 +37,8 @@ __all__ = [
     "CompactReport",
     "CompactionError",
     "Constraint",
+    "DeployReport",
+    "Deployed",
     "Filters",
     "Intersection",
     "LayerReport",
@@ -52,6 +55,7 @@ __all__ = [
     "Unstructured",
     "channel_groups",
     "compact",
+    "deploy",
     "export_compressed",
     "head_groups",
     "load_compressed",
