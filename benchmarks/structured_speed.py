@@ -33,7 +33,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from admmprune import Columns, prune
+from admmprune import Columns, deploy, prune
 from admmprune.accounting import count
 from admmprune.compact import _output_layers, compact
 from admmprune.latency import inference_form, measure_paired
@@ -144,8 +144,15 @@ def main() -> None:
         help="time both models channels-last (oneDNN's fast layout; default) or NCHW",
     )  # fmt: skip
     p.add_argument("--no-fold-bn", action="store_true", help="time BatchNorm unfolded")
+    p.add_argument(
+        "--deploy", action="store_true",
+        help="time both as admmprune.deploy serves them (BN folded, NHWC, to_columns, then "
+        "eager or torch.compile by measurement); --memory-format / --no-fold-bn do not apply",
+    )  # fmt: skip
     p.add_argument("--out", default="benchmarks/results/structured_speed.json")
     args = p.parse_args()
+    if args.deploy and (args.memory_format != "nhwc" or args.no_fold_bn):
+        p.error("--deploy folds BN and runs NHWC itself: drop --memory-format / --no-fold-bn")
     torch.manual_seed(0)
     device = resolve_device(args.device)
     where = (
@@ -156,6 +163,7 @@ def main() -> None:
     rows = []
     form = {"channels_last": args.memory_format == "nhwc", "fold_bn": not args.no_fold_bn}
     bn = "BN folded" if form["fold_bn"] else "BN unfolded"
+    bn += ", admmprune.deploy" if args.deploy else ""
     print(f"{where}, {args.memory_format.upper()}, {bn}; medians of {args.rounds} paired runs\n")
     print(
         "| model | kind | MAC reduction | kept | stored non-zeros | batch | dense ms | pruned ms | "
@@ -173,8 +181,14 @@ def main() -> None:
             small = small.to(device)
             for batch in args.batches:
                 xb = torch.randn(batch, 3, 32, 32, device=device)
-                dense_form, xf = inference_form(timed_dense, xb, **form)
-                compact_form, _, forms = timed_form(small, xb, kind, form)
+                if args.deploy:
+                    dense_form, compact_form = deploy(timed_dense, xb), deploy(small, xb)
+                    xf = xb.contiguous(memory_format=torch.channels_last)
+                    forms = {"dense": dense_form.report.choice,
+                             "compact": compact_form.report.choice}  # fmt: skip
+                else:
+                    dense_form, xf = inference_form(timed_dense, xb, **form)
+                    compact_form, _, forms = timed_form(small, xb, kind, form)
                 pair = {"dense": dense_form, "compact": compact_form}
                 t = measure_paired(pair, xf, args.rounds)
                 td, ts = t["dense"], t["compact"]
@@ -194,7 +208,7 @@ def main() -> None:
                     "compact_ms": ts,
                     "speedup": td / ts,
                     "speedup_per_mac_reduction": td / ts / got,
-                    "column_forms": forms,
+                    "column_forms" if not args.deploy else "deploy_choice": forms,
                 }
                 rows.append(row)
                 print(
