@@ -138,6 +138,20 @@ def test_structured_speed_small_run(tmp_path):
         assert abs(r["mac_reduction"] - 4) / 4 < 0.05, r
 
 
+def test_structured_speed_deploy_run(tmp_path):
+    out = tmp_path / "d.json"
+    proc = run_script(
+        "benchmarks/structured_speed.py --deploy --models resnet20 --kinds channels "
+        f"--reductions 4 --rounds 1 --batches 2 --out {out}"
+    )
+    assert proc.returncode == 0, proc.stderr
+    (row,) = json.loads(out.read_text())["rows"]
+    forms = ("eager", "compile:default")
+    assert row["deploy_choice"]["dense"] in forms and row["deploy_choice"]["compact"] in forms
+    proc = run_script("benchmarks/structured_speed.py --deploy --memory-format nchw")
+    assert proc.returncode == 2 and "drop --memory-format" in proc.stderr
+
+
 def test_cifar_structadmm_tiny_run(tmp_path):
     out = tmp_path / "cs"
     proc = run_script(f"benchmarks/cifar_structadmm.py --dataset digits --quick --out {out}")
