@@ -78,8 +78,11 @@ def deploy(
     from .sparse import ColumnConv2d, to_columns
 
     report = DeployReport()
-    reference = copy.deepcopy(model).eval()
-    ref = reference(example)
+    was_training = model.training
+    try:
+        ref = model.eval()(example)  # what every form must reproduce
+    finally:
+        model.train(was_training)
     if not torch.is_tensor(ref):
         raise TypeError(
             f"deploy: {type(model).__name__} returns {type(ref).__name__}; deploy serves models "
