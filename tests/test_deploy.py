@@ -27,10 +27,12 @@ def pruned_cnn():
 
 @pytest.mark.parametrize("compile", [False, True])
 def test_deploy_computes_what_the_model_computes(compile):
-    model = pruned_cnn()
+    model = pruned_cnn().train()  # deploy serves the eval-mode model, and leaves this one be
     before = copy.deepcopy(model.state_dict())
     x = torch.randn(8, 3, 16, 16)
     d = ap.deploy(model, x, compile=compile, rounds=2)
+    assert model.training
+    model.eval()
     r = d.report
     assert r.steps[:2] == ["fold_bn", "channels_last"] and r.steps[-1] == r.choice
     with torch.no_grad():
