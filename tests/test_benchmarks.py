@@ -125,27 +125,26 @@ def test_ssauto_vs_admm_tiny_run(tmp_path):
     assert (out / "rates.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_structured_speed_small_run(tmp_path):
+def speed_rows(tmp_path, args: str) -> list[dict]:
+    """The rows of a tiny structured_speed.py run (ResNet-20 at 4x, batch 2, one round)."""
     out = tmp_path / "s.json"
     proc = run_script(
         "benchmarks/structured_speed.py --models resnet20 --reductions 4 --rounds 1 --batches 2 "
-        f"--out {out}"
+        f"--out {out} {args}"
     )
     assert proc.returncode == 0, proc.stderr
-    rows = json.loads(out.read_text())["rows"]
+    return json.loads(out.read_text())["rows"]
+
+
+def test_structured_speed_small_run(tmp_path):
+    rows = speed_rows(tmp_path, "")
     assert {r["kind"] for r in rows} == {"channels", "columns", "filters+columns"}
     for r in rows:  # each kind hits the MAC reduction it was asked for
         assert abs(r["mac_reduction"] - 4) / 4 < 0.05, r
 
 
 def test_structured_speed_deploy_run(tmp_path):
-    out = tmp_path / "d.json"
-    proc = run_script(
-        "benchmarks/structured_speed.py --deploy --models resnet20 --kinds channels "
-        f"--reductions 4 --rounds 1 --batches 2 --out {out}"
-    )
-    assert proc.returncode == 0, proc.stderr
-    (row,) = json.loads(out.read_text())["rows"]
+    (row,) = speed_rows(tmp_path, "--deploy --kinds channels")
     forms = ("eager", "compile:default")
     assert row["deploy_choice"]["dense"] in forms and row["deploy_choice"]["compact"] in forms
     proc = run_script("benchmarks/structured_speed.py --deploy --memory-format nchw")
