@@ -80,12 +80,16 @@ def recipe(args, out: Path, dense: Path, method: str, **extra) -> dict:
     return r
 
 
-def kept_macs(model: torch.nn.Module, x: torch.Tensor, names: list[str]) -> float:
+def kept_macs(
+    model: torch.nn.Module, x: torch.Tensor, names: list[str], dense: torch.nn.Module | None = None
+) -> float:
     """Kept fraction of the MACs of ``names``: positions × non-zero weights over positions ×
-    weights (what a row/column-compacted GEMM computes)."""
+    weights (what a row/column-compacted GEMM computes); with ``dense``, over that model's
+    MACs (``model`` being its compacted form)."""
     layers = {c.name: c for c in count(model, x)["layers"]}
+    full = layers if dense is None else {c.name: c for c in count(dense, x)["layers"]}
     mods = [n.removesuffix(".weight") for n in names]
-    return sum(layers[m].sparse_macs for m in mods) / sum(layers[m].macs for m in mods)
+    return sum(layers[m].sparse_macs for m in mods) / sum(full[m].macs for m in mods)
 
 
 def main() -> None:
@@ -141,13 +145,9 @@ def main() -> None:
             )
         m.eval()
         small, rep = compact(m, x1)
-        layers = {c.name: c for c in count(small, x1)["layers"]}
-        dense = {c.name: c for c in count(m, x1)["layers"]}
-        mods = [n.removesuffix(".weight") for n in names]
         compacted[label] = small
         runs[label] = {
-            "compact_macs": sum(layers[n].sparse_macs for n in mods)
-            / sum(dense[n].macs for n in mods),
+            "compact_macs": kept_macs(small, x1, names, dense=m),
             "channels_removed": sum(rep.removed.values()),
             "zero_channels_kept": rep.total_not_removable,
             "stage_seconds": s["seconds"],
