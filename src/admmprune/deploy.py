@@ -14,7 +14,8 @@
    outputs differ, is skipped and the reason reported.
 
 The result computes what the model computes: every candidate is checked on ``example``
-(``max|Δ| <= 1e-4 · max|y|`` in fp32, as :func:`admmprune.compact` checks).
+(``max|Δ| <= tol · max|y|``, ``tol`` by dtype from :data:`admmprune.compact.TOLERANCE`, as
+:func:`admmprune.compact` checks: 1e-4 in fp32).
 """
 
 from __future__ import annotations
@@ -25,11 +26,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .compact import TOLERANCE
 from .latency import inference_form, measure_paired
 
 __all__ = ["DeployReport", "Deployed", "deploy"]
 
-_TOLERANCE = 1e-4  # of max|y|, fp32
 _BETTER = 0.95  # a compiled form must take under 95 % of eager's time
 
 
@@ -60,7 +61,8 @@ class Deployed(nn.Module):
 
 def _outputs_agree(y: torch.Tensor, ref: torch.Tensor) -> bool:
     scale = float(ref.abs().max()) or 1.0
-    return y.shape == ref.shape and float((y - ref).abs().max()) <= _TOLERANCE * scale
+    tol = TOLERANCE.get(ref.dtype, 1e-4)
+    return y.shape == ref.shape and float((y - ref).abs().max()) <= tol * scale
 
 
 @torch.no_grad()
