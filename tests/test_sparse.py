@@ -78,6 +78,12 @@ def test_every_column_form_equals_the_masked_conv(geometry, form):
         assert torch.equal(again(x), y)
         y_cl = fast(x.contiguous(memory_format=torch.channels_last))
         assert (y_cl - ref).abs().max() <= 1e-5 * ref.abs().max()
+        if form == "offsets":  # the input's layout is kept; groups=1 runs tile by tile
+            assert y_cl.is_contiguous(memory_format=torch.channels_last) and y.is_contiguous()
+            per_sample = ref.shape[2] * ref.shape[3] * fast.W.shape[1] * 4
+            for tile_bytes in (1, 2 * per_sample):  # 1 + 1 + 1 and 2 + 1 samples
+                fast.tile_bytes = tile_bytes
+                assert torch.equal(fast(x), y)
 
 
 def test_a_conv_with_every_column_pruned_gives_its_bias():

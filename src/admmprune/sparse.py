@@ -6,8 +6,8 @@
 - 2:4 (N:M) sparsity on NVIDIA's sparse tensor cores: :func:`to_semi_structured` (CUDA).
 - Column (shape) sparsity: :class:`ColumnConv2d` in the fastest of three exact forms, measured
   per layer by :func:`to_columns`: the dense conv, a smaller conv on the input channels that
-  keep any column, or the kept columns grouped by kernel offset (one gather of the kept im2col
-  columns from the padded input, then one 1×1 conv with the kept weights).
+  keep any column, or the kept columns grouped by kernel offset (a gather of the kept im2col
+  columns from the padded input, then a GEMM with the kept weights, a few samples at a time).
 """
 
 from __future__ import annotations
@@ -124,14 +124,23 @@ class ColumnConv2d(nn.Module):
 
           y = b + Σ_(i,j) W[:, C_ij, i, j] ⋆₁ₓ₁ x̃[:, C_ij, i·d_h + s_h·p, j·d_w + s_w·q]
 
-      (``x̃`` zero-padded): one gather (flat indices into ``x̃``, cached per input size, in
-      the input's own layout) builds only the kept columns of the im2col matrix, and one 1×1
-      conv with the kept weights does exactly the kept MACs. Grouped convs share the kept
-      columns across groups, so the columns are ordered group by group and the 1×1 conv keeps
-      ``groups``.
+      (``x̃`` zero-padded): a gather (flat indices into ``x̃``, cached per input size) builds
+      only the kept columns of the im2col matrix, and a GEMM with the kept weights does exactly
+      the kept MACs. For ``groups = 1`` both run on a few samples at a time (``tile_bytes``
+      of columns per tile, padded in channels-last order), and each tile's GEMM writes its
+      rows of the output in place: a whole batch of columns is several times the input, and
+      allocating it fresh and streaming it through memory cost more than the gather.
+      Grouped convs (and traced or compiled ones, where the batch is symbolic) gather the
+      whole batch and run one 1×1 conv that keeps ``groups``; their columns are ordered
+      group by group, since groups share the kept columns.
 
     :func:`to_columns` picks the fastest form per layer by measurement.
     """
+
+    #: bytes of gathered columns per tile of the ``groups = 1`` offsets form: 8 MiB was the
+    #: fastest of 2–16 MiB on VGG-16's layers at batch 64 (2-thread Xeon, 2 MiB L2 per core);
+    #: much larger tiles no longer come from the allocator's free lists
+    tile_bytes = 2**23
 
     def __init__(self, conv: nn.Conv2d, form: str | None = None) -> None:
         super().__init__()
@@ -193,6 +202,9 @@ class ColumnConv2d(nn.Module):
         if self.idx.numel() == 0:  # every column pruned: only the bias is left
             y = x.new_zeros(N, self.out_channels, Ho, Wo)
             return y if self.b is None else y + self.b.view(1, -1, 1, 1)
+        tracing = torch.compiler.is_compiling() or torch.jit.is_tracing()
+        if groups == 1 and not tracing:
+            return self._tiled(x, Ho, Wo)
         xp = functional.pad(x, (padding[1], padding[1], padding[0], padding[0]))
         nhwc = xp.is_contiguous(memory_format=torch.channels_last)
         flat = self._gather_index(xp.shape[1:], Ho, Wo, nhwc)
@@ -203,11 +215,40 @@ class ColumnConv2d(nn.Module):
             cols = xp.reshape(N, -1).index_select(1, flat).view(N, -1, Ho, Wo)
         return functional.conv2d(cols, self.W, self.b, groups=groups)
 
-    def _gather_index(self, padded: torch.Size, Ho: int, Wo: int, nhwc: bool) -> torch.Tensor:
+    def _tiled(self, x: torch.Tensor, Ho: int, Wo: int) -> torch.Tensor:
+        """The ``groups = 1`` offsets form tile by tile: pad a few samples (channels-last),
+        gather their kept columns, and ``y_tile = cols · Wₖᵀ + b`` into the output."""
+        _, (ph, pw), _, _ = self.conv_args
+        N, C, H, Wd = x.shape
+        Hp, Wp, K = H + 2 * ph, Wd + 2 * pw, self.W.shape[1]
+        Wk = self.W.view(self.out_channels, K)
+        flat = self._gather_index(torch.Size((C, Hp, Wp)), Ho, Wo, True, int32=True)
+        x_nhwc = x.permute(0, 2, 3, 1)  # a view; the tiles are copied channels-last either way
+        y = x.new_empty(N, Ho, Wo, self.out_channels)
+        n = max(1, min(N, self.tile_bytes // max(1, Ho * Wo * K * x.element_size())))
+        for s in range(0, N, n):
+            m = min(n, N - s)
+            xp = x.new_empty(m, Hp, Wp, C)  # zero only the border: the interior is copied
+            xp[:, :ph].zero_()
+            xp[:, Hp - ph :].zero_()
+            xp[:, ph : Hp - ph, :pw].zero_()
+            xp[:, ph : Hp - ph, Wp - pw :].zero_()
+            xp[:, ph : Hp - ph, pw : Wp - pw].copy_(x_nhwc[s : s + m])
+            cols = xp.view(m, -1).index_select(1, flat).view(-1, K)
+            out = y[s : s + m].view(-1, self.out_channels)
+            torch.mm(cols, Wk.t(), out=out)
+            if self.b is not None:  # while the tile is in cache (addmm copies b in first)
+                out.add_(self.b)
+        y = y.permute(0, 3, 1, 2)  # NCHW shape, channels-last memory
+        return y if x.is_contiguous(memory_format=torch.channels_last) else y.contiguous()
+
+    def _gather_index(
+        self, padded: torch.Size, Ho: int, Wo: int, nhwc: bool, int32: bool = False
+    ) -> torch.Tensor:
         """Flat indices into one padded sample of every kept column at every output position:
         ``x̃[c, i·d_h + s_h·p, j·d_w + s_w·q]``, ordered ``[column, p, q]`` (NCHW) or
-        ``[p, q, column]`` (NHWC)."""
-        key = (tuple(padded), Ho, Wo, nhwc, self.idx.device)
+        ``[p, q, column]`` (NHWC); ``int32`` where a sample fits (half the index traffic)."""
+        key = (tuple(padded), Ho, Wo, nhwc, int32, self.idx.device)
         tracing = torch.compiler.is_compiling() or torch.jit.is_tracing()
         if not tracing and key in self._flat:
             return self._flat[key]
@@ -220,6 +261,8 @@ class ColumnConv2d(nn.Module):
         else:
             flat = (self.idx[:, None, None] * Hp + rows[:, :, None]) * Wp + cols[:, None, :]
         flat = flat.flatten()
+        if int32 and padded.numel() < 2**31:
+            flat = flat.int()
         if not tracing:
             self._flat[key] = flat
         return flat
