@@ -151,6 +151,24 @@ def test_structured_speed_deploy_run(tmp_path):
     assert proc.returncode == 2 and "drop --memory-format" in proc.stderr
 
 
+def test_column_forms_small_run(tmp_path):
+    out = tmp_path / "c.json"
+    proc = run_script(
+        f"benchmarks/column_forms.py --model resnet20 --keep 0.25 --batch 2 --rounds 1 --out {out}"
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(out.read_text())["rows"]
+    *layers, total = rows
+    # ResNet-20's 3x3 convs: the stem, the block convs of 3 widths, 2 strided ones
+    assert {(r["in"], r["out"]) for r in layers} == {
+        (3, 16), (16, 16), (16, 32), (32, 32), (32, 64), (64, 64)
+    }  # fmt: skip
+    assert sum(r["count"] for r in layers) == 19
+    assert total["total"] and total["dense_ms"] == pytest.approx(
+        sum(r["count"] * r["dense_ms"] for r in layers)
+    )
+
+
 def test_cifar_structadmm_tiny_run(tmp_path):
     out = tmp_path / "cs"
     proc = run_script(f"benchmarks/cifar_structadmm.py --dataset digits --quick --out {out}")
