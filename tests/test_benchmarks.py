@@ -1,11 +1,14 @@
 """Benchmark scripts run end to end on the embedded digits data (shortened)."""
 
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -167,6 +170,47 @@ def test_column_forms_small_run(tmp_path):
     assert total["total"] and total["dense_ms"] == pytest.approx(
         sum(r["count"] * r["dense_ms"] for r in layers)
     )
+
+
+def test_semi_structured_speed_plumbing_run_and_refusal(tmp_path):
+    pytest.importorskip("transformers", reason="needs the [hf] extra")
+    out = tmp_path / "s.json"
+    proc = run_script(
+        "benchmarks/semi_structured_speed.py --cpu-plumbing --hidden 256 --intermediate 512 "
+        f"--layers 2 --vocab 500 --seq-len 8 --batches 1 2 --rounds 1 --out {out}"
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert result["two_four_linears"] == 2 * 7  # every Linear of both blocks, not lm_head
+    parts = [r["part"] for r in result["rows"] if r["batch"] == 2]
+    assert parts == [
+        "self_attn.q_proj/k_proj/v_proj/o_proj (256, 256)",
+        "mlp.gate_proj/up_proj (512, 256)",
+        "mlp.down_proj (256, 512)",
+        "whole model",
+    ]
+    assert all(r["rel_diff"] == 0 for r in result["rows"])  # dense vs dense in plumbing mode
+    if not torch.cuda.is_available():
+        proc = run_script(f"benchmarks/semi_structured_speed.py --out {out}.gpu")
+        assert proc.returncode != 0 and "needs a CUDA GPU" in proc.stderr
+        assert not Path(f"{out}.gpu").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusals where no GPU is")
+def test_gpu_checks_script_runs_every_step_and_fails_without_a_gpu(tmp_path):
+    out = tmp_path / "gpu"
+    proc = subprocess.run(
+        ["bash", "benchmarks/gpu_checks.sh", str(out)], cwd=ROOT, capture_output=True,
+        text=True, timeout=600, env={**os.environ, "PYTHON": sys.executable, "STEP_LIMIT": "120"},
+    )  # fmt: skip
+    assert proc.returncode == 1
+    log = (out / "gpu_checks.log").read_text()
+    ends = re.findall(r"^== (\S+): exit (\d+)", log, flags=re.M)
+    assert [name for name, _ in ends] == [
+        "env", "cuda-tests", "two-four", "compact-latency", "compact-deploy"
+    ]  # fmt: skip
+    assert dict(ends)["cuda-tests"] == "0" and "needs a CUDA device" in log  # all skipped
+    assert "needs a CUDA GPU" in log and "no CUDA device is available" in log
 
 
 def test_cifar_structadmm_tiny_run(tmp_path):

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The checks of issues #19 / #20 that need a GPU, in one call: the CUDA tests, 2:4 latency on the
+# sparse tensor cores, and the channel-compacted models' latency (plain and as deploy serves them,
+# CUDA graphs among the candidates). Every result lands in OUT_DIR: gpu_checks.log and 3 JSONs.
+#
+#   bash benchmarks/gpu_checks.sh OUT_DIR
+#
+# On the lent GPU machine (its image has torch, transformers, onnx, pytest; not pydantic or
+# torch-pruning), with the wheels downloaded here into .whl/ (ignored by git; see the device
+# tool's README for the pip download line) and carried:
+#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl &&
+#     PYTHONPATH=/tmp/site bash benchmarks/gpu_checks.sh $OUT
+# Each step has its own time limit (seconds, STEP_LIMIT, default 150), so one that hangs cannot
+# take the others' time; the whole script is sized for ~8 minutes on an H100/H200.
+set -uo pipefail
+out=${1:?usage: bash benchmarks/gpu_checks.sh OUT_DIR}
+mkdir -p "$out"
+export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+py=${PYTHON:-python3}
+limit=${STEP_LIMIT:-150}
+log="$out/gpu_checks.log"
+status=0
+
+step() {  # step NAME COMMAND...: run it under the limit, its output appended to the log
+    local name=$1
+    shift
+    echo "== $name: $*" | tee -a "$log"
+    local t0=$SECONDS
+    timeout "$limit" "$@" 2>&1 | tee -a "$log"
+    local rc=${PIPESTATUS[0]}
+    echo "== $name: exit $rc after $((SECONDS - t0)) s" | tee -a "$log"
+    [ "$rc" -eq 0 ] || status=1
+}
+
+step env "$py" -c "import torch; print(torch.__version__, torch.cuda.get_device_name(0))"
+step cuda-tests "$py" -m pytest -q -rs tests/test_cuda.py
+step two-four "$py" benchmarks/semi_structured_speed.py --batches 1 16 64 \
+    --out "$out/semi_structured_speed.json"
+step compact-latency "$py" benchmarks/structured_speed.py --device cuda --kinds channels \
+    --models resnet20 resnet56 vgg16 --batches 1 64 512 --rounds 20 \
+    --out "$out/structured_speed_cuda.json"
+step compact-deploy "$py" benchmarks/structured_speed.py --device cuda --deploy --kinds channels \
+    --models resnet20 resnet56 --reductions 2 4 --batches 64 512 --rounds 20 \
+    --out "$out/structured_speed_cuda_deploy.json"
+exit $status
