@@ -129,3 +129,24 @@ def test_deploy_on_cuda_times_cuda_graphs_and_keeps_the_outputs():
     )
     with torch.no_grad():
         torch.testing.assert_close(d(x), model(x), rtol=1e-3, atol=1e-4)
+
+
+@cuda
+@pytest.mark.parametrize("form", ["dense", "channels", "offsets"])
+def test_column_forms_on_cuda_equal_the_masked_conv(form):
+    from torch import nn
+
+    from admmprune.sparse import ColumnConv2d
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 24, 3, padding=1)
+    with torch.no_grad():
+        conv.weight.mul_(torch.rand(conv.weight.shape[1:]) < 0.4)
+        conv.weight[:, 3] = 0  # a dead input channel, for the "channels" form
+    conv = conv.cuda()
+    fast = ColumnConv2d(conv, form).cuda()
+    x = torch.randn(5, 16, 12, 12, device="cuda")
+    with torch.no_grad():
+        for layout in (torch.contiguous_format, torch.channels_last) * 2:  # 2nd: cached index
+            xl = x.contiguous(memory_format=layout)
+            torch.testing.assert_close(fast(xl), conv(xl), rtol=1e-4, atol=1e-4)

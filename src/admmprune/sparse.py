@@ -126,13 +126,13 @@ class ColumnConv2d(nn.Module):
 
       (``x̃`` zero-padded): a gather (flat indices into ``x̃``, cached per input size) builds
       only the kept columns of the im2col matrix, and a GEMM with the kept weights does exactly
-      the kept MACs. For ``groups = 1`` both run on a few samples at a time (``tile_bytes``
-      of columns per tile, padded in channels-last order), and each tile's GEMM writes its
-      rows of the output in place: a whole batch of columns is several times the input, and
-      allocating it fresh and streaming it through memory cost more than the gather.
-      Grouped convs (and traced or compiled ones, where the batch is symbolic) gather the
-      whole batch and run one 1×1 conv that keeps ``groups``; their columns are ordered
-      group by group, since groups share the kept columns.
+      the kept MACs. On CPU with ``groups = 1`` both run on a few samples at a time
+      (``tile_bytes`` of columns per tile, padded in channels-last order), and each tile's
+      GEMM writes its rows of the output in place: a whole batch of columns is several times
+      the input, and allocating it fresh and streaming it through memory cost more than the
+      gather. Elsewhere (grouped convs, CUDA, and traced or compiled models, where the batch
+      is symbolic) the whole batch is gathered at once and one 1×1 conv that keeps
+      ``groups`` runs; the columns are ordered group by group, since groups share them.
 
     :func:`to_columns` picks the fastest form per layer by measurement.
     """
@@ -203,7 +203,7 @@ class ColumnConv2d(nn.Module):
             y = x.new_zeros(N, self.out_channels, Ho, Wo)
             return y if self.b is None else y + self.b.view(1, -1, 1, 1)
         tracing = torch.compiler.is_compiling() or torch.jit.is_tracing()
-        if groups == 1 and not tracing:
+        if groups == 1 and not tracing and x.device.type == "cpu":
             return self._tiled(x, Ho, Wo)
         xp = functional.pad(x, (padding[1], padding[1], padding[0], padding[0]))
         nhwc = xp.is_contiguous(memory_format=torch.channels_last)
