@@ -47,6 +47,7 @@ GEOMETRIES = [  # cin, cout, kernel, stride, padding, dilation, groups
     (6, 4, (5, 3), (2, 1), 0, (1, 2), 2),
     (3, 5, 3, 3, 4, 1, 1),  # padding wider than the kernel reach
     (4, 6, 1, 1, 0, 1, 1),
+    (5, 7, (3, 2), 2, (2, 1), 2, 1),  # groups=1 (tiled on CPU): dilated, strided, uneven pad
 ]
 
 
