@@ -158,6 +158,16 @@ def test_to_semi_structured_refuses_clearly_without_cuda():
         to_semi_structured(nn.Linear(64, 32))
 
 
+def test_a_one_layer_model_is_a_list_of_one_block():
+    tr = _transformers()
+    cfg = tr.LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
+                         num_attention_heads=4, intermediate_size=64)  # fmt: skip
+    model = _reinit(tr.LlamaForCausalLM(cfg))
+    masks = ap.oneshot(model, ap.Unstructured(0.5), calibration(n=2), solver="magnitude")
+    assert masks.report.by_layer == "model.layers"
+    assert len(masks) == 7 and all(n.startswith("model.layers.0.") for n in masks)
+
+
 def test_a_single_constraint_needs_a_list_of_blocks():
     with pytest.raises(ValueError, match="no list of identical blocks"):
         ap.oneshot(nn.Sequential(nn.Linear(4, 4)), ap.Unstructured(0.5), torch.randn(8, 4))

@@ -390,18 +390,19 @@ def _collect(run, n_batches: int, blocks, device, stop_early: bool, dense=None) 
 
 
 def _layer_list(model: nn.Module, targets: list[Target]) -> tuple[str, nn.ModuleList] | None:
-    """The ``nn.ModuleList`` of two or more blocks of one class (a transformer's decoder or
-    encoder layers) that holds every constrained layer, if there is one."""
+    """The ``nn.ModuleList`` of blocks of one class (a transformer's decoder or encoder layers)
+    that holds every constrained layer, if there is one."""
     names = [t.module_name for t in targets]
     holding = [(n, m) for n, m in _block_lists(model) if all(t.startswith(f"{n}.") for t in names)]
     return max(holding, key=lambda x: len(x[1]), default=None)
 
 
 def _block_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
-    """Every ``nn.ModuleList`` of two or more modules of one class, with its name."""
+    """Every non-empty ``nn.ModuleList`` of modules of one class, with its name (one block
+    counts: a 1-layer transformer is still a list of layers)."""
     return [
         (name, m) for name, m in model.named_modules()
-        if isinstance(m, nn.ModuleList) and len(m) >= 2 and len({type(c) for c in m}) == 1
+        if isinstance(m, nn.ModuleList) and len(m) >= 1 and len({type(c) for c in m}) == 1
     ]  # fmt: skip
 
 
