@@ -17,7 +17,8 @@ Everything is rebuilt offline, and cached in ``--out``:
 - **Model**: a LLaMA-architecture ``transformers`` causal LM (``--layers`` × ``--hidden``,
   tied embeddings), trained by this script with AdamW for ``--train-minutes`` (2 CPU threads:
   about 7 M parameters in 20 minutes), keeping the weights of the best validation perplexity
-  (checked every ``--eval-every`` steps); ``--device cuda`` trains where a GPU is.
+  (checked every ``--eval-every`` steps); ``--device cuda`` trains, prunes and evaluates on a
+  GPU.
 
 Then each solver prunes a fresh copy of the dense model from the same calibration windows
 (``--samples`` × ``--seq-len`` tokens; every Linear of the decoder blocks, sequential block by
@@ -222,8 +223,8 @@ def peak(report) -> int:
 
 
 def ours(dense: Path, solver: str, constraint, calibration, test, seq_len: int,
-         sequential=True) -> dict:  # fmt: skip
-    model = load(dense)
+         sequential=True, device="cpu") -> dict:  # fmt: skip
+    model = load(dense).to(device)  # pruned and evaluated there
     t = time.perf_counter()
     masks = ap.oneshot(
         model, constraint, calibration, solver=solver.removesuffix("-dense"),
@@ -336,7 +337,7 @@ def main() -> None:
     windows = torch.stack([train_ids[s : s + args.seq_len] for s in starts.tolist()])
     calibration = [{"input_ids": w} for w in windows.split(16)]
     torch.save(windows, args.out / "calibration.pt")
-    model = load(dense)
+    model = load(dense).to(args.device)
     params = sum(x.numel() for x in model.parameters())
     dense_ppl = perplexity(model, test, args.seq_len)
     print(f"dense: {params / 1e6:.2f} M parameters, test perplexity {dense_ppl:.2f}", flush=True)
@@ -344,7 +345,8 @@ def main() -> None:
     rows = []
     for setting in args.settings.split(","):
         for solver in args.solvers.split(","):
-            r = ours(dense, solver, SETTINGS[setting](), calibration, test, args.seq_len)
+            r = ours(dense, solver, SETTINGS[setting](), calibration, test, args.seq_len,
+                     device=args.device)  # fmt: skip
             rows.append({"setting": setting, "method": solver, **r})
             print(rows[-1], flush=True)
         if args.llmcompressor_python:
@@ -383,7 +385,8 @@ def main() -> None:
     if not args.skip_joint:
         for setting, make in JOINT.items():
             for solver in ("sparsegpt", "admm", "admm-dense"):
-                r = ours(dense, solver, make(), calibration, test, args.seq_len)
+                r = ours(dense, solver, make(), calibration, test, args.seq_len,
+                         device=args.device)  # fmt: skip
                 rows.append({"setting": setting, "method": solver, **r})
                 print(rows[-1], flush=True)
 

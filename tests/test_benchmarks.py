@@ -213,6 +213,23 @@ def test_gpu_checks_script_runs_every_step_and_fails_without_a_gpu(tmp_path):
     assert "needs a CUDA GPU" in log and "no CUDA device is available" in log
 
 
+def test_oneshot_lm_tiny_run(tmp_path):
+    pytest.importorskip("transformers", reason="needs the [hf] extra")
+    out = tmp_path / "lm"
+    proc = run_script(
+        "benchmarks/oneshot_lm.py --train-minutes 0.02 --layers 1 --hidden 64 --vocab 300 "
+        "--settings 50%,2:4 --solvers magnitude,admm --skip-joint --samples 4 --seq-len 32 "
+        f"--eval-every 10 --out {out}"
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((out / "results.json").read_text())
+    rows = {(r["setting"], r["method"]): r for r in result["rows"]}
+    assert set(rows) == {(s, m) for s in ("50%", "2:4") for m in ("magnitude", "admm")}
+    for r in rows.values():
+        assert r["kept"] == pytest.approx(0.5) and r["ppl"] > 1
+    assert (out / "perplexity_vs_sparsity.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_cifar_structadmm_tiny_run(tmp_path):
     out = tmp_path / "cs"
     proc = run_script(f"benchmarks/cifar_structadmm.py --dataset digits --quick --out {out}")
