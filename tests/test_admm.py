@@ -129,6 +129,35 @@ def test_grad_mode_adds_the_penalty_gradient_once_per_backward():
     assert not torch.allclose(model[0].weight.grad, grads["grad"][0], atol=1e-2)
 
 
+def test_grad_mode_with_the_grad_scaler_leaves_the_unscaled_pull():
+    """Under loss scaling the hooks add S·rho·(W − T), so after ``unscale_`` the gradient is
+    the penalty mode's; without the scaler the pull would come out divided by S."""
+    x, y = make_blobs(n=64)
+    grads = {}
+    for case in ("penalty", "grad+scaler", "grad alone"):
+        model = mlp(seed=5)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+        mode = "penalty" if case == "penalty" else "grad"
+        admm = ADMM(model, SPEC, rho=0.7, mode=mode,
+                    grad_scaler=scaler if case == "grad+scaler" else None)  # fmt: skip
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p), alpha=0.1)  # W − T ≠ 0 everywhere
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        loss = nn.functional.cross_entropy(model(x), y)
+        scaler.scale(loss + admm.penalty() if mode == "penalty" else loss).backward()
+        scaler.unscale_(opt)
+        grads[case] = [p.grad.clone() for p in model.parameters()]
+        admm.close()
+    for a, b in zip(grads["penalty"], grads["grad+scaler"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(grads["grad alone"][0], grads["penalty"][0], atol=1e-3)
+    with pytest.raises(ValueError, match="is for mode='grad'"):
+        ADMM(mlp(), SPEC, grad_scaler=torch.amp.GradScaler("cpu"))
+    with pytest.raises(TypeError, match=r"must be a torch\.amp\.GradScaler"):
+        ADMM(mlp(), SPEC, mode="grad", grad_scaler=2.0**16)
+
+
 def test_grad_mode_refuses_penalty_and_close_removes_hooks():
     model = mlp()
     admm = ADMM(model, SPEC, mode="grad", rho=1.0)

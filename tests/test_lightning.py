@@ -72,3 +72,23 @@ def test_callback_state_survives_a_lightning_checkpoint(tmp_path):
         cb2.masks["net.0.weight"], cb.masks["net.0.weight"]
     )
     assert torch.all(model2.net[0].weight[~cb.masks["net.0.weight"]] == 0)
+
+
+def _penalty_after_admm(tmp_path, **kw) -> tuple[float, ADMMCallback]:
+    torch.manual_seed(0)
+    model = Tiny()
+    cb = ADMMCallback(spec(), start_epoch=0, admm_epochs=5, rho=0.5)  # still in ADMM at the end
+    trainer(3, cb, default_root_dir=tmp_path, enable_checkpointing=False, **kw).fit(model, loader())
+    return cb.admm.penalty_value(), cb
+
+
+def test_callback_scales_its_pull_with_16_mixed_loss_scaling(tmp_path):
+    from lightning.pytorch.plugins import MixedPrecision
+
+    fp32, _ = _penalty_after_admm(tmp_path)
+    plugin = MixedPrecision("16-mixed", "cpu")  # loss scaled by 65536 before backward
+    mixed, cb = _penalty_after_admm(tmp_path, plugins=[plugin])
+    assert cb.admm.grad_scaler is plugin.scaler
+    # the same pull towards Z: W ends about as close to it (measured 1.3x fp32's penalty; an
+    # unscaled term, divided by 65536 on unscaling, left 11x)
+    assert mixed < 3 * fp32

@@ -108,8 +108,12 @@ class ADMM:
         rho_max: with a float ``rho``, never grow rho past this.
         mode: ``"penalty"`` (add :meth:`penalty` to your loss) or ``"grad"`` (hooks add
             ``rho·(W − Z + U)`` to each gradient in backward; do not add the penalty). With
-            loss scaling (``torch.amp.GradScaler``) use ``"penalty"``: the hooks' term is not
-            scaled with the loss, so unscaling would divide the pull by the scale.
+            loss scaling (``torch.amp.GradScaler``) pass ``grad_scaler``, or use
+            ``"penalty"``.
+        grad_scaler: with ``mode="grad"``, the ``torch.amp.GradScaler`` that scales your loss:
+            the hooks then add ``S·rho·(W − Z + U)`` (``S`` its current scale, read on the
+            device, no synchronisation), so that ``unscale_`` / ``step`` leave exactly
+            ``rho·(W − Z + U)``. Without it, unscaling would divide the pull by ``S``.
         groups: coupled channel groups (:func:`admmprune.channel_groups`), each projected
             jointly so that every channel ADMM zeroes is physically removable. A group member
             that ``spec`` also gives :class:`Columns` or :class:`Unstructured` gets both sets
@@ -124,8 +128,8 @@ class ADMM:
             :func:`admmprune.oneshot`: ``Z⁰ = W⁰ ⊙ M``) or ``{name: Z⁰}`` tensors, covering every
             constrained parameter. Training-time ADMM then starts from that solution.
 
-    Under ``torch.amp.GradScaler`` use ``mode="penalty"``: the hooks would add an unscaled term
-    to scaled gradients.
+    Under ``torch.amp.GradScaler`` either use ``mode="penalty"`` (the penalty is part of the
+    scaled loss) or give ``mode="grad"`` the scaler (``grad_scaler=``).
     """
 
     def __init__(
@@ -141,11 +145,22 @@ class ADMM:
         groups: Sequence[ChannelGroup] = (),
         support: Mapping[str, torch.Tensor] | None = None,
         init: Mapping[str, torch.Tensor] | None = None,
+        grad_scaler: torch.amp.GradScaler | None = None,
     ) -> None:
         if mode not in ("penalty", "grad"):
             raise ValueError(
                 f"mode={mode!r}: use 'penalty' (add admm.penalty() to the loss) or 'grad'."
             )
+        if grad_scaler is not None and mode != "grad":
+            raise ValueError(
+                "grad_scaler= is for mode='grad' (its hooks write into the scaled gradients); "
+                "in mode='penalty' the penalty is part of the loss the scaler scales: drop it."
+            )
+        if grad_scaler is not None and not hasattr(grad_scaler, "is_enabled"):
+            raise TypeError(
+                f"grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}."
+            )
+        self.grad_scaler = grad_scaler
         self.model = model
         self.mode = mode
         self._rho_spec = rho
@@ -329,13 +344,26 @@ class ADMM:
 
         def hook(W: torch.Tensor) -> None:
             T, rho = self._layer(t).T, self.rho
+            S = self._loss_scale()
             with torch.no_grad():
-                if W.grad.dtype == T.dtype:
+                if W.grad.dtype != T.dtype:  # fp16 / bf16 weights: the difference in fp32
+                    pull = (W.float() - T).mul_(rho)
+                    W.grad.add_((pull if S is None else pull.mul_(S)).to(W.grad.dtype))
+                elif S is None:
                     W.grad.add_(W, alpha=rho).sub_(T, alpha=rho)
-                else:  # fp16 / bf16 weights: the difference in fp32
-                    W.grad.add_((W.float() - T).mul_(rho).to(W.grad.dtype))
+                else:  # S stays a device tensor: reading it as a number would synchronise
+                    W.grad.addcmul_(W, S, value=rho).addcmul_(T, S, value=-rho)
 
         return hook
+
+    def _loss_scale(self) -> torch.Tensor | None:
+        """The grad scaler's current scale as a 0-dim tensor, or ``None`` (no scaler, disabled,
+        or it has not scaled a loss yet). ``_scale`` is GradScaler's own tensor: its public
+        ``get_scale()`` returns a float, i.e. a device sync in every hook."""
+        scaler = self.grad_scaler
+        if scaler is None or not scaler.is_enabled():
+            return None
+        return getattr(scaler, "_scale", None)
 
     # Z-, U-steps -------------------------------------------------------------------------------
     @torch.no_grad()

@@ -10,7 +10,8 @@ Epochs before ``start_epoch`` train dense; the next ``admm_epochs`` run ADMM (``
 the penalty's gradient ``rho·(W − Z + U)`` is added by hooks, so your ``training_step`` stays as
 it is) with a Z/U update every ``update_every`` epochs; then the model is hard-pruned and every
 later epoch is masked retraining (pruned weights stay exactly zero). The callback's state (ADMM
-Z/U/rho or the masks) is saved in Lightning checkpoints and restored on resume.
+Z/U/rho or the masks) is saved in Lightning checkpoints and restored on resume. Under
+``precision="16-mixed"`` the hooks scale their term with the Trainer's GradScaler.
 """
 
 from __future__ import annotations
@@ -64,8 +65,13 @@ class ADMMCallback(pl.Callback):
     def end_epoch(self) -> int:
         return self.start + self.epochs  # first epoch of masked retraining
 
-    def _new_admm(self, module) -> ADMM:
-        return ADMM(module, self.spec, default=self.default, mode="grad", **self.admm_kwargs)
+    def _new_admm(self, trainer: pl.Trainer, module) -> ADMM:
+        # "16-mixed" scales the loss: the hooks must scale their term with it
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        return ADMM(
+            module, self.spec, default=self.default, mode="grad", grad_scaler=scaler,
+            **self.admm_kwargs,
+        )  # fmt: skip
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch
@@ -73,7 +79,7 @@ class ADMMCallback(pl.Callback):
             self._restore(trainer, pl_module, self._pending)
             self._pending = None
         if epoch == self.start and self.admm is None and self.masks is None:
-            self.admm = self._new_admm(pl_module)
+            self.admm = self._new_admm(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.admm is None:
@@ -106,7 +112,7 @@ class ADMMCallback(pl.Callback):
 
     def _restore(self, trainer, pl_module, state: dict) -> None:
         if state.get("admm") is not None:
-            self.admm = self._new_admm(pl_module)
+            self.admm = self._new_admm(trainer, pl_module)
             self.admm.load_state_dict(state["admm"])
         if state.get("masks") is not None:
             self.masks = Masks.from_state_dict(pl_module, state["masks"]).attach(
