@@ -9,6 +9,7 @@
 Targets (issue #2): step overhead <= 10 %; the 100 M update under 2 s on 2 cores.
 
     python benchmarks/overhead.py [--batch 32] [--rounds 15] [--big 100]
+    python benchmarks/overhead.py --ssauto-against REV   # part 3 only, paired against a git rev
 """
 
 from __future__ import annotations
@@ -90,13 +91,16 @@ def update_times(million: int, repeats: int) -> dict[str, float]:
     return out
 
 
-def ssauto_update_times(repeats: int, couple: bool | None = None) -> dict[str, float]:
+def ssauto_update_times(repeats: int, couple: bool | None = None, SSAuto=None) -> dict[str, float]:
     """Seconds of one SS-Auto ``update()`` on CIFAR ResNet-20 (its 18 block convs, by MACs,
     ``min_keep=0.3``, target 0.5): the first (λ searched from scratch) and the median of the
     next ``repeats`` (weights moved between them); and one hard ADMM update for scale.
-    ``couple=None`` leaves the keyword out (versions before it)."""
+    ``couple=None`` leaves the keyword out (versions before it); ``SSAuto``: the class to time
+    (default: this checkout's)."""
     from admmprune.models import build_model
-    from admmprune.proximal import SSAuto
+
+    if SSAuto is None:
+        from admmprune.proximal import SSAuto
 
     torch.manual_seed(0)
     model = build_model("resnet20", num_classes=10, in_channels=3, input_size=32)
@@ -120,6 +124,45 @@ def ssauto_update_times(repeats: int, couple: bool | None = None) -> dict[str, f
     return {"first": first, "next": statistics.median(ts), "admm": time.perf_counter() - t0}
 
 
+def proximal_at(rev: str):
+    """``admmprune.proximal`` as it is at git revision ``rev``, loaded beside this checkout's
+    (its relative imports resolve to this checkout's other modules)."""
+    import subprocess
+    import sys
+    import types
+
+    root = Path(__file__).resolve().parents[1]
+    src = subprocess.run(
+        ["git", "show", f"{rev}:src/admmprune/proximal.py"], cwd=root, capture_output=True,
+        text=True, check=True,
+    ).stdout  # fmt: skip
+    module = types.ModuleType("admmprune._proximal_at_rev")
+    module.__package__ = "admmprune"
+    sys.modules[module.__name__] = module  # dataclasses look their module up there
+    exec(compile(src, f"{rev}:proximal.py", "exec"), module.__dict__)
+    return module
+
+
+def ssauto_paired(rev: str, rounds: int, repeats: int) -> dict:
+    """``ssauto_update_times`` of this checkout and of ``rev``, alternated ``rounds`` times
+    (the order flipping each round): the medians of each and their ratio."""
+    from admmprune.proximal import SSAuto
+
+    classes = {"this": SSAuto, rev: proximal_at(rev).SSAuto}
+    out = {}
+    for couple in (False, True):
+        runs = {k: [] for k in classes}
+        for r in range(rounds):
+            for k in list(classes)[:: 1 if r % 2 == 0 else -1]:
+                runs[k].append(ssauto_update_times(repeats, couple, classes[k]))
+        med = {
+            k: {f: statistics.median(x[f] for x in v) for f in ("first", "next")}
+            for k, v in runs.items()
+        }
+        out[f"couple={couple}"] = {**med, "next_ratio": med["this"]["next"] / med[rev]["next"]}
+    return out
+
+
 def main() -> None:
     ap_ = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -130,7 +173,27 @@ def main() -> None:
     ap_.add_argument("--repeats", type=int, default=3)
     ap_.add_argument("--seed", type=int, default=0)
     ap_.add_argument("--out", default="benchmarks/results/overhead.json")
+    ap_.add_argument(
+        "--ssauto-against", metavar="REV",
+        help="only part 3, this checkout's SSAuto against the one at git revision REV, paired",
+    )  # fmt: skip
     args = ap_.parse_args()
+    if args.ssauto_against:
+        rev = args.ssauto_against
+        res = ssauto_paired(rev, 3, args.repeats)
+        print(f"SSAuto.update() on ResNet-20, this checkout vs {rev}, seconds (3 paired rounds)")
+        print(
+            "| couple | first: this / rev | next: this / rev | next ratio |\n|---|---:|---:|---:|"
+        )
+        for c, r in res.items():
+            this, ref = r["this"], r[rev]
+            print(f"| {c} | {this['first']:.2f} / {ref['first']:.2f} | "
+                  f"{this['next']:.2f} / {ref['next']:.2f} | {r['next_ratio']:.2f} |")  # fmt: skip
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"against": rev, "ssauto_update_s": res}, indent=2))
+        print(f"\nwrote {out}")
+        return
 
     times = step_times(args.batch, args.rounds, args.seed)
     med = {v: statistics.median(ts) for v, ts in times.items()}

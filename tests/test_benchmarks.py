@@ -66,6 +66,20 @@ def test_overhead_benchmark_small_run(tmp_path):
     assert res["update"]["constrained_params"] >= 1_000_000
 
 
+def test_overhead_loads_ssauto_of_a_git_revision_beside_this_one():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("overhead", ROOT / "benchmarks/overhead.py")
+    overhead = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(overhead)
+    from admmprune.proximal import SSAuto
+
+    ref = overhead.proximal_at("HEAD")
+    assert ref.SSAuto is not SSAuto and ref.__name__ != "admmprune.proximal"
+    times = overhead.ssauto_update_times(1, True, ref.SSAuto)
+    assert set(times) == {"first", "next", "admm"} and times["next"] > 0
+
+
 def test_admmnns_compare_tiny_run_writes_table_and_json(tmp_path):
     out = tmp_path / "cmp"
     proc = run_script(
