@@ -138,8 +138,8 @@ class ColumnConv2d(nn.Module):
     """
 
     #: bytes of gathered columns per tile of the ``groups = 1`` offsets form: 8 MiB was the
-    #: fastest of 2–16 MiB on VGG-16's layers at batch 64 (2-thread Xeon, 2 MiB L2 per core);
-    #: much larger tiles no longer come from the allocator's free lists
+    #: fastest of 1–16 MiB on ResNet-56's and VGG-16's layers at batch 64 (2-thread Xeon, 2 MiB
+    #: L2 per core; ``benchmarks/column_forms.py --tile-mib``); 16 MiB lost on 64 channels at 32×32
     tile_bytes = 2**23
 
     def __init__(self, conv: nn.Conv2d, form: str | None = None) -> None:
