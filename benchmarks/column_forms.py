@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 from collections import Counter
 from pathlib import Path
 
@@ -150,10 +151,10 @@ def main() -> None:
                 ms = measure_paired(forms, x, args.rounds)
             ms.setdefault("views", float("nan"))
             for f, t in ms.items():
-                total[f] += n * (ms["dense"] if t != t else t)  # NaN: views do not apply
+                total[f] += n * (ms["dense"] if math.isnan(t) else t)  # views do not apply
             row = {"keep": keep, "in": cin, "out": cout, "map": list(hw), "stride": stride,
                    "count": n,
-                   **{f"{f}_ms": None if t != t else t for f, t in ms.items()}}  # fmt: skip
+                   **{f"{f}_ms": None if math.isnan(t) else t for f, t in ms.items()}}  # fmt: skip
             rows.append(row)
             print(f"| {keep:g} | {cin}→{cout}, {hw[0]}×{hw[1]}, stride {stride[0]} | {n} | "
                   f"{ms['dense']:.2f} | {ms['offsets']:.2f} | {ms['gemm']:.2f} | "
