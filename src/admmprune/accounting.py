@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ._graph import call, is_conv1d, no_cache
+from .experts import expert_weights, is_transposed
 from .select import raw_weights
 
 __all__ = ["LayerCount", "count", "storage", "weight_storage"]
@@ -326,13 +327,31 @@ def weight_storage(W: torch.Tensor) -> dict:
 def layer_weights(model: nn.Module) -> set[str]:
     """State-dict names of every Conv/Linear (and transformers' ``Conv1D``, stored ``[in, out]``)
     weight and every raw GEMM weight of attention and recurrent layers (``in_proj_weight``,
-    ``weight_ih_l0`` …): the tensors stored in a sparse format."""
+    ``weight_ih_l0`` …) and fused expert weight (``experts.gate_up_proj``): the tensors stored
+    in a sparse format."""
     out = set()
     for n, m in model.named_modules():
         if isinstance(m, _LAYERS) or is_conv1d(m):
             out.add(f"{n}.weight" if n else "weight")
-        out.update(f"{n}.{a}" if n else a for a in raw_weights(m))
+        out.update(f"{n}.{a}" if n else a for a in raw_weights(m) + expert_weights(m))
     return out
+
+
+def _expert_layouts(model: nn.Module) -> dict[str, bool]:
+    """Fused expert weights by state-dict name → stored ``[E, in, out]`` (transposed)."""
+    return {
+        f"{n}.{a}" if n else a: is_transposed(m)
+        for n, m in model.named_modules()
+        for a in expert_weights(m)
+    }
+
+
+def gemm_view(W: torch.Tensor, transposed: bool = False, experts: bool = False) -> torch.Tensor:
+    """A stored weight as the matrix storage formats see (rows = outputs): ``Wᵀ`` for
+    ``[in, out]``; a fused experts weight as its experts' GEMMs stacked, ``[E·out, in]``."""
+    if experts:
+        return (W.transpose(1, 2) if transposed else W).reshape(-1, W.shape[1 if transposed else 2])
+    return W.T if transposed else W
 
 
 def transposed_weights(model: nn.Module) -> set[str]:
@@ -354,10 +373,12 @@ def storage(model: nn.Module) -> dict:
     not an arbitrary one). ``total_raw / total_bits`` is the compression rate.
     """
     weights, transposed = layer_weights(model), transposed_weights(model)
+    experts = _expert_layouts(model)
     layers, other = {}, 0
     for name, t in model.state_dict().items():
         if name in weights:
-            layers[name] = weight_storage(t.T if name in transposed else t)
+            flip = experts.get(name, name in transposed)
+            layers[name] = weight_storage(gemm_view(t, flip, name in experts))
         else:
             other += t.numel() * t.element_size() * 8
     weights_raw = sum(s["dense_raw"] for s in layers.values())

@@ -234,8 +234,15 @@ class ADMM:
     def _group_targets(self) -> list[Target]:
         taken = {t.name for t in self.targets}
         modules = dict(self.model.named_modules())
+        params = dict(self.model.named_parameters())
         out = []
         for g in self.groups:
+            problem = g.problem(params)
+            if problem:
+                raise ValueError(
+                    f"{g!r} does not fit {type(self.model).__name__}: {problem}. Build the "
+                    "groups with channel_groups / head_groups on this model, or leave it out."
+                )
             for pname, _ in g.members:
                 if pname in taken:
                     raise ValueError(
@@ -277,10 +284,12 @@ class ADMM:
         if mask is None:
             return t.project(V)
         mask = mask.to(V.device)
-        kept = t.constraint.project(V[mask], t.groups)  # only the kept entries
-        Z = torch.zeros_like(V).masked_scatter_(mask, kept.Z)
-        support = torch.zeros_like(mask).masked_scatter_(mask, kept.support)
-        return Projection(Z, support)
+        if t.experts:  # each expert's kept entries on their own
+            parts = [_on_support(t, v, m) for v, m in zip(V, mask, strict=True)]
+            return Projection(
+                torch.stack([p.Z for p in parts]), torch.stack([p.support for p in parts])
+            )
+        return _on_support(t, V, mask)
 
     def _project(self, V: Mapping[str, torch.Tensor]) -> dict[str, Projection]:
         """Π_S for every target: one layer at a time, or a whole channel group jointly."""
@@ -483,3 +492,11 @@ class ADMM:
             )
         self.num_updates = int(state["num_updates"])
         self.rho = float(state["rho"])
+
+
+def _on_support(t: Target, V: torch.Tensor, mask: torch.Tensor) -> Projection:
+    """``Π_S`` of the entries of ``V`` on ``mask`` only (an element-wise set), zero elsewhere."""
+    kept = t.constraint.project(V[mask], t.groups)
+    Z = torch.zeros_like(V).masked_scatter_(mask, kept.Z)
+    support = torch.zeros_like(mask).masked_scatter_(mask, kept.support)
+    return Projection(Z, support)

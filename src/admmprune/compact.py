@@ -16,6 +16,7 @@ network's function unchanged. Channels zeroed in some producers but not all cann
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -105,6 +106,9 @@ def _reference(model: nn.Module, inputs: list) -> list:
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``max|a − b| / max|b|``; two empty outputs (a detector that found nothing) agree."""
+    if b.numel() == 0:
+        return 0.0 if a.numel() == 0 else math.inf
     return float((a.float() - b.float()).abs().max()) / max(float(b.float().abs().max()), 1e-12)
 
 
@@ -208,21 +212,47 @@ def _zero_out(module: nn.Module, idx: int) -> bool | None:
 
 
 def _output_layers(model: nn.Module, example_input) -> list[nn.Module]:
-    """The last Conv/Linear to run in forward: its outputs are the model's, never removed."""
+    """Every Conv/Linear whose output reaches a model output with its width unchanged: the
+    layers found walking back from each output through the autograd graph until a layer or a
+    mixing op (a matrix product or convolution nobody registered), plus the last layer to
+    run. A model with several outputs (detection heads, ``return cls(h), box(h)``) has several;
+    their channels are the model's outputs, never removed."""
     order: list[nn.Module] = []
+    made: dict = {}  # grad_fn of a layer's output → the layer
     types = _graph.layer_types(model)
-    hooks = [
-        m.register_forward_hook(lambda mod, *_: order.append(mod))
-        for m in model.modules()
-        if isinstance(m, types)
-    ]
+
+    def seen(mod, _args, out):
+        order.append(mod)
+        for t in _graph.floats(out):
+            if t.grad_fn is not None:
+                made.setdefault(t.grad_fn, mod)
+
+    hooks = [m.register_forward_hook(seen) for m in model.modules() if isinstance(m, types)]
     try:
-        with torch.no_grad(), _graph.no_cache(model):
-            _graph.call(model, example_input)
+        with torch.enable_grad(), _graph.no_cache(model):
+            outputs = _graph.floats(_graph.call(model, example_input))
     finally:
         for h in hooks:
             h.remove()
-    return order[-1:]
+    found = dict.fromkeys(order[-1:])
+    stack = [t.grad_fn for t in outputs if t.grad_fn is not None]
+    visited = set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in visited:
+            continue
+        visited.add(node)
+        if node in made:
+            found.setdefault(made[node])
+            continue
+        if type(node).__name__.startswith(_MIXING):
+            continue
+        stack.extend(nxt for nxt, _ in node.next_functions)
+    return list(found)
+
+
+# autograd nodes that mix features: a width behind them is not the output's
+_MIXING = ("Mm", "Addmm", "Bmm", "Baddbmm", "Convolution", "Embedding", "Mv", "Dot")
 
 
 def _name_of(model: nn.Module) -> dict[nn.Module, str]:

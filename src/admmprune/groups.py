@@ -69,6 +69,22 @@ class ChannelGroup:
                 owner += [j] * len(u)
             yield pname, dim, flat, owner
 
+    def problem(self, params: dict[str, torch.Tensor]) -> str | None:
+        """Why this group does not fit ``params`` (a member missing, or a channel index out of
+        its parameter's range), or None when it does."""
+        for pname, dim, flat, _ in self._slices():
+            p = params.get(pname)
+            if p is None:
+                return f"member {pname!r} is not a parameter of the model"
+            size = p.shape[dim] if p.ndim > dim else 0
+            bad = [i for i in flat if not 0 <= i < size]
+            if bad:
+                return (
+                    f"member {pname!r} has channel index {bad[0]}, but the parameter has "
+                    f"{size} along dim {dim}"
+                )
+        return None
+
     @torch.no_grad()
     def project(self, V: dict[str, torch.Tensor]) -> tuple[dict, dict]:
         """Π_S over the whole group (with ``norm="l1"``: the L1-ranked selection):
@@ -124,6 +140,7 @@ def channel_groups(
     if norm not in ("l1", "l2"):
         raise ValueError(f"channel_groups(norm={norm!r}): use 'l2' (ADMM) or 'l1' (one-shot).")
     names = {m: n for n, m in model.named_modules()}
+    params = dict(model.named_parameters())
     was_training = model.training
     model.eval()  # tracing runs a forward; batch-1 inputs would trip BatchNorm in train mode
     try:
@@ -168,12 +185,15 @@ def channel_groups(
                         1 if attr == "weight" and _graph.is_conv1d(m) else 0
                     )
         if members:
-            out.append(
-                ChannelGroup(
-                    root, keep, tuple(members.items()), norm, tuple(dims.values()),
-                    consumers=tuple(consumers.items()),
-                )
+            found = ChannelGroup(
+                root, keep, tuple(members.items()), norm, tuple(dims.values()),
+                consumers=tuple(consumers.items()),
             )  # fmt: skip
+            problem = found.problem(params)
+            if problem:  # e.g. a trace through post-processing that reshapes the channels
+                refused[root] = f"its traced channels do not fit the layer ({problem})"
+                continue
+            out.append(found)
     for a in DG.attention:  # say why an attention projection the glob names is not a group
         for m in a.projections():
             if layers is not None and fnmatch.fnmatchcase(names[m], layers):

@@ -119,11 +119,12 @@ def _spec(model: nn.Module, spec: dict, default) -> dict:
     from .select import select
 
     spec = {k: v for k, v in spec.items() if v is not None}
-    named = {t.module_name for t in select(model, spec)} if spec else set()
+    chosen = select(model, spec) if spec else []
+    named = {t.module_name for t in chosen} | {t.name for t in chosen}
     if default is not None:
-        spec |= {k: c for k, c in _blocks_spec(model, default).items() if k not in named}
+        spec |= {k: c for k, c in _blocks_spec(model, default)[0].items() if k not in named}
     for t in select(model, spec):
-        _View(t)  # a clear error for an embedding, a norm, …
+        _View(t, 0 if t.experts else None)  # a clear error for an embedding, a norm, …
     return spec
 
 

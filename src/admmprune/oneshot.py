@@ -70,6 +70,7 @@ from .constraints import (
     Unstructured,
     keep_count,
 )
+from .experts import ExpertTap, eager_experts, expert_weights, is_router
 from .masks import Masks
 from .quantization import _Levels, levels_for, nearest_level
 from .select import Spec, Target, select
@@ -86,7 +87,9 @@ SOLVERS = ("admm", "sparsegpt", "wanda", "magnitude")
 @dataclass
 class LayerReport:
     """One layer's result: its summed reconstruction error ``||X(Ŵ − W)ᵀ||²`` (``error``), the
-    same relative to ``||XWᵀ||²`` (``rel_error``), kept fraction, rows of X seen, seconds."""
+    same relative to ``||XWᵀ||²`` (``rel_error``), kept fraction, rows of X seen (for an expert:
+    the tokens routed to it), seconds, and the solver that ran (``"magnitude"`` for an expert
+    routed fewer than ``min_expert_tokens`` tokens)."""
 
     name: str
     error: float
@@ -94,6 +97,7 @@ class LayerReport:
     kept: float
     rows: int
     seconds: float
+    solver: str = ""
 
 
 @dataclass
@@ -113,6 +117,13 @@ class OneShotReport:
     # (None: from the model's input for every block of layers)
     by_layer: str | None = None
     activation_bytes_peak: int = 0  # the cached block inputs (by_layer only)
+    # the block lists whose layers one constraint went on (oneshot(model, constraint, ...))
+    block_lists: list[str] = field(default_factory=list)
+
+    @property
+    def fallbacks(self) -> dict[str, int]:
+        """Experts pruned by magnitude for want of routed tokens: ``{name: tokens seen}``."""
+        return {n: r.rows for n, r in self.layers.items() if r.solver != self.solver}
 
     @property
     def error(self) -> float:
@@ -136,6 +147,13 @@ class OneShotReport:
                 else ""
             )
             + f", {self.seconds:.1f} s"
+            + (
+                f"; {len(self.fallbacks)} expert(s) routed too few calibration tokens pruned by "
+                f"magnitude: {', '.join(list(self.fallbacks)[:8])}"
+                + (" …" if len(self.fallbacks) > 8 else "")
+                if self.fallbacks
+                else ""
+            )
         )
 
 
@@ -145,18 +163,25 @@ class OneShotReport:
 
 class _View:
     """How a layer's weight and inputs map onto the GEMM ``Y = X Wᵀ``, per conv group:
-    weights as ``[G, rows, d]``, inputs as ``[G, n, d]``."""
+    weights as ``[G, rows, d]``, inputs as ``[G, n, d]``. ``expert``: the slice ``W[expert]``
+    of a fused experts weight, a GEMM of its own (``key`` says where it runs: the module, or
+    the experts site)."""
 
-    def __init__(self, t: Target) -> None:
+    def __init__(self, t: Target, expert: int | None = None) -> None:
         m, W = t.module, t.param
-        self.name = t.name
-        if t.attr != "weight":
+        self.name = t.name if expert is None else f"{t.name}[{expert}]"
+        self.expert = expert
+        self.key = m if expert is None else (m, t.attr, expert)
+        if t.attr != "weight" and expert is None:
             raise ValueError(
                 f"one-shot pruning reconstructs layer outputs, so it constrains a layer's "
                 f"weight; {t.name!r} is not one. Leave it out of the spec."
             )
         self.transposed = False
-        if isinstance(m, nn.Linear):
+        if expert is not None:
+            self.kind, self.G, self.transposed = "linear", 1, t.transposed
+            W = W[expert]
+        elif isinstance(m, nn.Linear):
             self.kind, self.G = "linear", 1
         elif isinstance(m, (nn.Conv1d, nn.Conv2d)):
             self.kind, self.G = "conv", m.groups
@@ -178,10 +203,18 @@ class _View:
         else:
             self.signature = ("linear", self.d)
 
+    def weight(self, t: Target) -> torch.Tensor:
+        """This layer's weight in the model (the expert's slice: a view, written in place)."""
+        return t.param if self.expert is None else t.param[self.expert]
+
     def w3(self, W: torch.Tensor) -> torch.Tensor:
         """The parameter as ``[G, rows, d]`` fp32 (a copy)."""
         W = W.detach().t() if self.transposed else W.detach()
-        return W.float().reshape(self.G, self.rows, self.d).clone()
+        return (
+            W.float()
+            .reshape(self.G, self.rows, self.d)
+            .clone(memory_format=torch.contiguous_format)
+        )
 
     def gemm(self, W3: torch.Tensor) -> torch.Tensor:
         """``[G, rows, d]`` → the GEMM-view shape the constraints project."""
@@ -302,20 +335,37 @@ def _forward(model: nn.Module, batch, i: int, device) -> None:
         ) from e
 
 
-def _discover(model, views: dict[nn.Module, _View], first, device) -> tuple[list, bool]:
-    """Run one batch: the layers in call order, grouped into blocks that read the same input
-    tensor, and whether every layer is called exactly once (then a pass may stop early)."""
-    calls: list[tuple[_View, torch.Tensor]] = []
+@contextlib.contextmanager
+def _tapped(pre: dict, stop=None):
+    """``pre[key](x)`` with the input ``x`` before each watched layer runs (``key``: a module,
+    or an experts site, seen through :class:`ExpertTap`); once ``stop`` has run, the forward
+    ends (``_StopForwardError``). Yields the tap, or None when no expert is watched."""
 
-    def hook(module, args):
-        calls.append((views[module], args[0]))  # tensors kept alive: ids stay unique
+    def end(*_):
+        raise _StopForwardError
 
-    handles = [m.register_forward_pre_hook(hook) for m in views]
+    handles, sites = [], {}
+    for key, fn in pre.items():
+        if isinstance(key, nn.Module):
+            handles.append(key.register_forward_pre_hook(lambda _m, args, fn=fn: fn(args[0])))
+        else:
+            sites[key] = (lambda _site, x, fn=fn: fn(x), None)
+    if isinstance(stop, nn.Module):
+        handles.append(stop.register_forward_hook(end))
+    elif stop is not None:
+        sites[stop] = (sites.get(stop, (None, None))[0], end)
+    tap = ExpertTap.over(sites) if sites else None
     try:
-        _forward(model, first, 1, device)
+        with tap if tap is not None else contextlib.nullcontext():
+            yield tap
     finally:
         for h in handles:
             h.remove()
+
+
+def _blocks_of(calls) -> tuple[list[list[_View]], bool]:
+    """One batch's calls ``[(view, input)]`` in order → runs of layers reading one input tensor
+    (first calls only), and whether no layer ran twice."""
     seen: dict[str, int] = {}
     blocks: list[list[_View]] = []
     last_key = None
@@ -329,14 +379,91 @@ def _discover(model, views: dict[nn.Module, _View], first, device) -> tuple[list
         else:
             blocks.append([view])
         last_key = key
-    missing = [v.name for v in views.values() if v.name not in seen]
+    return blocks, all(n == 1 for n in seen.values())
+
+
+def _discover(model, views: dict, batches, device) -> tuple[list, bool, list[_View]]:
+    """Run every calibration batch: the layers in call order, grouped into blocks that read the
+    same input tensor; whether no layer runs twice in one forward (then a pass may stop
+    early); and the experts no batch routed a token to.
+
+    A layer first called in a later batch (an expert batch 1 did not route to) joins the
+    order right after the block called before it in that batch."""
+    order: list[str] = []  # blocks by their first layer's name
+    blocks: dict[str, list[_View]] = {}
+    where: dict[str, str] = {}  # layer name → its block
+    once = True
+    experts = {v.module for v in views.values() if v.expert is not None}
+    ran: set[nn.Module] = set()
+    used: dict = {}
+    for i, batch in enumerate(batches, 1):
+        calls: list[tuple[_View, torch.Tensor]] = []  # tensors kept alive: ids stay unique
+        pre = {v.key: (lambda x, v=v, rec=calls.append: rec((v, x))) for v in views.values()}
+        handles = [m.register_forward_pre_hook(lambda m, _a: ran.add(m)) for m in experts]
+        try:
+            with _tapped(pre) as tap:
+                _forward(model, batch, i, device)
+        finally:
+            for h in handles:
+                h.remove()
+        if tap is not None:
+            used.update(tap.layouts)
+        found, batch_once = _blocks_of(calls)
+        once = once and batch_once
+        del calls
+        pos = -1
+        for group in found:
+            known = [where[v.name] for v in group if v.name in where]
+            if known:
+                b = known[0]
+                pos = order.index(b)
+            else:
+                b = group[0].name
+                blocks[b] = []
+                pos += 1
+                order.insert(pos, b)
+            for v in group:
+                if v.name not in where:
+                    blocks[b].append(v)
+                    where[v.name] = b
+    _check_experts(views, ran, used, where)
+    missing = [v.name for v in views.values() if v.name not in where and v.expert is None]
     if missing:
         raise ValueError(
-            f"{missing[0]!r} is never called when the model runs on the calibration input, so it "
-            "has no statistics; leave it out of the spec."
+            f"{missing[0]!r} is never called when the model runs on the calibration input "
+            f"({len(batches)} batch(es)), so it has no statistics; leave it out of the spec."
         )
-    once = all(n == 1 for n in seen.values())
-    return blocks, once
+    unseen = [v for v in views.values() if v.expert is not None and v.name not in where]
+    return [blocks[b] for b in order], once, unseen
+
+
+def _check_experts(views: dict, ran: set, used: dict, where: dict) -> None:
+    """Refuse fused experts whose per-expert GEMMs could not be observed, or whose layout
+    (``[E, out, in]`` for ``F.linear``, ``[E, in, out]`` for ``x @ W``) is not the one the
+    module declares: their statistics would be missing or wrong."""
+    for v in views.values():
+        if v.expert is None:
+            continue
+        m, attr, _ = v.key
+        if m not in ran:
+            raise ValueError(
+                f"{v.name.rsplit('[', 1)[0]!r}: its experts module never runs on the calibration "
+                "input, so no expert has statistics; leave it out of the spec."
+            )
+        how = used.get((m, attr))
+        if how is None:
+            raise ValueError(
+                f"{v.name.rsplit('[', 1)[0]!r}: its experts module ran, but no expert's GEMM "
+                f"was seen. admmprune reads each expert as F.linear(x, W[e]) or x @ W[e] in the "
+                f"eager forward of {type(m).__name__}, and this class computes them another "
+                "way; leave its experts out of the spec (or prune them with admmprune.prune)."
+            )
+        if (how == "matmul") != v.transposed:
+            raise ValueError(
+                f"{v.name.rsplit('[', 1)[0]!r}: {type(m).__name__} runs its experts as "
+                f"{'x @ W[e]' if how == 'matmul' else 'F.linear(x, W[e])'}, but declares "
+                f"is_transposed={v.transposed}; the GEMM view would be wrong, so it is refused."
+            )
 
 
 def _collect(run, n_batches: int, blocks, device, stop_early: bool, dense=None) -> dict[str, _Gram]:
@@ -350,21 +477,20 @@ def _collect(run, n_batches: int, blocks, device, stop_early: bool, dense=None) 
         g = _Gram(block[0], device, cross=dense is not None)
         for v in block:
             grams[v.name] = g
-        hooks[block[0].module] = g  # the block's first layer reads the shared input
-    last = blocks[-1][-1].module
+        hooks[block[0].key] = g  # the block's first layer reads the shared input
+    last = blocks[-1][-1].key
     batch_no = [0]
     seen: dict[nn.Module, torch.Tensor] = {}  # this batch's dense input per layer
-
-    def pre(module, args):
-        hooks[module].add(args[0], batch_no[0], seen.pop(module, None))
+    pre = {
+        key: (lambda x, key=key, g=g: g.add(x, batch_no[0], seen.pop(key, None)))
+        for key, g in hooks.items()
+    }
 
     def after(module, args, output):
         raise _StopForwardError
 
-    handles = [m.register_forward_pre_hook(pre) for m in hooks]
-    if stop_early:
-        handles.append(last.register_forward_hook(after))
-    if dense is not None:
+    handles = []
+    if dense is not None:  # every key is a module here (experts are refused with it)
         run_dense, twin = dense
         for m in hooks:
             handles.append(twin[m].register_forward_pre_hook(
@@ -372,13 +498,14 @@ def _collect(run, n_batches: int, blocks, device, stop_early: bool, dense=None) 
         if stop_early:
             handles.append(twin[last].register_forward_hook(after))
     try:
-        for i in range(1, n_batches + 1):
-            batch_no[0] = i
-            if dense is not None:
+        with _tapped(pre, last if stop_early else None):
+            for i in range(1, n_batches + 1):
+                batch_no[0] = i
+                if dense is not None:
+                    with contextlib.suppress(_StopForwardError):
+                        run_dense(i)
                 with contextlib.suppress(_StopForwardError):
-                    run_dense(i)
-            with contextlib.suppress(_StopForwardError):
-                run(i)
+                    run(i)
     finally:
         for h in handles:
             h.remove()
@@ -406,25 +533,39 @@ def _block_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
     ]  # fmt: skip
 
 
-def _blocks_spec(model: nn.Module, constraint: Constraint) -> dict:
-    """``{layer name: constraint}`` for every Linear / transformers' ``Conv1D`` inside the
-    model's largest ``nn.ModuleList`` of identical blocks."""
-    lists = _block_lists(model)
+def _gemm_layers(block: nn.Module) -> list[str]:
+    """Names (relative to ``block``) of its Linear / ``Conv1D`` layers and fused expert weights,
+    never a router (a Linear scoring the experts beside it)."""
+    parents = {n: m for n, m in block.named_modules()}
+    out = []
+    for n, m in block.named_modules():
+        parent = parents.get(n.rpartition(".")[0])
+        if n and (isinstance(m, nn.Linear) or is_conv1d(m)) and not is_router(n, m, parent):
+            out.append(n)
+        out += [f"{n}.{a}" if n else a for a in expert_weights(m)]
+    return out
+
+
+def _blocks_spec(model: nn.Module, constraint: Constraint) -> tuple[dict, list[str]]:
+    """``{layer name: constraint}`` for every Linear / transformers' ``Conv1D`` / fused expert
+    weight inside every outermost ``nn.ModuleList`` of identical blocks (an encoder's and a
+    decoder's layers, a vision tower's: a list nested inside a block never replaces the
+    block list); and the names of those lists."""
+    lists = [(n, m) for n, m in _block_lists(model) if any(_gemm_layers(b) for b in m)]
     if not lists:
         raise ValueError(
             f"oneshot(model, {constraint!r}, ...): {type(model).__name__} has no list of "
-            "identical blocks (transformer layers) to apply one constraint to; give a spec "
-            "{name or glob: constraint}."
+            "identical blocks (transformer layers) holding Linear layers to apply one "
+            "constraint to; give a spec {name or glob: constraint}."
         )
-    name, blocks = max(lists, key=lambda x: len(x[1]))
+    outer = [(n, m) for n, m in lists if not any(n.startswith(f"{o}.") for o, _ in lists)]
     spec = {
-        f"{name}.{n}": constraint
-        for n, m in blocks.named_modules()
-        if isinstance(m, nn.Linear) or is_conv1d(m)
+        f"{name}.{i}.{n}": constraint
+        for name, blocks in outer
+        for i, block in enumerate(blocks)
+        for n in _gemm_layers(block)
     }
-    if not spec:
-        raise ValueError(f"{name!r} holds no Linear or Conv1D layer; give a spec.")
-    return spec
+    return spec, [n for n, _ in outer]
 
 
 def _capture(model, first: nn.Module, batches, device) -> list[tuple[tuple, dict]]:
@@ -847,6 +988,7 @@ def oneshot(
     log=None,
     by_layer: bool | None = None,
     dense_target: bool = False,
+    min_expert_tokens: int = 16,
     **solver_options,
 ) -> Masks:
     """Prune (and quantize) ``model`` in place, layer by layer, from calibration inputs.
@@ -878,6 +1020,11 @@ def oneshot(
             layers before it (``B = W·X_dᵀX̃`` replaces ``W·H``): the error the earlier layers
             made is corrected where this layer can, at the cost of a dense copy of the model
             (one layer with ``by_layer``) and a second forward per calibration pass.
+        min_expert_tokens: an expert of a fused mixture-of-experts weight (each expert is a
+            layer of its own, its Gram from exactly the tokens routed to it) that the
+            calibration routed fewer tokens than this is pruned by magnitude (too few rows
+            to fit it to); no expert is left dense. ``masks.report.fallbacks`` lists them,
+            and every expert's ``LayerReport`` its tokens and solver.
         solver_options: ``admm``: iters, ramp, rho, rho_growth, rho_every, cg_tol, cg_iters,
             quant_iters, quant_rho, quant_rho_growth; ``sparsegpt``: blocksize.
 
@@ -885,28 +1032,41 @@ def oneshot(
     :class:`OneShotReport`. On any error the model's weights are left as they were.
     """
     _check_args(solver, damp, solver_options, sequential, dense_target)
+    if isinstance(min_expert_tokens, bool) or not isinstance(min_expert_tokens, int):
+        raise ValueError(f"min_expert_tokens={min_expert_tokens!r}: an integer ≥ 0, e.g. 16.")
+    lists: list[str] = []
     if isinstance(spec, Constraint):
-        spec = _blocks_spec(model, spec)
+        spec, lists = _blocks_spec(model, spec)
     targets = select(model, spec, default)
     views = {}
     sets = {}
     for t in targets:
-        view = _View(t)
-        sparse, lv = _split(t.constraint, t.name)
-        if sparse is not None:
-            sparse.check(torch.empty(view.shape, device="meta"), t.name, view.G)
-        views[t.module] = view
-        sets[t.name] = (t, sparse, lv)
+        for e in range(t.param.shape[0]) if t.experts else [None]:
+            view = _View(t, e)
+            sparse, lv = _split(t.constraint, t.name)
+            if sparse is not None and e in (None, 0):
+                sparse.check(torch.empty(view.shape, device="meta"), t.name, view.G)
+            views[view.key] = view
+            sets[view.name] = (t, sparse, lv)
+    if dense_target and any(t.experts for t in targets):
+        raise ValueError(
+            "dense_target=True pairs each layer's input with the dense model's, but a router "
+            "sends other tokens to an expert in the pruned model than in the dense one; leave "
+            "the experts out of the spec, or use dense_target=False."
+        )
     batches = _batches(calibration)
     device = next(iter(targets)).param.device
     report = OneShotReport(solver, sum(_count(b) for b in batches), len(batches), sequential,
                            float(damp))  # fmt: skip
+    report.block_lists = lists
     start = time.perf_counter()
     originals = {t.name: t.param.detach().to("cpu", copy=True) for t in targets}
     training = model.training
     model.eval()
+    stack = contextlib.ExitStack()
     try:
-        blocks, once = _discover(model, views, batches[0], device)
+        stack.enter_context(eager_experts(model))
+        blocks, once, unseen = _discover(model, views, batches, device)
         if dense_target and not once:
             raise ValueError(
                 "dense_target=True pairs each layer's input with the dense model's, so every "
@@ -921,6 +1081,11 @@ def oneshot(
                 "blocks (a transformer's layers), with sequential on and by_layer not False."
             )
         supports = {}
+        for view in unseen:  # no token reached it: nothing to fit, magnitude
+            g = _Gram(view, device)
+            supports[view.name] = _solve_layer(
+                view, sets[view.name], _damped(g, damp), g, "magnitude", {}, report
+            )
 
         def solve(stage, run, dense=None):
             grams = _collect(run, len(batches), stage, device, once and sequential, dense)
@@ -935,10 +1100,12 @@ def oneshot(
                 options = solver_options
                 if g.C is not None:  # damped like H, so a layer with X̃ = X is the plain problem
                     options = {**solver_options, "C": g.C / max(1, g.n) + (H - g.H / max(1, g.n))}
+                few = block[0].expert is not None and g.n < min_expert_tokens
                 for view in block:
                     supports[view.name] = _solve_layer(
-                        view, sets[view.name], H, grams[view.name], solver, options, report
-                    )
+                        view, sets[view.name], H, grams[view.name],
+                        "magnitude" if few else solver, {} if few else options, report,
+                    )  # fmt: skip
 
         if found is not None:
             report.by_layer = found[0]
@@ -975,9 +1142,10 @@ def oneshot(
             t.param.copy_(originals[t.name].to(t.param.device))
         raise
     finally:
+        stack.close()
         model.train(training)
     report.seconds = time.perf_counter() - start
-    masks = Masks(model, supports)
+    masks = Masks(model, _assemble(targets, supports))
     masks.report = report
     if log is not None:
         log(report.summary())
@@ -988,7 +1156,7 @@ def _solve_layer(view, entry, H, gram, solver, options, report) -> torch.Tensor:
     """Solve one layer, write Ŵ into the model, record its report; returns its support."""
     t, sparse, lv = entry
     tic = time.perf_counter()
-    W = view.w3(t.param)
+    W = view.w3(view.weight(t))
     x_norms = torch.diagonal(gram.H, dim1=1, dim2=2).sqrt()  # ||X_j||₂ per group
     start = W
     if solver in ("sparsegpt", "admm"):  # weights on dead inputs change no output: drop them
@@ -1001,10 +1169,21 @@ def _solve_layer(view, entry, H, gram, solver, options, report) -> torch.Tensor:
     H_sum = gram.H
     err = _error(H_sum, W_hat - W)
     ref = _error(H_sum, W)
-    t.param.copy_(view.param(W_hat).to(t.param.dtype))
+    view.weight(t).copy_(view.param(W_hat).to(t.param.dtype))
     support = view.param(S)
-    report.layers[t.name] = LayerReport(
-        t.name, err, err / ref if ref > 0 else 0.0, float(S.float().mean()), gram.n,
-        time.perf_counter() - tic,
+    report.layers[view.name] = LayerReport(
+        view.name, err, err / ref if ref > 0 else 0.0, float(S.float().mean()), gram.n,
+        time.perf_counter() - tic, solver,
     )  # fmt: skip
     return support
+
+
+def _assemble(targets: list[Target], supports: dict[str, torch.Tensor]) -> dict:
+    """Per-parameter masks from per-layer supports (a fused experts weight's from its
+    experts' slices)."""
+    return {
+        t.name: torch.stack([supports[f"{t.name}[{e}]"] for e in range(t.param.shape[0])])
+        if t.experts
+        else supports[t.name]
+        for t in targets
+    }

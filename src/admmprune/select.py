@@ -4,8 +4,10 @@ A *spec* maps keys to constraints (or ``None`` to leave a layer alone):
 
 - a glob such as ``"conv*"`` or ``"layer1.*"`` matches the names of *prunable* modules, those
   whose ``weight`` has two or more dimensions (Conv and Linear), and attention / recurrent
-  layers with raw GEMM weights (``in_proj_weight``, ``weight_ih_l0`` …); the constraint goes on
-  that module's ``weight`` (or each raw GEMM weight);
+  layers with raw GEMM weights (``in_proj_weight``, ``weight_ih_l0`` …), and mixture-of-experts
+  containers with fused 3-D expert weights (``experts.gate_up_proj`` …: each expert is its own
+  GEMM, see :mod:`admmprune.experts`); the constraint goes on that module's ``weight`` (or each
+  raw GEMM weight, or each expert's slice);
 - an exact module name or full parameter name (``"fc1"``, ``"fc1.weight"``) matches that one
   module or parameter, whatever its kind (the constraint then checks the parameter's rank);
 - a module type or tuple of types (``nn.Conv2d``), or ``"type:Conv2d"`` (a ``torch.nn`` type
@@ -26,6 +28,8 @@ from torch import nn
 
 from ._graph import is_conv1d
 from .constraints import Constraint, Projection
+from .experts import expert_weights
+from .experts import is_transposed as experts_transposed
 
 __all__ = ["Spec", "Target", "select"]
 
@@ -45,6 +49,9 @@ class Target:
     groups: int = 1
     # stored [in, out] (transformers' Conv1D): the sets see Wᵀ, so Filters still means outputs
     transposed: bool = False
+    # a fused experts weight [E, out, in] (or [E, in, out], transposed): the set applies to
+    # each expert's slice on its own (its own kept count)
+    experts: bool = False
 
     @property
     def param(self) -> nn.Parameter:
@@ -52,7 +59,20 @@ class Target:
         return getattr(self.module, self.attr)
 
     def project(self, V: torch.Tensor) -> Projection:
-        """``Π_S(V)`` in the parameter's own layout."""
+        """``Π_S(V)`` in the parameter's own layout (per expert slice for fused experts)."""
+        if self.experts:
+            parts = [self._project(v) for v in V]
+            return Projection(
+                torch.stack([p.Z for p in parts]), torch.stack([p.support for p in parts])
+            )
+        return self._project(V)
+
+    def gemm_view(self, W: torch.Tensor) -> torch.Tensor:
+        """One GEMM's weight as ``[out, in, ...]`` (the first expert's, for fused experts)."""
+        W = W[0] if self.experts else W
+        return W.T if self.transposed else W
+
+    def _project(self, V: torch.Tensor) -> Projection:
         if not self.transposed:
             return self.constraint.project(V, self.groups)
         p = self.constraint.project(V.T, self.groups)
@@ -86,7 +106,7 @@ def _prunable(model: nn.Module) -> dict[str, tuple[str, nn.Module]]:
         w = getattr(module, "weight", None)
         if isinstance(w, nn.Parameter) and w.ndim >= 2:
             out[f"{mname}.weight" if mname else "weight"] = (mname, module)
-        for attr in raw_weights(module):
+        for attr in raw_weights(module) + expert_weights(module):
             out[f"{mname}.{attr}" if mname else attr] = (mname, module)
     return out
 
@@ -191,9 +211,13 @@ def select(model: nn.Module, spec: Spec, default: Constraint | None = None) -> l
         mname, module = params[name]
         groups = int(getattr(module, "groups", 1)) if name.endswith("weight") else 1
         attr = name[len(mname) + 1 :] if mname else name
-        transposed = attr == "weight" and is_conv1d(module)
-        constraint.check(param.T if transposed else param, name, groups)
-        targets.append(Target(name, mname, module, attr, constraint, groups, transposed))
+        experts = attr in expert_weights(module)
+        transposed = (
+            experts_transposed(module) if experts else attr == "weight" and is_conv1d(module)
+        )
+        t = Target(name, mname, module, attr, constraint, groups, transposed, experts)
+        constraint.check(t.gemm_view(param), name, groups)
+        targets.append(t)
     if not targets:
         raise ValueError(
             "the spec constrains no parameter (every key is None and no default is given); "

@@ -1,0 +1,97 @@
+"""Structure finding on the shapes users' models have: several outputs, groups that do not fit,
+empty outputs. Small stand-ins for what broke on detectors and the model zoo."""
+
+import pytest
+import torch
+from torch import nn
+
+import admmprune as ap
+from admmprune.compact import _output_layers, compact
+
+
+class TwoHeaded(nn.Module):
+    """``return cls(h), box(h)``: both heads' outputs are the model's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(),
+            nn.Conv2d(8, 12, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )  # fmt: skip
+        self.cls = nn.Linear(12, 5)
+        self.box = nn.Linear(12, 4)
+
+    def forward(self, x):
+        h = self.body(x)
+        return self.cls(h), self.box(h)
+
+
+class Thresholded(TwoHeaded):
+    """Detector-style post-processing: only the scores above a threshold come out."""
+
+    def __init__(self, threshold: float) -> None:
+        super().__init__()
+        self.threshold = threshold
+
+    def forward(self, x):
+        scores, boxes = super().forward(x)
+        keep = scores.sigmoid().amax(1) > self.threshold
+        return scores[keep], boxes[keep]
+
+
+def _randomized(model: nn.Module) -> nn.Module:
+    torch.manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+            nn.init.uniform_(m.bias, -0.2, 0.2)
+    return model.eval()
+
+
+def test_every_output_layer_is_protected():
+    model = _randomized(TwoHeaded())
+    x = torch.randn(2, 3, 12, 12)
+    assert set(_output_layers(model, x)) == {model.cls, model.box}
+    groups = ap.channel_groups(model, x, keep=0.5)
+    members = {p for g in groups for p, _ in g.members}
+    assert not any(p.startswith(("cls.", "box.")) for p in members)
+    assert "body.3.weight" in members  # the shared trunk is still offered
+    # zero half of the trunk's channels through ADMM's projection: compact keeps both heads
+    admm = ap.ADMM(model, {}, groups=groups, rho=1e-2)
+    admm.prune()
+    small, _ = compact(model, x)
+    assert small.cls.out_features == 5 and small.box.out_features == 4
+    assert small.body[3].out_channels == 6
+    y = torch.randn(3, 3, 12, 12)
+    with torch.no_grad():
+        for a, b in zip(model(y), small(y), strict=True):
+            assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_a_group_that_does_not_fit_is_refused_by_name():
+    model = _randomized(TwoHeaded())
+    bad = ap.ChannelGroup(
+        "cls", 0.5, (("cls.weight", tuple(range(6))), ("cls.bias", tuple(range(6))))
+    )
+    with pytest.raises(ValueError, match=r"cls\.weight.*index 5.*5 along dim 0"):
+        ap.ADMM(model, {}, groups=[bad])
+    missing = ap.ChannelGroup("x", 0.5, (("nope.weight", (0, 1)),))
+    with pytest.raises(ValueError, match=r"'nope\.weight' is not a parameter"):
+        ap.ADMM(model, {}, groups=[missing])
+
+
+@pytest.mark.parametrize("threshold", [2.0, 0.0])  # nothing above it / everything
+def test_compact_checks_empty_and_full_outputs(threshold):
+    model = _randomized(Thresholded(threshold))
+    x = torch.randn(2, 3, 12, 12)
+    with torch.no_grad():
+        model.body[3].weight[:6] = 0
+        model.body[3].bias[:6] = 0
+    small, _ = compact(model, x)
+    assert small.body[3].out_channels == 6
+    with torch.no_grad():
+        for a, b in zip(model(x), small(x), strict=True):
+            assert a.shape == b.shape
+            assert a.numel() == 0 if threshold > 1 else torch.allclose(a, b, atol=1e-5)
