@@ -95,3 +95,45 @@ def test_compact_checks_empty_and_full_outputs(threshold):
         for a, b in zip(model(x), small(x), strict=True):
             assert a.shape == b.shape
             assert a.numel() == 0 if threshold > 1 else torch.allclose(a, b, atol=1e-5)
+
+
+def test_a_dependency_analysis_past_its_time_bound_is_a_clear_refusal(monkeypatch):
+    from admmprune import _graph
+
+    monkeypatch.setattr(_graph, "TIME_LIMIT", 1e-3)
+    monkeypatch.setattr(_graph, "TIME_PER_MODULE", 0.0)
+    model = _randomized(TwoHeaded())
+    x = torch.randn(2, 3, 12, 12)
+    with pytest.raises(ValueError, match=r"could not trace and group TwoHeaded within 0 s"):
+        ap.channel_groups(model, x, keep=0.5)
+    # compact keeps every channel and says why, instead of hanging
+    with torch.no_grad():
+        model.body[3].weight[:6] = 0
+        model.body[3].bias[:6] = 0
+    small, report = compact(model, x)
+    assert small.body[3].out_channels == 12
+    assert "within" in " ".join(str(v) for v in report.skipped.values())
+    monkeypatch.undo()
+    assert ap.channel_groups(model, x, keep=0.5)  # the timer is gone: it works again
+
+
+def test_phi_structure_finding_ends_and_compacts_exactly():
+    """Phi's partial rotary made Torch-Pruning's group search cycle for minutes."""
+    tf = pytest.importorskip("transformers", reason="needs the [hf] extra")
+    cfg = tf.PhiConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
+                       num_hidden_layers=2, num_attention_heads=4)  # fmt: skip
+    torch.manual_seed(0)
+    model = tf.PhiForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim > 1:
+                p.normal_(0, 0.2)
+    x = {"input_ids": torch.randint(0, 64, (1, 8))}
+    groups = ap.channel_groups(model, x, keep=0.5)
+    assert {g.name for g in groups} == {"model.layers.0.mlp.fc1", "model.layers.1.mlp.fc1"}
+    ap.ADMM(model, {}, groups=groups, rho=1e-2).prune()
+    small, _ = compact(model, x)
+    assert small.model.layers[0].mlp.fc1.out_features == 24
+    y = torch.randint(0, 64, (2, 8))
+    with torch.no_grad():
+        assert torch.allclose(model(y).logits, small(y).logits, atol=1e-4)

@@ -13,6 +13,11 @@ is the one place that does it, so both see the same groups:
   grouped-query and Swin attention take minutes) nor channel-pruned (heads are removed whole by
   :mod:`admmprune.heads`).
 
+Both the trace and the grouping are bounded: a group whose search cycles for ever is refused
+(``DEPS_PER_NODE``), and the whole analysis stops with a :class:`GraphError` naming the model
+after ``TIME_LIMIT`` seconds (plus ``TIME_PER_MODULE`` per module), where Torch-Pruning's
+index mappings blow up (Swin V2, MaxViT): a clear refusal instead of a hang.
+
 The graph's ``refusal(group)`` says why a group's channels must stay: they are normalised together
 (LayerNorm/RMSNorm statistics change when a channel leaves), looked up from an embedding, read
 by an attention module, or cross a grouped convolution.
@@ -22,6 +27,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import signal
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -134,6 +142,62 @@ class GraphError(ValueError):
     """Torch-Pruning could not build or group the model's dependency graph."""
 
 
+#: seconds the dependency analysis of one model may take (plus TIME_PER_MODULE per module)
+TIME_LIMIT = 60.0
+TIME_PER_MODULE = 0.02
+
+
+class _DeadlineError(BaseException):
+    """Raised by the timer inside the analysis, turned into a GraphError by ``deadline``
+    (a BaseException, so that no ``except Exception`` on the way swallows it)."""
+
+
+@contextlib.contextmanager
+def deadline(model: nn.Module, what: str) -> Iterator[None]:
+    """Stop the dependency analysis of ``model`` with a :class:`GraphError` once it has run
+    past its time bound (on the main thread of a POSIX process: the timer is SIGALRM's; the
+    caller's own timer is put back after)."""
+    limit = TIME_LIMIT + TIME_PER_MODULE * sum(1 for _ in model.modules())
+    if (
+        not hasattr(signal, "setitimer")
+        or threading.current_thread() is not threading.main_thread()
+    ):
+        yield
+        return
+    start = time.monotonic()
+
+    def stop(*_):
+        raise _DeadlineError
+
+    previous = signal.signal(signal.SIGALRM, stop)
+    old_timer = signal.setitimer(signal.ITIMER_REAL, limit)
+    try:
+        yield
+    except _DeadlineError:
+        raise GraphError(
+            f"Torch-Pruning's dependency analysis could not {what} {type(model).__name__} "
+            f"within {limit:.0f} s (its channel index mappings grow without bound on this "
+            "architecture). Structured channel pruning is not available for this model; "
+            "unstructured, N:M and head pruning do not need the graph."
+        ) from None
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        if old_timer[0] > 0:  # the caller's timer, less the time we took
+            signal.setitimer(
+                signal.ITIMER_REAL, max(1e-3, old_timer[0] - (time.monotonic() - start))
+            )
+
+
+class _EndlessGroupError(Exception):
+    """A group's dependency search passed its bound (see ``Graph.get_pruning_group``)."""
+
+
+#: a channel group's search reaches one (layer, handler) at most this many times (other
+#: index sets through concatenations and splits); more is a cycle that never closes
+DEPS_PER_NODE = 16
+
+
 def _explained(model: nn.Module, what: str):
     return _explained_name(type(model).__name__, what)
 
@@ -166,6 +230,7 @@ def _graph_class():
             super().__init__()
             self.attention = attention
             self.opaque: set = set()  # reshapes whose channel mapping is unknown
+            self.endless: set = set()  # roots whose dependency search did not end
             self.names = {m: n for n, m in model.named_modules()}
             self.owners = {  # id(parameter) → (module name, module)
                 id(p): (n, m) for n, m in model.named_modules() for p in m.parameters(False)
@@ -175,9 +240,35 @@ def _graph_class():
             self.types = layer_types(model)
             self.model_name = type(model).__name__
 
-        def get_pruning_group(self, *args, **kwargs):
-            with _guarded_reshapes(self.opaque):
-                return super().get_pruning_group(*args, **kwargs)
+        def get_pruning_group(self, module, pruning_fn, idxs):
+            """Torch-Pruning's group, its search bounded: one whose index mappings change at
+            every turn of a cycle (Phi's partial rotary) would grow for ever. Past
+            ``DEPS_PER_NODE`` visits of one (layer, handler) the root alone is returned and
+            recorded in ``endless`` (:meth:`refusal` keeps its channels)."""
+            from torch_pruning.dependency.dependency import Dependency
+            from torch_pruning.dependency.group import Group
+
+            add = Group.add_dep
+            times: dict = {}
+
+            def bounded(group, dep, idxs):
+                key = (id(group), id(dep.target), dep.handler)
+                times[key] = times.get(key, 0) + 1
+                if times[key] > DEPS_PER_NODE:
+                    raise _EndlessGroupError
+                add(group, dep, idxs)
+
+            Group.add_dep = bounded
+            try:
+                with _guarded_reshapes(self.opaque):
+                    return super().get_pruning_group(module, pruning_fn, idxs)
+            except _EndlessGroupError:
+                self.endless.add(module)
+                group, node = Group(), self.module2node[module]
+                add(group, Dependency(pruning_fn, pruning_fn, node, node), list(idxs))
+                return group
+            finally:
+                Group.add_dep = add
 
         def groups(self, ignored: list[nn.Module]) -> list:
             """Every channel group rooted at a producer layer (``get_all_groups``)."""
@@ -229,6 +320,13 @@ def _refusal(DG, group) -> str | None:
     """Why the channels of a Torch-Pruning ``group`` cannot leave with the function unchanged,
     or ``None`` (``DG``: the :func:`build` graph, with the model's names and attention)."""
     names, owners, inside, opaque = DG.names, DG.owners, DG.inside, DG.opaque
+    root = group.items[0].dep.target.module
+    if root in DG.endless:
+        return (
+            "Torch-Pruning's search for the layers coupled to its channels does not end (a "
+            "cycle whose channel mapping changes at every turn, e.g. a partial rotary "
+            "embedding's slice and concat)"
+        )
     reasons = []  # (priority, text): the most basic cause is named
     for item in group.items:
         m = item.dep.target.module

@@ -263,9 +263,11 @@ def _removable(model: nn.Module, example_input, ignored: list[nn.Module]):
     """The dependency graph, and per channel group ``(root, handler, root indices of the
     removable channels, not-removable count, reason kept)``; a layer always keeps one channel.
     Attention projections are not channel groups (their rows are heads: :mod:`.heads`)."""
-    DG = _graph.build(model, example_input)
+    with _graph.deadline(model, "trace and group"):
+        DG = _graph.build(model, example_input)
+        found = DG.groups(ignored)
     plans = []
-    for group in DG.groups(ignored):
+    for group in found:
         root = group.items[0].dep.target.module
         if DG.in_attention(root):
             continue

@@ -147,11 +147,13 @@ def channel_groups(
         ignored = (
             ignored_layers if ignored_layers is not None else _output_layers(model, example_input)
         )
-        DG = _graph.build(model, example_input)
+        with _graph.deadline(model, "trace and group"):
+            DG = _graph.build(model, example_input)
+            found = DG.groups(ignored)
     finally:
         model.train(was_training)
     out, refused = [], {}
-    for group in DG.groups(ignored):
+    for group in found:
         root_module = group.items[0].dep.target.module
         root = names[root_module]
         if layers is not None and not fnmatch.fnmatchcase(root, layers):
