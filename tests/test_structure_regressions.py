@@ -137,3 +137,40 @@ def test_phi_structure_finding_ends_and_compacts_exactly():
     y = torch.randint(0, 64, (2, 8))
     with torch.no_grad():
         assert torch.allclose(model(y).logits, small(y).logits, atol=1e-4)
+
+
+class Concatenated(nn.Module):
+    """A BatchNorm after a concatenation (DenseNet): each of its channels belongs to exactly
+    one producer's group."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 6, 3, padding=1)
+        self.b = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(10)
+        self.c = nn.Conv2d(10, 8, 3)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        h = self.bn(torch.cat([self.a(x), self.b(x)], 1)).relu()
+        return self.head(self.c(h).mean((2, 3)))
+
+
+def test_a_concatenation_fed_batchnorm_is_shared_by_its_producers_groups():
+    model = _randomized(Concatenated())
+    x = torch.randn(1, 3, 10, 10)
+    groups = {g.name: g for g in ap.channel_groups(model, x, keep=0.5)}
+    assert set(groups) == {"a", "b", "c"}
+    a_bn = dict(groups["a"].members)["bn.weight"]
+    b_bn = dict(groups["b"].members)["bn.weight"]
+    assert sorted(a_bn + b_bn) == list(range(10))  # disjoint slices of the one BatchNorm
+    ap.ADMM(model, {}, groups=list(groups.values()), rho=1e-2).prune()
+    assert int((model.bn.weight != 0).sum()) == 3 + 2  # half of a's six, half of b's four
+    small, _ = compact(model, x)
+    assert small.bn.num_features == 5 and small.a.out_channels == 3 and small.b.out_channels == 2
+    y = torch.randn(2, 3, 10, 10)
+    with torch.no_grad():
+        assert torch.allclose(model(y), small(y), atol=1e-5)
+    overlapping = ap.ChannelGroup("x", 0.5, (("bn.weight", (0, 1)),))
+    with pytest.raises(ValueError, match="overlapping channels"):
+        ap.ADMM(model, {}, groups=[groups["a"], overlapping])

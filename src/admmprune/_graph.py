@@ -236,6 +236,10 @@ def _graph_class():
                 id(p): (n, m) for n, m in model.named_modules() for p in m.parameters(False)
             }
             self.inside = {id(m): a.name for a in attention for m in a.module.modules()}
+            # attention no adapter knows: its channels are never offered either
+            for n, m in model.named_modules():
+                if id(m) not in self.inside and _looks_like_attention(m):
+                    self.inside.update({id(sub): n for sub in m.modules()})
             self.projections = {id(m) for a in attention for m in a.projections()}
             self.types = layer_types(model)
             self.model_name = type(model).__name__
@@ -314,6 +318,12 @@ def _guarded_reshapes(opaque: set) -> Iterator[None]:
         yield
     finally:
         index_mapping.update_reshape_index_mapping = original
+
+
+def _looks_like_attention(m: nn.Module) -> bool:
+    """A module named as attention that projects with two or more Linear layers of its own."""
+    linears = sum(isinstance(c, nn.Linear) for c in m.children())
+    return "Attention" in type(m).__name__ and linears >= 2
 
 
 def _refusal(DG, group) -> str | None:

@@ -236,6 +236,7 @@ class ADMM:
         modules = dict(self.model.named_modules())
         params = dict(self.model.named_parameters())
         out = []
+        shared: dict[str, set] = {}  # a member's channels claimed by groups so far
         for g in self.groups:
             problem = g.problem(params)
             if problem:
@@ -243,13 +244,18 @@ class ADMM:
                     f"{g!r} does not fit {type(self.model).__name__}: {problem}. Build the "
                     "groups with channel_groups / head_groups on this model, or leave it out."
                 )
-            for pname, _ in g.members:
+            for pname, _, flat, _ in g._slices():
+                # a BatchNorm after a concatenation: each producer's group owns its own slice
+                if pname in shared and not shared[pname] & set(flat) and pname not in self._also:
+                    shared[pname] |= set(flat)
+                    continue
                 if pname in taken:
                     raise ValueError(
                         f"{pname!r} is in {g!r} and claimed elsewhere too (by the spec or another "
-                        "group); constrain each parameter once."
+                        "group, with overlapping channels); constrain each parameter once."
                     )
                 taken.add(pname)
+                shared[pname] = set(flat)
                 mname, _, attr = pname.rpartition(".")
                 out.append(Target(pname, mname, modules[mname], attr, g, 1))
         return out
@@ -304,7 +310,9 @@ class ADMM:
                 if p in self._also:  # then the member's own set, on the group's result
                     second = self._also[p].project(Z[p])
                     Z[p], support[p] = second.Z, support[p] & second.support
-            out.update({p: Projection(Z[p], support[p]) for p in Z})
+                if p in out:  # shared with an earlier group, on disjoint channels: both hold
+                    Z[p], support[p] = out[p].Z * support[p], out[p].support & support[p]
+                out[p] = Projection(Z[p], support[p])
         return out
 
     # rho ---------------------------------------------------------------------------------------

@@ -197,6 +197,21 @@ class CompactReport:
         return sum(self.not_removable.values())
 
 
+def _misfit(producers: list) -> str | None:
+    """Why a traced group cannot be right: a producer given a channel index it does not have."""
+    for m, idxs in producers:
+        w = getattr(m, "weight", None)
+        if not isinstance(w, torch.Tensor) or not idxs:
+            continue
+        size = w.shape[1] if _graph.is_conv1d(m) else w.shape[0]
+        if max(idxs) >= size:
+            return (
+                f"its traced channels do not fit {type(m).__name__} ({size} outputs, channel "
+                f"{max(idxs)} asked for: a broadcast traced as a coupling)"
+            )
+    return None
+
+
 @torch.no_grad()
 def _zero_out(module: nn.Module, idx: int) -> bool | None:
     """Is output channel ``idx`` of a producer exactly zero? ``None``: not a producer."""
@@ -277,6 +292,10 @@ def _removable(model: nn.Module, example_input, ignored: list[nn.Module]):
             handler = getattr(item.dep.handler, "__name__", "")
             if handler == "prune_out_channels" and len(item.idxs) == n:
                 producers.append((item.dep.target.module, [int(i) for i in item.idxs]))
+        misfit = _misfit(producers)
+        if misfit:  # a broadcast traced as a channel coupling (Qwen2-MoE's 1-output gate)
+            plans.append((root, group.items[0].dep.handler, [], 0, misfit))
+            continue
         zero_in = [[_zero_out(m, idxs[j]) for m, idxs in producers] for j in range(n)]
         removable = [
             j

@@ -25,6 +25,7 @@ weights (:func:`_window_attention`).
 from __future__ import annotations
 
 import contextlib
+import copy
 import fnmatch
 import math
 from collections.abc import Iterator
@@ -50,13 +51,15 @@ __all__ = [
 @dataclass
 class _Slice:
     """A block of one projection parameter: ``heads`` blocks of ``d`` indices along ``dim``
-    starting at ``offset`` (``role``: q, k, v or o)."""
+    starting at ``offset``, head ``h``'s at ``offset + h·stride`` (``stride`` 0: ``d``;
+    ``3d`` where each head's q, k and v rows are interleaved, GPT-NeoX); ``role``: q, k, v, o."""
 
     module: nn.Module
     attr: str
     dim: int
     offset: int
     role: str
+    stride: int = 0
 
 
 @dataclass
@@ -88,7 +91,8 @@ class Attention:
         """``s``'s indices of unit ``unit`` (a key/value head and its query heads)."""
         d, r = self.head_dim, self.heads // self.kv_heads
         heads = range(unit * r, (unit + 1) * r) if s.role in ("q", "o") else [unit]
-        return [s.offset + h * d + i for h in heads for i in range(d)]
+        step = s.stride or d
+        return [s.offset + h * step + i for h in heads for i in range(d)]
 
     def params(self, names: dict) -> Iterator[tuple[str, int, _Slice]]:
         """``(parameter name, dim, slice)`` for every weight and bias slice."""
@@ -136,13 +140,22 @@ def _adapt(name: str, m: nn.Module, parent: nn.Module | None) -> Attention | Non
         return None
     c = dict(m.named_children())
     lin = (nn.Linear,)
+    fused = _adapt_fused(name, m, c)
+    if fused is not None:
+        return fused
+    if all(isinstance(c.get(k), lin) for k in ("q_lin", "k_lin", "v_lin", "out_lin")):  # DistilBERT
+        c = {f"{r}_proj": c[f"{r}_lin"] for r in "qkv"} | {"o_proj": c["out_lin"]}
     if all(isinstance(c.get(k), lin) for k in ("q_proj", "k_proj", "v_proj")):
-        o = c.get("o_proj", c.get("out_proj"))
+        o = c.get("o_proj", c.get("out_proj", c.get("dense")))  # Phi: dense
         if not isinstance(o, lin):
             return None
         # counts from the weights: after compaction the shared config no longer tells them
-        heads = _get(m, "num_heads", "num_attention_heads")
-        head_dim = getattr(m, "head_dim", None) or c["q_proj"].out_features // max(heads or 1, 1)
+        heads = _get(m, "num_heads", "num_attention_heads", "n_heads")
+        head_dim = (
+            getattr(m, "head_dim", None)
+            or getattr(m, "attention_head_size", None)
+            or c["q_proj"].out_features // max(heads or 1, 1)
+        )
         heads = c["q_proj"].out_features // head_dim
         kv = c["k_proj"].out_features // head_dim
         if c["q_proj"].out_features != heads * head_dim or not kv or heads % kv:
@@ -151,6 +164,12 @@ def _adapt(name: str, m: nn.Module, parent: nn.Module | None) -> Attention | Non
         a.slices = [_Slice(c[f"{r}_proj"], "weight", 0, 0, r) for r in "qkv"]
         a.slices.append(_Slice(o, "weight", 1, 0, "o"))
         a.q_cols = heads * head_dim
+        norm = getattr(c.get("q_norm"), "weight", None)
+        if norm is not None and norm.numel() != head_dim:
+            a.refuse = (
+                f"its q_norm / k_norm normalise the whole projection ({norm.numel()} wide, "
+                f"OLMo-2 style), so removing a head would change every other head's queries"
+            )
         return a
     if all(isinstance(c.get(k), lin) for k in ("query", "key", "value")):
         o = getattr(getattr(parent, "output", None), "dense", None)
@@ -201,6 +220,56 @@ def _adapt(name: str, m: nn.Module, parent: nn.Module | None) -> Attention | Non
     return None
 
 
+def _adapt_fused(name: str, m: nn.Module, c: dict) -> Attention | None:
+    """Fused Q/K/V projections: Phi-3's ``qkv_proj`` ([q | k | v] rows, grouped-query),
+    GPT-NeoX's ``query_key_value`` (each head's q, k, v rows side by side); refusals that
+    name why for Bloom / Falcon (ALiBi slopes, or key/value heads shared by all queries)
+    and multi-head latent attention (DeepSeek)."""
+    lin = nn.Linear
+    if "kv_a_proj_with_mqa" in c or "kv_b_proj" in c:
+        a = Attention(name, m, "mla", 1, 1, 1)
+        a.refuse = "multi-head latent attention (DeepSeek) shares one compressed key/value"
+        return a
+    if all(isinstance(c.get(k), lin) for k in "qkvo") and hasattr(m, "relative_attention_bias"):
+        a = Attention(name, m, "t5", 1, 1, 1)  # traced as it is (no stand-in), never pruned
+        a.slices = [_Slice(c[r], "weight", 0, 0, r) for r in "qkv"]
+        a.refuse = (
+            f"{type(m).__name__}'s relative position bias is made for every head in the first "
+            "layer and shared by all layers, so one layer cannot lose heads alone"
+        )
+        return a
+    qkv, o, d = c.get("qkv_proj"), c.get("o_proj"), getattr(m, "head_dim", None)
+    if isinstance(qkv, lin) and isinstance(o, lin) and d:
+        heads = o.in_features // d
+        kv = (qkv.out_features - heads * d) // (2 * d)
+        if kv < 1 or heads % kv or qkv.out_features != (heads + 2 * kv) * d:
+            return None
+        a = Attention(name, m, "phi3", heads, kv, d, q=qkv, o=o, q_cols=heads * d)
+        offsets = {"q": 0, "k": heads * d, "v": (heads + kv) * d}
+        a.slices = [_Slice(qkv, "weight", 0, off, r) for r, off in offsets.items()]
+        a.slices.append(_Slice(o, "weight", 1, 0, "o"))
+        return a
+    qkv, o = c.get("query_key_value"), c.get("dense")
+    if isinstance(qkv, lin) and isinstance(o, lin):
+        d = getattr(m, "head_size", None) or getattr(m, "head_dim", None) or 1
+        heads = o.in_features // d
+        a = Attention(name, m, "neox", heads, heads, d, q=qkv, o=o, q_cols=heads * d)
+        a.slices = [_Slice(qkv, "weight", 0, i * d, r, 3 * d) for i, r in enumerate("qkv")]
+        a.slices.append(_Slice(o, "weight", 1, 0, "o"))
+        if qkv.out_features != 3 * heads * d or heads * d != o.in_features:
+            a.refuse = (
+                f"{type(m).__name__}'s fused query_key_value is not one q, k, v per head "
+                "(multi-query or grouped layout: its key/value heads serve every query head)"
+            )
+        elif "Bloom" in type(m).__name__ or getattr(m, "alibi", False):
+            a.refuse = (
+                f"{type(m).__name__}'s ALiBi slopes are made for every head once, outside the "
+                "layer, so a layer with fewer heads would get the wrong slopes"
+            )
+        return a
+    return None
+
+
 def find(model: nn.Module) -> list[Attention]:
     """Every attention module of ``model`` whose head layout is known."""
     modules = dict(model.named_modules())
@@ -217,7 +286,7 @@ def find(model: nn.Module) -> list[Attention]:
 def stand_in(attention: list[Attention]) -> Iterator[None]:
     """Each attention module (but ``nn.MultiheadAttention``, which Torch-Pruning models itself)
     runs ``O(Q(x))`` instead of attention while the dependency graph is traced."""
-    patched = [a for a in attention if a.family != "mha"]
+    patched = [a for a in attention if a.family != "mha" and a.q is not None]
     for a in patched:
         a.module.forward = a.stand_in
     try:
@@ -320,14 +389,19 @@ def _drop(a: Attention, drop: list[int]) -> None:
     r = a.heads // a.kv_heads
     heads, kv = len(kept_units) * r, len(kept_units)
     m = a.module
-    if a.family == "hf":
+    if a.family in ("hf", "phi3", "neox"):
         for attr, value in (
             ("num_heads", heads),
+            ("n_heads", heads),
+            ("num_attention_heads", heads),
             ("num_key_value_heads", kv),
             ("num_kv_heads", kv),
         ):
             if isinstance(getattr(m, attr, None), int):
                 setattr(m, attr, value)
+        if a.family == "phi3":  # its forward reads the query width from the shared config
+            m.config = copy.copy(m.config)
+            m.config.num_attention_heads = heads
     elif a.family == "bert":
         m.num_attention_heads, m.all_head_size = heads, heads * a.head_dim
     elif a.family == "gpt2":
