@@ -174,3 +174,41 @@ def test_a_concatenation_fed_batchnorm_is_shared_by_its_producers_groups():
     overlapping = ap.ChannelGroup("x", 0.5, (("bn.weight", (0, 1)),))
     with pytest.raises(ValueError, match="overlapping channels"):
         ap.ADMM(model, {}, groups=[groups["a"], overlapping])
+
+
+class Pyramid(nn.Module):
+    """One head shared by two pyramid levels (a detector's RPN / RetinaNet heads)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.lat1 = nn.Conv2d(8, 6, 1)
+        self.lat2 = nn.Conv2d(8, 6, 1)
+        self.head = nn.Conv2d(6, 4, 3, padding=1)
+
+    def forward(self, x):
+        f1 = self.c1(x).relu()
+        f2 = self.c2(f1).relu()
+        return torch.cat(
+            [self.head(self.lat1(f1)).flatten(1), self.head(self.lat2(f2)).flatten(1)], 1
+        )
+
+
+def test_channels_read_by_a_layer_run_several_times_are_kept():
+    model = _randomized(Pyramid())
+    x = torch.randn(1, 3, 8, 8)
+    groups = {g.name: g for g in ap.channel_groups(model, x, keep=0.5)}
+    assert set(groups) == {"c1", "c2"}  # the levels' lateral convs feed the shared head
+    with pytest.raises(ValueError, match=r"'head', which runs several times per forward"):
+        ap.channel_groups(model, x, keep=0.5, layers="lat*")
+    with torch.no_grad():  # zeroed by hand: compact keeps them, and says why
+        model.lat2.weight[:3] = 0
+        model.lat2.bias[:3] = 0
+    ap.ADMM(model, {}, groups=list(groups.values()), rho=1e-2).prune()
+    small, report = compact(model, x)
+    assert small.lat2.out_channels == 6 and small.c1.out_channels == 4
+    assert report.not_removable == {"lat2": 3}  # kept: lat1 shares the head's channels
+    y = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(model(y), small(y), atol=1e-5)

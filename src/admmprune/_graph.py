@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 _NORM_WORDS = ("LayerNorm", "RMSNorm", "GroupNorm", "InstanceNorm")
+_WEIGHTED = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -120,6 +121,22 @@ def build(model: nn.Module, x: Any):
     pruner = _conv1d_pruner()
     custom = {t: pruner for t in {type(m) for m in model.modules() if is_conv1d(m)}}
     DG = _graph_class()(model, heads.find(model))
+    calls: dict[nn.Module, list] = {}  # the grad_fns of each call's inputs
+    made: dict = {}  # grad_fn of a layer's output → the layer
+
+    def pre(m, args):
+        calls.setdefault(m, []).extend(t.grad_fn for t in floats(args) if t.grad_fn is not None)
+
+    seen: dict[nn.Module, int] = {}  # calls per layer
+
+    def post(m, _args, out):
+        seen[m] = seen.get(m, 0) + 1
+        made.update((t.grad_fn, m) for t in floats(out) if t.grad_fn is not None)
+
+    counting = []
+    for m in model.modules():
+        if isinstance(m, DG.types + _WEIGHTED):
+            counting += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
     with (
         no_cache(model),
         heads.stand_in(DG.attention),
@@ -135,7 +152,37 @@ def build(model: nn.Module, x: Any):
             customized_pruners=custom or None,
             verbose=False,
         )
+    for h in counting:
+        h.remove()
+    DG.reused = {m for m, n in seen.items() if n > 1}  # one forward traced: run twice in it
+    for m in DG.reused:  # and the layers whose channels it reads, at any of its calls
+        for layer in layers_behind(calls.get(m, []), made):
+            DG.feeds.setdefault(layer, m)
     return DG
+
+
+# autograd nodes that mix features: a width behind them is not the width in front of them
+_MIXING = ("Mm", "Addmm", "Bmm", "Baddbmm", "Convolution", "Embedding", "Mv", "Dot")
+
+
+def layers_behind(grad_fns, made: dict) -> list[nn.Module]:
+    """The layers whose outputs reach ``grad_fns`` with their width unchanged: a walk back
+    through the autograd graph that stops at a layer's output (``made``: grad_fn → layer)
+    or at a mixing op (a matrix product or convolution no layer made)."""
+    found: dict[nn.Module, None] = {}
+    stack, visited = list(grad_fns), set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in visited:
+            continue
+        visited.add(node)
+        if node in made:
+            found.setdefault(made[node])
+            continue
+        if type(node).__name__.startswith(_MIXING):
+            continue
+        stack.extend(nxt for nxt, _ in node.next_functions)
+    return list(found)
 
 
 class GraphError(ValueError):
@@ -231,6 +278,8 @@ def _graph_class():
             self.attention = attention
             self.opaque: set = set()  # reshapes whose channel mapping is unknown
             self.endless: set = set()  # roots whose dependency search did not end
+            self.reused: set = set()  # layers run more than once in the traced forward
+            self.feeds: dict = {}  # a layer → the reused layer that reads its channels
             self.names = {m: n for n, m in model.named_modules()}
             self.owners = {  # id(parameter) → (module name, module)
                 id(p): (n, m) for n, m in model.named_modules() for p in m.parameters(False)
@@ -354,7 +403,13 @@ def _refusal(DG, group) -> str | None:
         if not isinstance(m, nn.Module):
             continue
         kind, name = type(m).__name__, names.get(m, type(m).__name__)
-        if any(w in kind for w in _NORM_WORDS):
+        writes = DG.is_out_channel_pruning_fn(item.dep.handler)
+        shared = m if m in DG.reused else DG.feeds.get(m) if writes else None
+        if shared is not None:
+            reasons.append((1, f"its channels reach {names.get(shared)!r}, which runs several "
+                               "times per forward (a detection head shared by the pyramid's "
+                               "levels): the trace couples one call's channels"))  # fmt: skip
+        elif any(w in kind for w in _NORM_WORDS):
             reasons.append((0, f"its channels are normalised together by {name!r} ({kind}: "
                                "its statistics change when a channel leaves)"))  # fmt: skip
         elif isinstance(m, nn.Embedding):

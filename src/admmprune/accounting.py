@@ -55,8 +55,9 @@ _EXTRA_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu
 
 @torch.no_grad()
 def count(model: nn.Module, example_input) -> dict:
-    """Per-layer and total counts for one sample of ``example_input``'s shape (a tensor, or a
-    dict of tensors for Hugging Face models: the batch is the first tensor's first dim).
+    """Per-layer and total counts for one sample of ``example_input``'s shape (a tensor, a
+    dict of tensors for Hugging Face models: the batch is the first tensor's first dim, or a
+    list of images for a torchvision detector: one sample each).
 
     Returns ``{"layers": [LayerCount...], "params", "nonzero", "macs", "sparse_macs",
     "all_macs"}`` where the totals cover every parameter (params, nonzero) and every
@@ -66,8 +67,11 @@ def count(model: nn.Module, example_input) -> dict:
     """
     from torch.utils.flop_counter import FlopCounterMode
 
-    first = next(iter(example_input.values())) if isinstance(example_input, dict) else example_input
-    batch = first.shape[0]
+    if isinstance(example_input, (list, tuple)):  # a detector's list of images
+        batch = len(example_input)
+    else:
+        x = example_input
+        batch = (next(iter(x.values())) if isinstance(x, dict) else x).shape[0]
     layers: list[LayerCount] = []
     names = {m: n for n, m in model.named_modules()}
 

@@ -46,6 +46,8 @@ def _second_input(x):
     range."""
     if isinstance(x, dict):
         return {k: _second_input(v) if torch.is_tensor(v) else v for k, v in x.items()}
+    if isinstance(x, (list, tuple)):  # a detector's list of images
+        return type(x)(_second_input(v) if torch.is_tensor(v) else v for v in x)
     g = torch.Generator().manual_seed(1234)
     if x.is_floating_point():
         scale = float(x.float().std()) if x.numel() > 1 else 1.0
@@ -227,20 +229,17 @@ def _zero_out(module: nn.Module, idx: int) -> bool | None:
 
 
 def _output_layers(model: nn.Module, example_input) -> list[nn.Module]:
-    """Every Conv/Linear whose output reaches a model output with its width unchanged: the
-    layers found walking back from each output through the autograd graph until a layer or a
-    mixing op (a matrix product or convolution nobody registered), plus the last layer to
-    run. A model with several outputs (detection heads, ``return cls(h), box(h)``) has several;
-    their channels are the model's outputs, never removed."""
+    """Every Conv/Linear whose output reaches a model output with its width unchanged
+    (:func:`admmprune._graph.layers_behind` from each output), plus the last layer to run. A
+    model with several outputs (detection heads, ``return cls(h), box(h)``) has several; their
+    channels are the model's outputs, never removed."""
     order: list[nn.Module] = []
     made: dict = {}  # grad_fn of a layer's output → the layer
     types = _graph.layer_types(model)
 
     def seen(mod, _args, out):
         order.append(mod)
-        for t in _graph.floats(out):
-            if t.grad_fn is not None:
-                made.setdefault(t.grad_fn, mod)
+        made.update((t.grad_fn, mod) for t in _graph.floats(out) if t.grad_fn is not None)
 
     hooks = [m.register_forward_hook(seen) for m in model.modules() if isinstance(m, types)]
     try:
@@ -250,24 +249,8 @@ def _output_layers(model: nn.Module, example_input) -> list[nn.Module]:
         for h in hooks:
             h.remove()
     found = dict.fromkeys(order[-1:])
-    stack = [t.grad_fn for t in outputs if t.grad_fn is not None]
-    visited = set()
-    while stack:
-        node = stack.pop()
-        if node is None or node in visited:
-            continue
-        visited.add(node)
-        if node in made:
-            found.setdefault(made[node])
-            continue
-        if type(node).__name__.startswith(_MIXING):
-            continue
-        stack.extend(nxt for nxt, _ in node.next_functions)
+    found.update(dict.fromkeys(_graph.layers_behind([t.grad_fn for t in outputs], made)))
     return list(found)
-
-
-# autograd nodes that mix features: a width behind them is not the output's
-_MIXING = ("Mm", "Addmm", "Bmm", "Baddbmm", "Convolution", "Embedding", "Mv", "Dot")
 
 
 def _name_of(model: nn.Module) -> dict[nn.Module, str]:
