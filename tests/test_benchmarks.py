@@ -300,3 +300,17 @@ def test_oneshot_cnn_benchmark_tiny_run(tmp_path):
     ]  # fmt: skip
     assert "| admm |" in (out / "results.md").read_text()
     assert (out / "accuracy_vs_rate.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_model_zoo_tiny_run_reports_each_case(tmp_path):
+    pytest.importorskip("transformers", reason="needs the [hf] extra")
+    proc = run_script(f"benchmarks/model_zoo.py --hf Phi Bloom --out {tmp_path}")
+    assert proc.returncode == 0, proc.stderr
+    cases = {c["name"]: c for c in json.loads((tmp_path / "model_zoo.json").read_text())["cases"]}
+    assert (
+        cases["Phi"]["status"] == "exact"
+        and cases["Phi"]["params_after"] < cases["Phi"]["params_before"]
+    )
+    assert cases["Phi"]["oneshot_coverage"] == 1.0
+    assert cases["Bloom"]["status"] == "exact" and "ALiBi" in cases["Bloom"]["heads_refused"]
+    assert "2 exact" in proc.stdout
