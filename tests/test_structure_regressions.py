@@ -1,6 +1,8 @@
 """Structure finding on the shapes users' models have: several outputs, groups that do not fit,
 empty outputs. Small stand-ins for what broke on detectors and the model zoo."""
 
+import importlib
+
 import pytest
 import torch
 from torch import nn
@@ -212,3 +214,30 @@ def test_channels_read_by_a_layer_run_several_times_are_kept():
     y = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
         assert torch.allclose(model(y), small(y), atol=1e-5)
+
+
+def test_the_safety_net_rechecks_in_float64_what_rounding_reorders(monkeypatch):
+    """Post-processing (NMS, sorting) turns fp32 rounding into reordered outputs: a failed
+    fp32 check is repeated in float64, where an exact compaction agrees and a wrong one not."""
+    compact_module = importlib.import_module("admmprune.compact")  # the module, not the function
+
+    model = _randomized(TwoHeaded())
+    x = torch.randn(2, 3, 12, 12)
+    with torch.no_grad():
+        model.body[3].weight[:6] = 0
+        model.body[3].bias[:6] = 0
+    real = compact_module._verify
+    dtypes = []
+
+    def fp32_reorders(small, inputs, refs, tol, removed):
+        dtype = next(small.parameters()).dtype
+        dtypes.append(dtype)
+        if dtype == torch.float32:  # as a detector's near-tied scores would
+            raise compact_module.CompactionError("outputs differ (reordered)")
+        return real(small, inputs, refs, tol, removed)
+
+    monkeypatch.setattr(compact_module, "_verify", fp32_reorders)
+    small, _ = compact(model, x)
+    assert dtypes == [torch.float32, torch.float64] and small.body[3].out_channels == 6
+    assert next(small.parameters()).dtype == torch.float32  # the result stays as it was
+    # (a wrong compaction fails in float64 too: test_compact's safety-net tests, unchanged)

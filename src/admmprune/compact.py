@@ -363,13 +363,40 @@ def compact(
     if check:
         dtype = next((p.dtype for p in small.parameters()), torch.float32)
         removed = {**report.removed, **{f"{k} (heads)": v for k, v in report.heads_removed.items()}}
-        _verify(small, inputs, refs, TOLERANCE.get(dtype, 1e-4), removed)
+        try:
+            _verify(small, inputs, refs, TOLERANCE.get(dtype, 1e-4), removed)
+        except CompactionError:
+            # post-processing (sorting, NMS, thresholds) can turn rounding into reordered or
+            # missing outputs: an exact compaction agrees with the masked model in float64
+            if inplace or dtype != torch.float32 or not _exact_in_float64(model, small, inputs):
+                raise
     report.params_after = sum(p.numel() for p in small.parameters())
     after = count(small, example_input)
     report.macs_after, report.sparse_macs_after = after["macs"], after["sparse_macs"]
     report.all_macs_after = after["all_macs"]
     small.train(was_training)
     return small, report
+
+
+def _exact_in_float64(model: nn.Module, small: nn.Module, inputs: list) -> bool:
+    """Do the masked and the compact model agree to float64's tolerance on ``inputs``?"""
+    wide = [_float64(x) for x in inputs]
+    masked, compact_ = copy.deepcopy(model).double().eval(), copy.deepcopy(small).double()
+    try:
+        _verify(compact_, wide, _reference(masked, wide), TOLERANCE[torch.float64], {})
+    except CompactionError:
+        return False
+    return True
+
+
+def _float64(x):
+    if torch.is_tensor(x):
+        return x.double() if x.is_floating_point() else x
+    if isinstance(x, dict):
+        return {k: _float64(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_float64(v) for v in x)
+    return x
 
 
 def zero_dead_inputs(model: nn.Module, example_input: torch.Tensor) -> int:
