@@ -276,12 +276,12 @@ def tokenizer_file(path, text_file):
     return path, tok.get_vocab_size()
 
 
-def lm_dir(path, vocab):
+def lm_dir(path, vocab, kind: str = "Llama", **extra):
     tr = _transformers()
-    cfg = tr.LlamaConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2,
-                         num_attention_heads=4, intermediate_size=64)  # fmt: skip
+    sizes = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    cfg = getattr(tr, f"{kind}Config")(vocab_size=vocab, **sizes, **extra)
     torch.manual_seed(0)
-    tr.LlamaForCausalLM(cfg).save_pretrained(path)
+    getattr(tr, f"{kind}ForCausalLM")(cfg).save_pretrained(path)
     return path
 
 
@@ -380,3 +380,35 @@ def test_text_recipe_constraints_and_default_share_the_blocks(tmp_path):
     assert int(W.reshape(W.shape[0], -1, 4).ne(0).sum(-1).max()) == 2
     W = back.model.layers[1].mlp.up_proj.weight
     assert W.ne(0).sum(1).eq(W.shape[1] // 2).all()  # the default, per row
+
+
+def test_text_recipe_prunes_every_expert_and_reports_each(tmp_path):
+    import json
+
+    from admmprune.cli import main
+
+    tr = _transformers()
+    recipe = lm_recipe(tmp_path)
+    text = tmp_path / "corpus.txt"
+    _, vocab = tokenizer_file(tmp_path / "tokenizer.json", text)
+    moe = lm_dir(tmp_path / "mixtral", vocab, "Mixtral", num_local_experts=4,
+                 num_experts_per_tok=2, num_key_value_heads=2)  # fmt: skip
+    recipe["model"] = {"hf": str(moe)}
+    recipe["oneshot"] = {"solver": "sparsegpt", "samples": 16, "batch_size": 8,
+                         "min_expert_tokens": 100}  # fmt: skip
+    assert main(["run", _write(tmp_path / "r.yaml", recipe)]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["layers"] == 12  # q, k, v, o and the two fused expert weights, per layer
+    assert summary["kept_fraction"] == pytest.approx(0.5)
+    layers = summary["oneshot"]["layers"]
+    experts = {n: r for n, r in layers.items() if ".experts." in n}
+    assert len(experts) == 2 * 2 * 4  # two weights, two layers, four experts: each reported
+    for name, r in experts.items():
+        assert r["solver"] == ("magnitude" if r["rows"] < 100 else "sparsegpt"), name
+    assert summary["oneshot"]["fallbacks"] == {
+        n: r["rows"] for n, r in experts.items() if r["rows"] < 100
+    }
+    back = tr.AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")
+    W = back.model.layers[1].mlp.experts.down_proj
+    for e in range(4):
+        assert W[e].ne(0).sum(1).eq(W.shape[2] // 2).all()  # per row of every expert

@@ -165,6 +165,8 @@ class OneShotCfg(_Strict):
     sequential: bool | Literal["layers"] = True  # see admmprune.oneshot
     dense_target: bool = False  # admm: fit the dense model's outputs (see admmprune.oneshot)
     damp: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 0.01
+    # an expert routed fewer calibration tokens is pruned by magnitude (see admmprune.oneshot)
+    min_expert_tokens: Annotated[int, Field(ge=0)] = 16
     options: dict[str, float | int] = {}
 
     @model_validator(mode="after")

@@ -206,7 +206,8 @@ def run(p: LMPrepared, log=print) -> dict:
     o = r.oneshot
     masks = oneshot(
         p.model, p.spec, p.calibration, solver=o.solver, sequential=o.sequential, damp=o.damp,
-        dense_target=o.dense_target, log=log, **o.options,
+        dense_target=o.dense_target, min_expert_tokens=o.min_expert_tokens, log=log,
+        **o.options,
     )  # fmt: skip
     pruned = perplexity(p.model, p.test_tokens, seq)
     log(f"pruned perplexity {pruned:.3f}")

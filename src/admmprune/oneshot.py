@@ -133,6 +133,7 @@ class OneShotReport:
     def as_dict(self) -> dict:
         out = asdict(self)
         out["error"] = self.error
+        out["fallbacks"] = self.fallbacks
         return out
 
     def summary(self) -> str:

@@ -244,7 +244,7 @@ class Compress(Stage):
         masks = oneshot(
             run.model, run.p.spec, images.to(run.p.device).split(o.batch_size),
             solver=o.solver, sequential=o.sequential, damp=o.damp, default=run.p.default,
-            dense_target=o.dense_target,
+            dense_target=o.dense_target, min_expert_tokens=o.min_expert_tokens,
             **o.options,
         )  # fmt: skip
         rep = masks.report
