@@ -84,7 +84,9 @@ def test_every_column_form_equals_the_masked_conv(geometry, form):
             per_sample = ref.shape[2] * ref.shape[3] * fast.W.shape[1] * 4
             for tile_bytes in (1, 2 * per_sample):  # 1 + 1 + 1 and 2 + 1 samples
                 fast.tile_bytes = tile_bytes
-                assert torch.equal(fast(x), y)
+                # the same sums; a GEMM of fewer rows may block them otherwise (BLAS kernels
+                # differ by shape and CPU), so equal to rounding, not bit for bit
+                assert (fast(x) - y).abs().max() <= 1e-6 * ref.abs().max()
 
 
 def test_a_conv_with_every_column_pruned_gives_its_bias():
