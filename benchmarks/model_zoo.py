@@ -149,14 +149,10 @@ def _one(kind: str, name: str) -> dict:
 
     import admmprune as ap
 
-    cfg_name, model_name, kwargs = _hf_families()[name]
-    model = getattr(tf, model_name)(getattr(tf, cfg_name)(**kwargs))
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim > 1:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    model.eval()
+    cfg_name, model_name, kwargs = _hf_families()[name]  # puts tests/ on the path
+    from tiny_models import reinit
+
+    model = reinit(getattr(tf, model_name)(getattr(tf, cfg_name)(**kwargs)))
     ids = lambda b, s: torch.randint(3, 64, (b, 8), generator=torch.Generator().manual_seed(s))  # noqa: E731
     x, y = {"input_ids": ids(1, 0)}, {"input_ids": ids(2, 1)}
     if model.config.is_encoder_decoder:

@@ -11,6 +11,7 @@ from torch import nn
 
 import admmprune as ap
 from admmprune.accounting import storage
+from tiny_models import reinit
 
 tf = pytest.importorskip("transformers", reason="needs the [hf] extra")
 
@@ -44,21 +45,12 @@ FAMILIES = {
 }
 
 
-def _reinit(model: nn.Module, seed: int = 0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim > 1:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return model.eval()
-
-
 def _lm(family: str, **extra) -> nn.Module:
     cfg_cls = getattr(tf, f"{family}Config", None)
     model_cls = getattr(tf, f"{family}ForCausalLM", None)
     if cfg_cls is None or model_cls is None:
         pytest.skip(f"the installed transformers {tf.__version__} has no {family}")
-    return _reinit(model_cls(cfg_cls(**{**_COMMON, **FAMILIES[family], **extra})))
+    return reinit(model_cls(cfg_cls(**{**_COMMON, **FAMILIES[family], **extra})))
 
 
 def _calibration(n: int = 3, seed: int = 1):
@@ -214,6 +206,8 @@ def test_min_expert_tokens_policy():
     assert layers[f"{base}[2]"].rows == 32 and layers[f"{base}[2]"].solver == "magnitude"
     with pytest.raises(ValueError, match="min_expert_tokens"):
         ap.oneshot(model, ap.Unstructured(0.5), _calibration(1), min_expert_tokens=1.5)
+    with pytest.raises(ValueError, match="min_expert_tokens"):
+        ap.oneshot(model, ap.Unstructured(0.5), _calibration(1), min_expert_tokens=-1)
 
 
 def test_experts_refused_where_unseen_or_with_dense_target():
@@ -243,7 +237,7 @@ def test_encoder_decoder_prunes_both_stacks():
     cfg = tf.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=2,
                       num_decoder_layers=2, num_heads=4, decoder_start_token_id=0,
                       pad_token_id=0)  # fmt: skip
-    model = _reinit(tf.T5ForConditionalGeneration(cfg))
+    model = reinit(tf.T5ForConditionalGeneration(cfg))
     head = model.lm_head.weight.detach().clone()
     g = torch.Generator().manual_seed(0)
     cal = [

@@ -9,6 +9,7 @@ from torch import nn
 
 import admmprune as ap
 from admmprune.compact import compact
+from tiny_models import reinit
 
 tf = pytest.importorskip("transformers", reason="needs the [hf] extra")
 
@@ -49,13 +50,7 @@ def _build(cfg_name: str, model_name: str, kwargs: dict) -> nn.Module:
     cfg_cls, model_cls = getattr(tf, cfg_name, None), getattr(tf, model_name, None)
     if cfg_cls is None or model_cls is None:
         pytest.skip(f"the installed transformers {tf.__version__} has no {model_name}")
-    model = model_cls(cfg_cls(**kwargs))
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim > 1:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return model.eval()
+    return reinit(model_cls(cfg_cls(**kwargs)))
 
 
 def _inputs(model: nn.Module, batch: int, seed: int) -> dict:

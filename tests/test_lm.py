@@ -10,6 +10,7 @@ from torch import nn
 import admmprune as ap
 from admmprune.evaluate import perplexity
 from admmprune.sparse import semi_structured_reason, to_semi_structured
+from tiny_models import reinit
 
 
 def _transformers():
@@ -39,12 +40,7 @@ def calibration(n=4, seq=16, seed=0):
 
 
 def _reinit(model):
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim > 1:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return model.eval()
+    return reinit(model, seed=1)
 
 
 @pytest.mark.parametrize("kind", ["llama", "opt", "gpt2"])

@@ -1,6 +1,19 @@
-"""Tiny models for recipes in tests (``model: {name: "tiny_models:mlp"}``): small checkpoints."""
+"""Tiny models for recipes in tests (``model: {name: "tiny_models:mlp"}``): small checkpoints;
+``reinit`` for tiny transformers whose default init hides wrong results."""
 
+import torch
 from torch import nn
+
+
+def reinit(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Every weight matrix redrawn ``N(0, 0.2²)`` with ``seed`` (default inits such as BERT's
+    0.02 std make outputs barely depend on the input); the model in eval mode."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim > 1:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return model.eval()
 
 
 def mlp(num_classes: int = 10, in_channels: int = 1, input_size: int = 8, hidden: int = 12):

@@ -37,7 +37,8 @@ import torch
 from torch import nn
 
 _NORM_WORDS = ("LayerNorm", "RMSNorm", "GroupNorm", "InstanceNorm")
-_WEIGHTED = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+#: per-channel affine layers that produce channels with the convs before them
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -135,7 +136,7 @@ def build(model: nn.Module, x: Any):
 
     counting = []
     for m in model.modules():
-        if isinstance(m, DG.types + _WEIGHTED):
+        if isinstance(m, DG.types + BATCH_NORMS):
             counting += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
     with (
         no_cache(model),
@@ -187,6 +188,14 @@ def layers_behind(grad_fns, made: dict) -> list[nn.Module]:
 
 class GraphError(ValueError):
     """Torch-Pruning could not build or group the model's dependency graph."""
+
+
+def analyse(model: nn.Module, x: Any, ignored: list[nn.Module]):
+    """The graph (:func:`build`) and its channel groups (``Graph.groups``), both within the
+    model's time bound (:func:`deadline`): what ``channel_groups`` and ``compact`` start from."""
+    with deadline(model, "trace and group"):
+        DG = build(model, x)
+        return DG, DG.groups(ignored)
 
 
 #: seconds the dependency analysis of one model may take (plus TIME_PER_MODULE per module)

@@ -261,9 +261,7 @@ def _removable(model: nn.Module, example_input, ignored: list[nn.Module]):
     """The dependency graph, and per channel group ``(root, handler, root indices of the
     removable channels, not-removable count, reason kept)``; a layer always keeps one channel.
     Attention projections are not channel groups (their rows are heads: :mod:`.heads`)."""
-    with _graph.deadline(model, "trace and group"):
-        DG = _graph.build(model, example_input)
-        found = DG.groups(ignored)
+    DG, found = _graph.analyse(model, example_input, ignored)
     plans = []
     for group in found:
         root = group.items[0].dep.target.module

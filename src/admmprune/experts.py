@@ -85,9 +85,10 @@ class ExpertTap(TorchFunctionMode):
     """Calls ``pre(site, x)`` before and ``post(site)`` after each watched expert's GEMM.
 
     ``watch`` maps sites ``(module, attr, e)`` to ``(pre, post)`` (either may be None);
-    ``seen`` collects every site of the watched parameters whose GEMM ran, watched or not.
-    A slice used in a way this tap does not know (not a plain ``F.linear`` / matmul on it)
-    is simply not seen; :func:`admmprune.oneshot` refuses a module whose experts ran unseen.
+    ``layouts`` records how each watched parameter's slices were multiplied (``"linear"`` or
+    ``"matmul"``). A slice used in a way this tap does not know (not a plain ``F.linear`` /
+    matmul on it) is simply not seen; :func:`admmprune.oneshot` refuses a module whose
+    experts ran unseen.
     """
 
     def __init__(self, params: dict[int, tuple[nn.Module, str]], watch: dict) -> None:
@@ -96,7 +97,6 @@ class ExpertTap(TorchFunctionMode):
         self._watch = watch
         self._slices: dict[int, tuple[Site, torch.Tensor]] = {}
         self.layouts: dict[tuple[nn.Module, str], str] = {}  # how each parameter was used
-        self.seen: set[Site] = set()
 
     @classmethod
     def over(cls, sites: dict[Site, tuple[Callable | None, Callable | None]]) -> ExpertTap:
@@ -118,7 +118,6 @@ class ExpertTap(TorchFunctionMode):
             hit = self._slices.pop(id(weight), None)
             if hit is not None:
                 site = hit[0]
-                self.seen.add(site)
                 self.layouts[site[:2]] = how
                 pre, post = self._watch.get(site, (None, None))
                 if pre is not None:

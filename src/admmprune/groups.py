@@ -26,11 +26,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ._graph import BATCH_NORMS
 from .constraints import _check_keep, keep_count, topk_mask
 
 __all__ = ["ChannelGroup", "channel_groups"]
-
-_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 @dataclass(frozen=True)
@@ -147,13 +146,11 @@ def channel_groups(
         ignored = (
             ignored_layers if ignored_layers is not None else _output_layers(model, example_input)
         )
-        with _graph.deadline(model, "trace and group"):
-            DG = _graph.build(model, example_input)
-            found = DG.groups(ignored)
+        DG, traced = _graph.analyse(model, example_input, ignored)
     finally:
         model.train(was_training)
     out, refused = [], {}
-    for group in found:
+    for group in traced:
         root_module = group.items[0].dep.target.module
         root = names[root_module]
         if layers is not None and not fnmatch.fnmatchcase(root, layers):
@@ -177,7 +174,7 @@ def channel_groups(
                 consumers[f"{names[m]}.weight"] = tuple(int(i) for i in item.idxs)
             if item.dep.handler.__name__ != "prune_out_channels" or len(item.idxs) != n:
                 continue
-            if not isinstance(m, DG.types + _NORMS):
+            if not isinstance(m, DG.types + BATCH_NORMS):
                 continue
             rows = tuple(int(i) for i in item.idxs)
             for attr in ("weight", "bias"):
@@ -187,15 +184,15 @@ def channel_groups(
                         1 if attr == "weight" and _graph.is_conv1d(m) else 0
                     )
         if members:
-            found = ChannelGroup(
+            candidate = ChannelGroup(
                 root, keep, tuple(members.items()), norm, tuple(dims.values()),
                 consumers=tuple(consumers.items()),
             )  # fmt: skip
-            problem = found.problem(params)
+            problem = candidate.problem(params)
             if problem:  # e.g. a trace through post-processing that reshapes the channels
                 refused[root] = f"its traced channels do not fit the layer ({problem})"
                 continue
-            out.append(found)
+            out.append(candidate)
     for a in DG.attention:  # say why an attention projection the glob names is not a group
         for m in a.projections():
             if layers is not None and fnmatch.fnmatchcase(names[m], layers):

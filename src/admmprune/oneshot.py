@@ -253,6 +253,11 @@ class _StopForwardError(Exception):
     """Raised by a hook once a block has all its inputs for this batch: skip the rest."""
 
 
+def _stop_forward(*_) -> None:
+    """A hook that ends the forward: the layers a pass needs have run."""
+    raise _StopForwardError
+
+
 class _CalibrationError(ValueError):
     """Bad calibration data found by a hook (it names the batch and layer itself)."""
 
@@ -342,9 +347,6 @@ def _tapped(pre: dict, stop=None):
     or an experts site, seen through :class:`ExpertTap`); once ``stop`` has run, the forward
     ends (``_StopForwardError``). Yields the tap, or None when no expert is watched."""
 
-    def end(*_):
-        raise _StopForwardError
-
     handles, sites = [], {}
     for key, fn in pre.items():
         if isinstance(key, nn.Module):
@@ -352,9 +354,9 @@ def _tapped(pre: dict, stop=None):
         else:
             sites[key] = (lambda _site, x, fn=fn: fn(x), None)
     if isinstance(stop, nn.Module):
-        handles.append(stop.register_forward_hook(end))
+        handles.append(stop.register_forward_hook(_stop_forward))
     elif stop is not None:
-        sites[stop] = (sites.get(stop, (None, None))[0], end)
+        sites[stop] = (sites.get(stop, (None, None))[0], _stop_forward)
     tap = ExpertTap.over(sites) if sites else None
     try:
         with tap if tap is not None else contextlib.nullcontext():
@@ -487,9 +489,6 @@ def _collect(run, n_batches: int, blocks, device, stop_early: bool, dense=None) 
         for key, g in hooks.items()
     }
 
-    def after(module, args, output):
-        raise _StopForwardError
-
     handles = []
     if dense is not None:  # every key is a module here (experts are refused with it)
         run_dense, twin = dense
@@ -497,7 +496,7 @@ def _collect(run, n_batches: int, blocks, device, stop_early: bool, dense=None) 
             handles.append(twin[m].register_forward_pre_hook(
                 lambda _t, args, m=m: seen.__setitem__(m, args[0])))  # fmt: skip
         if stop_early:
-            handles.append(twin[last].register_forward_hook(after))
+            handles.append(twin[last].register_forward_hook(_stop_forward))
     try:
         with _tapped(pre, last if stop_early else None):
             for i in range(1, n_batches + 1):
@@ -552,21 +551,22 @@ def _blocks_spec(model: nn.Module, constraint: Constraint) -> tuple[dict, list[s
     weight inside every outermost ``nn.ModuleList`` of identical blocks (an encoder's and a
     decoder's layers, a vision tower's: a list nested inside a block never replaces the
     block list); and the names of those lists."""
-    lists = [(n, m) for n, m in _block_lists(model) if any(_gemm_layers(b) for b in m)]
+    layers = {n: [_gemm_layers(b) for b in m] for n, m in _block_lists(model)}
+    lists = [n for n, per_block in layers.items() if any(per_block)]
     if not lists:
         raise ValueError(
             f"oneshot(model, {constraint!r}, ...): {type(model).__name__} has no list of "
             "identical blocks (transformer layers) holding Linear layers to apply one "
             "constraint to; give a spec {name or glob: constraint}."
         )
-    outer = [(n, m) for n, m in lists if not any(n.startswith(f"{o}.") for o, _ in lists)]
+    outer = [n for n in lists if not any(n.startswith(f"{o}.") for o in lists)]
     spec = {
         f"{name}.{i}.{n}": constraint
-        for name, blocks in outer
-        for i, block in enumerate(blocks)
-        for n in _gemm_layers(block)
+        for name in outer
+        for i, names in enumerate(layers[name])
+        for n in names
     }
-    return spec, [n for n, _ in outer]
+    return spec, outer
 
 
 def _capture(model, first: nn.Module, batches, device) -> list[tuple[tuple, dict]]:
@@ -1033,7 +1033,11 @@ def oneshot(
     :class:`OneShotReport`. On any error the model's weights are left as they were.
     """
     _check_args(solver, damp, solver_options, sequential, dense_target)
-    if isinstance(min_expert_tokens, bool) or not isinstance(min_expert_tokens, int):
+    if (
+        isinstance(min_expert_tokens, bool)
+        or not isinstance(min_expert_tokens, int)
+        or min_expert_tokens < 0
+    ):
         raise ValueError(f"min_expert_tokens={min_expert_tokens!r}: an integer ≥ 0, e.g. 16.")
     lists: list[str] = []
     if isinstance(spec, Constraint):
