@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from admmprune.data import DataBundle, load_data
+from admmprune.run.data import DataBundle, load_data
 from mnist_admmnn import train_dense
 
 

@@ -36,12 +36,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from admmprune.accounting import count
-from admmprune.compact import compact
-from admmprune.data import load_data
-from admmprune.latency import measure_paired
+from admmprune.deployment.latency import measure_paired
+from admmprune.deployment.sparse import to_sparse
 from admmprune.models import build_model
-from admmprune.sparse import to_sparse
+from admmprune.run.data import load_data
+from admmprune.structure.compact import compact
+from admmprune.weights.count import count
 from mnist_admmnn import PATTERNS, allocate, parse_pattern, run_recipe, train_dense
 
 # Per model: the dataset, the non-structured rates, the structured spec (coupled channel
@@ -297,7 +297,7 @@ def main() -> None:
     dense.eval()
     x1 = data.test.batch(torch.arange(1))[0]
     xb = data.test.batch(torch.arange(64))[0]
-    from admmprune.train import evaluate
+    from admmprune.run.train import evaluate
 
     dense_acc = evaluate(dense, data.test, torch.device("cpu"))[0]
     print(f"dense: {100 * dense_acc:.2f} %", flush=True)

@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _cifar import add_common_args, dense_checkpoint, load
 from admmprune.models import build_model
-from admmprune.train import evaluate
+from admmprune.run.train import evaluate
 
 
 def main() -> None:

@@ -35,8 +35,8 @@ import torch
 
 from _cifar import add_common_args, dense_checkpoint, load
 from admmprune import ADMM, Columns, channel_groups, compact
-from admmprune.accounting import count
 from admmprune.models import build_model
+from admmprune.weights.count import count
 from mnist_admmnn import pct, run_recipe
 
 BLOCK_CONVS = "layer*.conv*"

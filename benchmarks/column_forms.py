@@ -3,8 +3,8 @@ its GEMM columns pruned to ``keep`` (the L2-largest, as ``Columns`` keeps them),
 alternation at one batch size (channels-last):
 
 - ``dense``: the conv itself;
-- ``offsets``: :class:`admmprune.sparse.ColumnConv2d`'s offset form (gather the kept im2col
-  columns, then a GEMM with the kept weights);
+- ``offsets``: :class:`admmprune.deployment.sparse.ColumnConv2d`'s offset form (gather the kept
+  im2col columns, then a GEMM with the kept weights);
 - ``GEMM only``: that form's GEMM alone, on columns gathered beforehand, into an output
   allocated beforehand: a lower bound for any form that gathers the kept columns and then
   multiplies, since it does nothing but the kept MACs;
@@ -35,9 +35,9 @@ from torch import nn
 from torch.nn import functional
 
 from admmprune import Columns, prune
-from admmprune.latency import measure_paired
+from admmprune.deployment.latency import measure_paired
+from admmprune.deployment.sparse import ColumnConv2d
 from admmprune.models import build_model
-from admmprune.sparse import ColumnConv2d
 
 
 class _GemmOnly(nn.Module):

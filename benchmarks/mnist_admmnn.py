@@ -26,11 +26,11 @@ from pathlib import Path
 import torch
 
 from admmprune._io import safe_load
-from admmprune.config import parse_recipe
-from admmprune.data import load_data
 from admmprune.models import build_model
-from admmprune.pipeline import prepare, run
-from admmprune.train import (
+from admmprune.run.data import load_data
+from admmprune.run.parse import parse_recipe
+from admmprune.run.pipeline import prepare, run
+from admmprune.run.train import (
     batch_order,
     evaluate,
     make_optimizer,

@@ -78,7 +78,7 @@ def _randomize_bn(model) -> None:
 def _max_rel(a, b) -> float:
     import torch
 
-    from admmprune._graph import floats
+    from admmprune.weights.forward import floats
 
     worst = 0.0
     for x, y in zip(floats(a), floats(b), strict=True):
@@ -94,7 +94,7 @@ def _structured(model, x, y, heads: bool) -> dict:
     import torch
 
     import admmprune as ap
-    from admmprune._graph import call
+    from admmprune.weights.forward import call
 
     groups = []
     if heads:

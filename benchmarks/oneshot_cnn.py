@@ -36,9 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import admmprune as ap
 from _cifar import load as load_cifar
 from admmprune._io import safe_load
-from admmprune.data import load_data
-from admmprune.stages import calibration_images
-from admmprune.train import evaluate
+from admmprune.run.data import load_data
+from admmprune.run.stages import calibration_images
+from admmprune.run.train import evaluate
 from mnist_admmnn import PATTERNS, allocate, pct, recipe_for, run_recipe, train_dense
 
 SOLVERS = ("magnitude", "wanda", "sparsegpt", "admm", "admm-fast")

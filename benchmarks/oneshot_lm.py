@@ -52,8 +52,8 @@ from pathlib import Path
 import torch
 
 import admmprune as ap
-from admmprune.accounting import storage
-from admmprune.evaluate import perplexity
+from admmprune.deployment.storage import storage
+from admmprune.run.evaluate import perplexity
 
 HERE = Path(__file__).resolve().parent
 SOLVERS = ("magnitude", "wanda", "sparsegpt", "admm", "admm-dense")

@@ -100,7 +100,7 @@ def ssauto_update_times(repeats: int, couple: bool | None = None, SSAuto=None) -
     from admmprune.models import build_model
 
     if SSAuto is None:
-        from admmprune.proximal import SSAuto
+        from admmprune.solvers.ssauto import SSAuto
 
     torch.manual_seed(0)
     model = build_model("resnet20", num_classes=10, in_channels=3, input_size=32)
@@ -124,29 +124,71 @@ def ssauto_update_times(repeats: int, couple: bool | None = None, SSAuto=None) -
     return {"first": first, "next": statistics.median(ts), "admm": time.perf_counter() - t0}
 
 
-def proximal_at(rev: str):
-    """``admmprune.proximal`` as it is at git revision ``rev``, loaded beside this checkout's
-    (its relative imports resolve to this checkout's other modules)."""
+# the modules an SSAuto from before the package's layers (src/admmprune/proximal.py) imports,
+# by their old flat names: aliased to this checkout's, so an old revision still loads
+_FLAT_NAMES = {
+    "admm": "solvers.admm",
+    "constraints": "sets.constraints",
+    "masks": "weights.masks",
+    "select": "weights.select",
+    "accounting": "weights.count",
+    "groups": "structure.groups",
+}
+
+
+def _git_show(root: Path, rev: str, path: str) -> str | None:
     import subprocess
+
+    out = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=root, capture_output=True, text=True)
+    return out.stdout if out.returncode == 0 else None
+
+
+def _module_from(src: str, name: str, package: str, origin: str):
     import sys
     import types
 
-    root = Path(__file__).resolve().parents[1]
-    src = subprocess.run(
-        ["git", "show", f"{rev}:src/admmprune/proximal.py"], cwd=root, capture_output=True,
-        text=True, check=True,
-    ).stdout  # fmt: skip
-    module = types.ModuleType("admmprune._proximal_at_rev")
-    module.__package__ = "admmprune"
-    sys.modules[module.__name__] = module  # dataclasses look their module up there
-    exec(compile(src, f"{rev}:proximal.py", "exec"), module.__dict__)
+    module = types.ModuleType(name)
+    module.__package__ = package
+    sys.modules[name] = module  # dataclasses look their module up there
+    exec(compile(src, origin, "exec"), module.__dict__)
     return module
+
+
+def proximal_at(rev: str):
+    """SSAuto's module as it is at git revision ``rev`` (``solvers/ssauto.py`` with its
+    ``ssauto_rates.py``, or the flat ``proximal.py`` of revisions before the layers), loaded
+    beside this checkout's; its other imports resolve to this checkout's modules."""
+    import importlib
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    src = _git_show(root, rev, "src/admmprune/solvers/ssauto.py")
+    if src is None:  # before the layers: relative imports by flat names
+        for old, new in _FLAT_NAMES.items():
+            sys.modules.setdefault(f"admmprune.{old}", importlib.import_module(f"admmprune.{new}"))
+        src = _git_show(root, rev, "src/admmprune/proximal.py")
+        if src is None:
+            raise ValueError(f"revision {rev!r} has no SSAuto")
+        return _module_from(src, "admmprune._proximal_at_rev", "admmprune", f"{rev}:proximal.py")
+    rates_name = "admmprune.solvers.ssauto_rates"
+    ours = importlib.import_module(rates_name)
+    rates = _git_show(root, rev, "src/admmprune/solvers/ssauto_rates.py")
+    try:  # the revision's own λ search, seen by its ssauto.py under the usual name
+        if rates is not None:
+            sys.modules[rates_name] = _module_from(
+                rates, rates_name, "admmprune.solvers", f"{rev}:ssauto_rates.py"
+            )
+        return _module_from(
+            src, "admmprune.solvers._ssauto_at_rev", "admmprune.solvers", f"{rev}:ssauto.py"
+        )
+    finally:
+        sys.modules[rates_name] = ours
 
 
 def ssauto_paired(rev: str, rounds: int, repeats: int) -> dict:
     """``ssauto_update_times`` of this checkout and of ``rev``, alternated ``rounds`` times
     (the order flipping each round): the medians of each and their ratio."""
-    from admmprune.proximal import SSAuto
+    from admmprune.solvers.ssauto import SSAuto
 
     classes = {"this": SSAuto, rev: proximal_at(rev).SSAuto}
     out = {}

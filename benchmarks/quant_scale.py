@@ -2,7 +2,7 @@
 
 For every Conv/Linear weight of a model (its kept weights only, when ``--keep`` prunes it by
 magnitude first) and every bit width: the squared projection error with the exact q
-(:func:`admmprune.quantization.best_scale`) and with the best q on the grid the authors scan
+(:func:`admmprune.sets.quantization.best_scale`) and with the best q on the grid the authors scan
 (121 scales of max|w|/L from 0.05 to 1.25, what admmprune used before), and the time of each.
 
     .venv/bin/python benchmarks/quant_scale.py --dense DENSE.pt   # e.g. admmnns_compare's

@@ -1,13 +1,13 @@
 """2:4 on the GPU's sparse tensor cores: per-layer and whole-model latency of a LLaMA-shaped
 causal LM, dense fp16 against the same model pruned 2:4 and converted by
-:func:`admmprune.sparse.to_semi_structured`, at batch 1 / 16 / 64 × seq 256, and the
+:func:`admmprune.deployment.sparse.to_semi_structured`, at batch 1 / 16 / 64 × seq 256, and the
 outputs' difference against the masked model run dense (the same zeros, dense kernels).
 
 The weights are random (latency does not depend on them) and pruned 2:4 by magnitude
 (``admmprune.prune`` with ``NM(2, 4)`` on every Linear of the decoder blocks; the embeddings
 and ``lm_head`` stay dense). Per layer, each distinct Linear shape of one block is timed alone
 on a ``[batch·seq, in]`` input; whole-model times are full forwards (logits included).
-Paired timing (``admmprune.latency.measure_paired``, CUDA-synchronised).
+Paired timing (``admmprune.deployment.latency.measure_paired``, CUDA-synchronised).
 
     python benchmarks/semi_structured_speed.py                 # needs CUDA (Ampere or newer)
     python benchmarks/semi_structured_speed.py --hidden 4096 --intermediate 11008 --layers 2
@@ -28,8 +28,8 @@ import torch
 from torch import nn
 
 import admmprune as ap
-from admmprune.latency import measure_paired
-from admmprune.sparse import to_semi_structured
+from admmprune.deployment.latency import measure_paired
+from admmprune.deployment.sparse import to_semi_structured
 
 
 def build(args, device: torch.device, dtype: torch.dtype) -> nn.Module:

@@ -37,12 +37,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _cifar import add_common_args, dense_checkpoint, load
 from admmprune import compact
-from admmprune.accounting import count
-from admmprune.latency import inference_form, measure_paired
+from admmprune.deployment.latency import inference_form, measure_paired
+from admmprune.deployment.sparse import to_columns
 from admmprune.models import build_model
-from admmprune.proximal import SoftRowsColumns
-from admmprune.select import select
-from admmprune.sparse import to_columns
+from admmprune.sets.rows_columns import SoftRowsColumns
+from admmprune.weights.count import count
+from admmprune.weights.select import select
 from mnist_admmnn import pct, run_recipe
 
 LAYERS = "layer*.conv*"

@@ -26,7 +26,7 @@ import torchvision
 from torch import nn
 
 import admmprune as ap
-from admmprune.compact import _tensors
+from admmprune.weights.forward import floats
 
 
 def reinit(model: nn.Module) -> nn.Module:
@@ -105,7 +105,7 @@ MODELS = {
 
 def out(model, x):
     with torch.no_grad():
-        return _tensors(model(x))[0]
+        return floats(model(x))[0]
 
 
 def run(name, make) -> dict:

@@ -5,8 +5,8 @@
   concatenations) keeps the same fraction f of its channels, those with the largest L2 norm over
   all producer slices, and the model is compacted;
 - ``columns`` (shape-wise): every conv keeps the same fraction of its GEMM columns, computed by
-  :class:`admmprune.sparse.ColumnConv2d` in the form ``to_columns`` measures fastest per layer
-  at each timed batch size (the dense conv, a smaller conv on the alive channels, or the kept
+  :class:`admmprune.deployment.sparse.ColumnConv2d` in the form ``to_columns`` measures fastest per
+  layer at each timed batch size (the dense conv, a smaller conv on the alive channels, or the kept
   columns grouped by kernel offset into one 1×1 conv); the forms chosen are in the JSON;
 - ``filters+columns``: channels compacted to sqrt(R), then columns to the rest.
 
@@ -17,8 +17,8 @@ report speedup / MAC reduction (1.0 is the physical limit).
     python benchmarks/structured_speed.py [--models resnet20 resnet56 vgg16] [--rounds 20]
     python benchmarks/structured_speed.py --device cuda --batches 1 64 512   # on a GPU
 
-Both models are timed as deployed (``admmprune.latency.inference_form``): BatchNorm folded
-into the convs (unless ``--no-fold-bn``) and channels-last (unless ``--memory-format nchw``),
+Both models are timed as deployed (``admmprune.deployment.latency.inference_form``): BatchNorm
+folded into the convs (unless ``--no-fold-bn``) and channels-last (unless ``--memory-format nchw``),
 which is where thin (pruned) layers lose the least to per-channel overheads.
 """
 
@@ -34,19 +34,20 @@ import torch_pruning as tp
 from torch import nn
 
 from admmprune import Columns, deploy, prune
-from admmprune.accounting import count
-from admmprune.compact import _output_layers, compact
-from admmprune.latency import inference_form, measure_paired
+from admmprune.deployment.latency import inference_form, measure_paired
+from admmprune.deployment.sparse import ColumnConv2d, to_columns
 from admmprune.models import build_model
-from admmprune.sparse import ColumnConv2d, to_columns
-from admmprune.train import resolve_device
+from admmprune.run.train import resolve_device
+from admmprune.structure.compact import compact
+from admmprune.structure.graph import output_layers
+from admmprune.weights.count import count
 
 
 def zero_weakest_channels(model: nn.Module, x: torch.Tensor, keep: float) -> None:
     """In every group keep ``keep`` of the channels (largest producer norm), zero the rest."""
     DG = tp.DependencyGraph().build_dependency(model, example_inputs=x)
     groups = DG.get_all_groups(
-        ignored_layers=_output_layers(model, x), root_module_types=[nn.Conv2d, nn.Linear]
+        ignored_layers=output_layers(model, x), root_module_types=[nn.Conv2d, nn.Linear]
     )
     with torch.no_grad():
         for group in groups:

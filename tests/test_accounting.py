@@ -5,9 +5,10 @@ import torch
 from torch import nn
 
 from admmprune import Unstructured, prune
-from admmprune.accounting import count, fillers, storage, weight_storage
-from admmprune.latency import inference_form, measure, measure_paired
+from admmprune.deployment.latency import inference_form, measure, measure_paired
+from admmprune.deployment.storage import fillers, storage, weight_storage
 from admmprune.models import build_model
+from admmprune.weights.count import count
 
 
 def test_lenet5_counts_match_hand_count():
@@ -170,7 +171,7 @@ def test_storage_totals_cover_every_tensor():
 def test_all_macs_count_attention_products_by_the_formula():
     from torch import nn
 
-    from admmprune.accounting import count
+    from admmprune.weights.count import count
 
     E, L = 16, 5
     attn = nn.MultiheadAttention(E, 2, batch_first=True)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from admmprune import ADMM, Columns, Filters, Unstructured
-from admmprune.constraints import keep_count
+from admmprune.sets.constraints import keep_count
 from conftest import make_blobs
 
 

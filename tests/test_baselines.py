@@ -4,11 +4,11 @@ import json
 import pytest
 import torch
 
-from admmprune.baselines import cubic_keep, geometric_keep
-from admmprune.cli import main
-from admmprune.config import parse_recipe
-from admmprune.constraints import keep_count
-from admmprune.pipeline import prepare, run
+from admmprune.run.cli import main
+from admmprune.run.parse import parse_recipe
+from admmprune.run.pipeline import prepare, run
+from admmprune.sets.constraints import keep_count
+from admmprune.solvers.baselines import cubic_keep, geometric_keep
 from test_pipeline import tiny_recipe
 
 

@@ -72,10 +72,10 @@ def test_overhead_loads_ssauto_of_a_git_revision_beside_this_one():
     spec = importlib.util.spec_from_file_location("overhead", ROOT / "benchmarks/overhead.py")
     overhead = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(overhead)
-    from admmprune.proximal import SSAuto
+    from admmprune.solvers.ssauto import SSAuto
 
     ref = overhead.proximal_at("HEAD")
-    assert ref.SSAuto is not SSAuto and ref.__name__ != "admmprune.proximal"
+    assert ref.SSAuto is not SSAuto and ref.__name__ != SSAuto.__module__
     times = overhead.ssauto_update_times(1, True, ref.SSAuto)
     assert set(times) == {"first", "next", "admm"} and times["next"] > 0
 

@@ -6,8 +6,9 @@ import torch_pruning as tp
 import torchvision
 from torch import nn
 
-from admmprune.compact import _output_layers, compact, zero_dead_inputs
 from admmprune.models import build_model
+from admmprune.structure.compact import compact, zero_dead_inputs
+from admmprune.structure.graph import output_layers
 
 
 def zero_random_group_channels(model, x, frac=0.5, seed=0):
@@ -18,7 +19,7 @@ def zero_random_group_channels(model, x, frac=0.5, seed=0):
     roots = [nn.Conv2d, nn.Linear]
     with torch.no_grad():
         for group in DG.get_all_groups(
-            ignored_layers=_output_layers(model, x), root_module_types=roots
+            ignored_layers=output_layers(model, x), root_module_types=roots
         ):
             n = len(group.items[0].idxs)
             kill = torch.randperm(n, generator=g)[: int(n * frac)].tolist()
@@ -155,7 +156,9 @@ def _grouped_net():
 def test_a_wrong_compaction_is_caught_and_names_the_layer(monkeypatch):
     import importlib
 
-    c = importlib.import_module("admmprune.compact")  # (admmprune.compact is the function)
+    c = importlib.import_module(
+        "admmprune.structure.compact"
+    )  # (admmprune.compact is the function)
     model = _grouped_net()
     x = torch.randn(2, 3, 4, 4)
     real = c._zero_out
@@ -209,10 +212,10 @@ def test_grouped_conv_channels_are_kept_and_reported_the_rest_removed_exactly():
 def test_a_refused_compaction_still_writes_the_run(tmp_path, monkeypatch):
     import json
 
-    import admmprune.finish as finish
-    from admmprune.compact import CompactionError
-    from admmprune.config import parse_recipe
-    from admmprune.pipeline import prepare, run
+    import admmprune.run.finish as finish
+    from admmprune.run.parse import parse_recipe
+    from admmprune.run.pipeline import prepare, run
+    from admmprune.structure.compact import CompactionError
     from test_pipeline import tiny_recipe
 
     def refuse(*a, **k):

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import admmprune as ap
-from admmprune.accounting import storage
+from admmprune.deployment.storage import storage
 from admmprune.models import build_model
 
 SPEC = {"name": "lenet5", "num_classes": 10, "in_channels": 1, "input_size": 28}

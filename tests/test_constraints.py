@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from admmprune import Channels, Columns, Filters, Intersection, Unstructured
-from admmprune.constraints import keep_count, topk_mask
+from admmprune.sets.constraints import keep_count, topk_mask
 
 
 def brute_force(W, groups_of_positions, k):

@@ -14,7 +14,7 @@ from admmprune import (
     Ternary,
     Unstructured,
 )
-from admmprune.proximal import prox_rows_columns
+from admmprune.sets.rows_columns import prox_rows_columns
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -95,7 +95,7 @@ def test_two_four_linear_runs_on_the_sparse_kernels_and_matches_dense():
     from torch import nn
 
     import admmprune as ap
-    from admmprune.sparse import to_semi_structured
+    from admmprune.deployment.sparse import to_semi_structured
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(128, 256), nn.ReLU(), nn.Linear(256, 40)).cuda().half()
@@ -136,7 +136,7 @@ def test_deploy_on_cuda_times_cuda_graphs_and_keeps_the_outputs():
 def test_column_forms_on_cuda_equal_the_masked_conv(form):
     from torch import nn
 
-    from admmprune.sparse import ColumnConv2d
+    from admmprune.deployment.sparse import ColumnConv2d
 
     torch.manual_seed(0)
     conv = nn.Conv2d(16, 24, 3, padding=1)

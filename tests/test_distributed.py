@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from admmprune.distributed import shard_order
+from admmprune.run.distributed import shard_order
 
 ROOT = Path(__file__).resolve().parents[1]
 

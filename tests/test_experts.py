@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import admmprune as ap
-from admmprune.accounting import storage
+from admmprune.deployment.storage import storage
 from tiny_models import reinit
 
 tf = pytest.importorskip("transformers", reason="needs the [hf] extra")

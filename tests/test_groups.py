@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from admmprune import ADMM, ChannelGroup, Filters, channel_groups
-from admmprune.compact import compact
-from admmprune.constraints import keep_count
 from admmprune.models import build_model
+from admmprune.sets.constraints import keep_count
+from admmprune.structure.compact import compact
 
 
 class ConvBN(nn.Module):

@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 import admmprune as ap
-from admmprune.compact import CompactionError
+from admmprune.structure.compact import CompactionError
 
-heads_mod = __import__("importlib").import_module("admmprune.heads")
+heads_mod = __import__("importlib").import_module("admmprune.structure.heads")
 
 
 def reinit(model: nn.Module, seed: int = 0) -> nn.Module:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import admmprune as ap
-from admmprune.compact import compact
+from admmprune.structure.compact import compact
 from tiny_models import reinit
 
 tf = pytest.importorskip("transformers", reason="needs the [hf] extra")

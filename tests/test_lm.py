@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 import admmprune as ap
-from admmprune.evaluate import perplexity
-from admmprune.sparse import semi_structured_reason, to_semi_structured
+from admmprune.deployment.sparse import semi_structured_reason, to_semi_structured
+from admmprune.run.evaluate import perplexity
 from tiny_models import reinit
 
 
@@ -308,7 +308,7 @@ def _write(path, recipe):
 def test_text_recipe_prunes_measures_perplexity_and_saves_pretrained(tmp_path):
     import json
 
-    from admmprune.cli import main
+    from admmprune.run.cli import main
 
     tr = _transformers()
     recipe = lm_recipe(tmp_path)
@@ -342,7 +342,7 @@ def test_text_recipe_prunes_measures_perplexity_and_saves_pretrained(tmp_path):
     ],
 )
 def test_text_recipe_bad_input_is_named_and_writes_nothing(tmp_path, capsys, change, message):
-    from admmprune.cli import main
+    from admmprune.run.cli import main
 
     recipe = lm_recipe(tmp_path)
     if "vocab" in change:
@@ -362,7 +362,7 @@ def test_text_recipe_bad_input_is_named_and_writes_nothing(tmp_path, capsys, cha
 def test_text_recipe_constraints_and_default_share_the_blocks(tmp_path):
     import json
 
-    from admmprune.cli import main
+    from admmprune.run.cli import main
 
     recipe = lm_recipe(tmp_path, seq_len=16)
     recipe["constraints"] = {"model.layers.0.mlp.*": {"nm": "2:4"}}
@@ -381,7 +381,7 @@ def test_text_recipe_constraints_and_default_share_the_blocks(tmp_path):
 def test_text_recipe_prunes_every_expert_and_reports_each(tmp_path):
     import json
 
-    from admmprune.cli import main
+    from admmprune.run.cli import main
 
     tr = _transformers()
     recipe = lm_recipe(tmp_path)

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from admmprune.config import parse_recipe
-from admmprune.data import load_data
 from admmprune.models import build_model
-from admmprune.pipeline import prepare, run
+from admmprune.run.data import load_data
+from admmprune.run.parse import parse_recipe
+from admmprune.run.pipeline import prepare, run
 
 
 @pytest.mark.parametrize(

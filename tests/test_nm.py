@@ -9,8 +9,8 @@ from torch import nn
 
 import admmprune as ap
 from admmprune._io import safe_load
-from admmprune.cli import main
-from admmprune.config import parse_recipe
+from admmprune.run.cli import main
+from admmprune.run.parse import parse_recipe
 from test_pipeline import tiny_recipe, write
 
 

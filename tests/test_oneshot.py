@@ -11,9 +11,11 @@ import torch
 from torch import nn
 
 import admmprune as ap
-from admmprune.oneshot import _least_squares, _sparsegpt_one
+from admmprune.solvers.oneshot.layer_solvers import _least_squares, _sparsegpt_one
 
-os_mod = importlib.import_module("admmprune.oneshot")  # the name admmprune.oneshot is the function
+os_mod = importlib.import_module(
+    "admmprune.solvers.oneshot.driver"
+)  # the name admmprune.oneshot is the function
 
 
 def _correlated(n: int, d: int, seed: int) -> torch.Tensor:
@@ -323,7 +325,7 @@ def test_dense_target_fits_the_dense_output_from_the_pruned_inputs():
 
 
 def test_recipe_oneshot_settings_are_checked():
-    from admmprune.config import OneShotCfg
+    from admmprune.run.config import OneShotCfg
 
     assert OneShotCfg(sequential="layers", dense_target=True).sequential == "layers"
     with pytest.raises(ValueError, match="dense_target: true needs solver: admm"):
@@ -468,8 +470,8 @@ def _rows(path):
 
 
 def test_recipe_method_oneshot_prunes_from_seeded_calibration_then_retrains(tmp_path):
-    from admmprune.config import parse_recipe
-    from admmprune.pipeline import prepare, run
+    from admmprune.run.parse import parse_recipe
+    from admmprune.run.pipeline import prepare, run
 
     recipe = _recipe(
         tmp_path,
@@ -503,8 +505,8 @@ def test_recipe_method_oneshot_prunes_from_seeded_calibration_then_retrains(tmp_
 
 
 def test_recipe_admm_init_oneshot_starts_admm_from_the_oneshot_solution(tmp_path):
-    from admmprune.config import parse_recipe
-    from admmprune.pipeline import prepare, run
+    from admmprune.run.parse import parse_recipe
+    from admmprune.run.pipeline import prepare, run
 
     recipe = _recipe(tmp_path, oneshot={"samples": 128})
     recipe["admm"].update(epochs=2, update_every=1, init="oneshot")
@@ -529,7 +531,7 @@ def test_recipe_admm_init_oneshot_starts_admm_from_the_oneshot_solution(tmp_path
     ],
 )
 def test_recipe_oneshot_settings_are_validated(tmp_path, changes, message):
-    from admmprune.config import parse_recipe
+    from admmprune.run.parse import parse_recipe
 
     recipe = _recipe(tmp_path, **changes)
     with pytest.raises(ValueError, match=message):
@@ -540,7 +542,7 @@ def test_recipe_oneshot_settings_are_validated(tmp_path, changes, message):
 
 
 def test_nm_storage_counts_log2_m_index_bits_and_the_packed_file_round_trips(tmp_path):
-    from admmprune.accounting import weight_storage
+    from admmprune.deployment.storage import weight_storage
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 16))

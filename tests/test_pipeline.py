@@ -14,8 +14,9 @@ import torch
 import yaml
 
 from admmprune._io import safe_load
-from admmprune.cli import main
-from admmprune.config import RecipeError, load_recipe, parse_recipe
+from admmprune.run.cli import main
+from admmprune.run.config import RecipeError
+from admmprune.run.parse import load_recipe, parse_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -360,7 +361,7 @@ def test_coupled_channels_recipe_compacts_exactly(tmp_path):
 
 def test_filter_plus_column_on_a_resnet_via_recipe(tmp_path):
     """StructADMM's combination: coupled channel groups plus a column set on the same convs."""
-    from admmprune.constraints import keep_count
+    from admmprune.sets.constraints import keep_count
 
     recipe = resnet20_recipe(
         tmp_path,

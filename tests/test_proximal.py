@@ -6,8 +6,9 @@ import torch
 from torch import nn
 
 import admmprune as ap
-from admmprune.accounting import count
-from admmprune.proximal import SSAuto, group_soft_threshold, prox_rows_columns
+from admmprune.sets.rows_columns import group_soft_threshold, prox_rows_columns
+from admmprune.solvers.ssauto import SSAuto
+from admmprune.weights.count import count
 from conftest import make_blobs
 
 
@@ -363,7 +364,7 @@ def test_fast_update_gives_the_reference_lambda_and_supports(seed, min_keep):
 
 
 def test_coupled_prox_is_the_minimiser_and_reduces_to_the_single_matrix_prox():
-    from admmprune.proximal import _prox_coupled
+    from admmprune.sets.rows_columns import _prox_coupled
 
     torch.manual_seed(4)
     V = torch.randn(6, 10)

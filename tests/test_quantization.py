@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import admmprune as ap
-from admmprune.quantization import nearest_level
+from admmprune.sets.quantization import nearest_level
 
 
 def brute_nearest(x, levels):
@@ -96,7 +96,7 @@ def test_pow2_q_uses_its_top_level():
 def test_windowed_q_search_matches_the_exact_one(monkeypatch):
     """Past the breakpoint budget the sweep covers a window around the Lloyd q: forced here to
     1/20 of the breakpoints, the error stays within 1e-6 of the exact sweep's."""
-    from admmprune import quantization
+    from admmprune.sets import quantization
 
     g = torch.Generator().manual_seed(7)
     for bits, dist in [(8, "normal"), (6, "laplace"), (5, "uniform")]:
@@ -115,7 +115,7 @@ def test_windowed_q_search_matches_the_exact_one(monkeypatch):
 
 
 def test_chunked_sweep_is_the_single_sweep(monkeypatch):
-    from admmprune import quantization
+    from admmprune.sets import quantization
 
     x = torch.randn(2000, generator=torch.Generator().manual_seed(3))
     c = ap.Quantized(5)
@@ -219,7 +219,7 @@ def test_support_needs_an_elementwise_constraint():
 
 @pytest.mark.parametrize("constraint", [ap.Quantized(3), ap.Ternary()])
 def test_masked_mapping_freezes_a_growing_share_on_its_levels(constraint):
-    from admmprune.quantization import MaskedMapping
+    from admmprune.solvers.masked_mapping import MaskedMapping
 
     torch.manual_seed(5)
     X = torch.randn(256, 12)

@@ -5,8 +5,14 @@ import torch
 from torch import nn
 
 import admmprune as ap
+from admmprune.deployment.sparse import (
+    ColumnConv2d,
+    SparseConv2d,
+    SparseLinear,
+    to_columns,
+    to_sparse,
+)
 from admmprune.models import build_model
-from admmprune.sparse import ColumnConv2d, SparseConv2d, SparseLinear, to_columns, to_sparse
 
 
 def test_sparse_lenet5_matches_the_masked_dense_model():
@@ -133,7 +139,7 @@ def test_column_compact_convs_export_to_onnx_and_run(tmp_path):
     pytest.importorskip("onnxruntime", reason="needs the [onnx] extra")
     import onnxruntime
 
-    from admmprune.export import export_onnx
+    from admmprune.run.export import export_onnx
 
     model = nn.Sequential(
         _column_pruned(*GEOMETRIES[1]), nn.ReLU(), _column_pruned(9, 4, 3, 1, 1, 1, 1, 1)

@@ -12,16 +12,17 @@ import torch
 from torch import nn
 
 import admmprune as ap
-from admmprune import pipeline
 from admmprune._io import safe_load
-from admmprune.cli import main
-from admmprune.config import StageCfg, load_recipe
-from admmprune.finish import compact_stats, model_spec, storage_stats, write_run_files
-from admmprune.stages import STAGES, Stage
+from admmprune.run import pipeline, runner
+from admmprune.run.cli import main
+from admmprune.run.config import StageCfg
+from admmprune.run.finish import compact_stats, model_spec, storage_stats, write_run_files
+from admmprune.run.parse import load_recipe
+from admmprune.run.stages import STAGES, Stage
 from test_pipeline import ROOT
 
 FIXTURES = Path(__file__).parent / "fixtures"
-SRC = ROOT / "src" / "admmprune"
+SRC = ROOT / "src" / "admmprune" / "run"
 
 
 def same_arithmetic(now: dict, then: dict) -> bool:
@@ -60,13 +61,13 @@ def test_the_demo_writes_the_metrics_rows_of_the_pipeline_before_the_stages(tmp_
 
 
 def flat_numbers(row: dict) -> dict:
-    from admmprune.config import flatten
+    from admmprune.run.parse import flatten
 
     return {k: v for k, v in flatten(row).items() if isinstance(v, float | int)}
 
 
 def flat_others(row: dict) -> dict:
-    from admmprune.config import flatten
+    from admmprune.run.parse import flatten
 
     return {k: v for k, v in flatten(row).items() if not isinstance(v, float | int)}
 
@@ -151,7 +152,7 @@ def test_a_new_stage_is_one_class_run_by_the_real_runner_with_resume(tmp_path):
     CALLS.clear()
     ref = pipeline.run(pipeline.prepare(fixture_recipe(tmp_path / "ref")), **quiet)
     uninterrupted = list(CALLS)
-    steps = pipeline._steps_per_epoch(pipeline.prepare(fixture_recipe(tmp_path / "x")))
+    steps = runner._steps_per_epoch(pipeline.prepare(fixture_recipe(tmp_path / "x")))
     assert uninterrupted == [
         ("begin", None),
         ("before_epoch", 0),
@@ -187,11 +188,11 @@ def function_lengths(path: Path) -> dict[str, int]:
     }
 
 
-@pytest.mark.parametrize("module", ["pipeline.py", "stages.py", "finish.py"])
+@pytest.mark.parametrize("module", ["pipeline.py", "runner.py", "stages.py", "finish.py"])
 def test_no_long_functions_and_no_stage_names_in_the_runner(module):
     lengths = function_lengths(SRC / module)
     assert max(lengths.values()) <= 60, sorted(lengths.items(), key=lambda kv: -kv[1])[:3]
-    if module == "pipeline.py":
+    if module in ("pipeline.py", "runner.py"):
         text = (SRC / module).read_text()
         for name in ("pretrain", "admm", "retrain", "quantize"):
             assert f'== "{name}"' not in text and f"'{name}'" not in text, name

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 import admmprune as ap
-from admmprune.compact import _output_layers, compact
+from admmprune.structure.compact import compact
+from admmprune.structure.graph import output_layers
 
 
 class TwoHeaded(nn.Module):
@@ -55,7 +56,7 @@ def _randomized(model: nn.Module) -> nn.Module:
 def test_every_output_layer_is_protected():
     model = _randomized(TwoHeaded())
     x = torch.randn(2, 3, 12, 12)
-    assert set(_output_layers(model, x)) == {model.cls, model.box}
+    assert set(output_layers(model, x)) == {model.cls, model.box}
     groups = ap.channel_groups(model, x, keep=0.5)
     members = {p for g in groups for p, _ in g.members}
     assert not any(p.startswith(("cls.", "box.")) for p in members)
@@ -100,7 +101,7 @@ def test_compact_checks_empty_and_full_outputs(threshold):
 
 
 def test_a_dependency_analysis_past_its_time_bound_is_a_clear_refusal(monkeypatch):
-    from admmprune import _graph
+    from admmprune.structure import graph as _graph
 
     monkeypatch.setattr(_graph, "TIME_LIMIT", 1e-3)
     monkeypatch.setattr(_graph, "TIME_PER_MODULE", 0.0)
@@ -219,7 +220,9 @@ def test_channels_read_by_a_layer_run_several_times_are_kept():
 def test_the_safety_net_rechecks_in_float64_what_rounding_reorders(monkeypatch):
     """Post-processing (NMS, sorting) turns fp32 rounding into reordered outputs: a failed
     fp32 check is repeated in float64, where an exact compaction agrees and a wrong one not."""
-    compact_module = importlib.import_module("admmprune.compact")  # the module, not the function
+    compact_module = importlib.import_module(
+        "admmprune.structure.compact"
+    )  # the module, not the function
 
     model = _randomized(TwoHeaded())
     x = torch.randn(2, 3, 12, 12)

@@ -18,8 +18,8 @@ from torch import nn
 
 import admmprune as ap
 from admmprune._io import atomic_save, safe_load
-from admmprune.cli import main
-from admmprune.report import format_summary
+from admmprune.run.cli import main
+from admmprune.run.report import format_summary
 from test_models_data import fake_npz
 from test_pipeline import ROOT, _wait_for_checkpoint, run_cli, tiny_recipe, write
 
@@ -215,7 +215,7 @@ def test_bad_data_and_recipe_files_are_errors(tmp_path, capsys):
 
 
 def test_data_null_with_a_data_dir_becomes_that_data_section():
-    from admmprune.config import parse_recipe
+    from admmprune.run.parse import parse_recipe
 
     r = parse_recipe({"model": {"name": "lenet5"}, "data": None, "constraints": {"fc1": {
         "unstructured": 0.5}}}, {"data.dir": "/some/where"})  # fmt: skip

@@ -3,10 +3,10 @@
 The public API is what this module re-exports; everything else is private.
 """
 
-from .admm import ADMM
-from .compact import CompactionError, CompactReport, compact, zero_dead_inputs
-from .compressed import export_compressed, load_compressed
-from .constraints import (
+from ._version import __version__ as __version__
+from .deployment.compressed import export_compressed, load_compressed
+from .deployment.deploy import Deployed, DeployReport, deploy
+from .sets.constraints import (
     NM,
     Channels,
     Columns,
@@ -16,16 +16,18 @@ from .constraints import (
     Projection,
     Unstructured,
 )
-from .deploy import Deployed, DeployReport, deploy
-from .groups import ChannelGroup, channel_groups
-from .heads import PrunedMultiheadAttention, PrunedShiftedWindowAttention, head_groups
-from .masks import Masks, prune
-from .oneshot import LayerReport, OneShotReport, oneshot
-from .proximal import SSAuto
-from .quantization import Binary, MaskedMapping, Quantized, Ternary
-from .select import Target, select
-
-__version__ = "0.1.0"
+from .sets.quantization import Binary, Quantized, Ternary
+from .solvers.admm import ADMM
+from .solvers.masked_mapping import MaskedMapping
+from .solvers.oneshot.driver import oneshot
+from .solvers.oneshot.report import LayerReport, OneShotReport
+from .solvers.ssauto import SSAuto
+from .structure.attention import PrunedShiftedWindowAttention
+from .structure.compact import CompactionError, CompactReport, compact, zero_dead_inputs
+from .structure.groups import ChannelGroup, channel_groups
+from .structure.heads import PrunedMultiheadAttention, head_groups
+from .weights.masks import Masks, prune
+from .weights.select import Target, select
 
 __all__ = [
     "ADMM",

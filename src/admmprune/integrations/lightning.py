@@ -20,9 +20,9 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from ..admm import ADMM
-from ..masks import Masks
-from ..select import Spec
+from ..solvers.admm import ADMM
+from ..weights.masks import Masks
+from ..weights.select import Spec
 
 __all__ = ["ADMMCallback"]
 
