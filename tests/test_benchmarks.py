@@ -314,3 +314,13 @@ def test_model_zoo_tiny_run_reports_each_case(tmp_path):
     assert cases["Phi"]["oneshot_coverage"] == 1.0
     assert cases["Bloom"]["status"] == "exact" and "ALiBi" in cases["Bloom"]["heads_refused"]
     assert "2 exact" in proc.stdout
+
+
+def test_admm_state_benchmark_tiny_run(tmp_path):
+    proc = run_script(f"benchmarks/admm_state.py --steps 40 --out {tmp_path / 's.json'}")
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads((tmp_path / "s.json").read_text())["rows"]
+    per = {(r["problem"], r["state"]): r for r in rows}
+    assert per[("planted", "bfloat16")]["bytes_per_weight"] == 4.0
+    assert per[("planted", "float8")]["bytes_per_weight"] == 3.0
+    assert all(0 <= v <= 1 for r in rows for v in r["kept_not_in_fp32_masks"].values())

@@ -291,6 +291,12 @@ BAD = [
         "'conv7' matches no",
     ),
     ("quantize_without_layers", lambda t: {"quantize": {"epochs": 2}}, "quantize.layers is empty"),
+    ("adam_metric_with_sgd", lambda t: {"admm": {"metric": "adam"}}, "admm.metric: adam reads"),
+    (
+        "metric_without_admm",
+        lambda t: {"method": "gradual", "admm": {"metric": "fisher"}},
+        "is the metric of ADMM's projection, but method is gradual",
+    ),
 ]
 
 

@@ -96,6 +96,21 @@ class AdmmCfg(StageCfg):
     # Z⁰: projection = Π_S(W⁰); oneshot = the one-shot solution (the `oneshot` section's
     # solver on calibration images), so ADMM training starts from it
     init: Literal["projection", "oneshot"] = "projection"
+    # the Z-step's and the hard prune's metric: adam = the optimizer's exp_avg_sq (keeps the
+    # weights of largest v·w²), fisher = mean squared gradients, none = Euclidean
+    metric: Literal["adam", "fisher", "none"] = "none"
+    # Z and U in fp32 (with a cached T: 12 bytes per constrained weight), bfloat16 (4 bytes) or
+    # float8 (Z in float8_e4m3fn with a per-tensor scale, U in bf16: 3 bytes); sparsity sets only
+    state_dtype: Literal["float32", "bfloat16", "float8"] = "float32"
+
+    @model_validator(mode="after")
+    def _adam_metric_needs_adam(self):
+        if self.metric == "adam" and self.optimizer.name not in ("adam", "adamw"):
+            raise ValueError(
+                f"admm.metric: adam reads Adam's second moment, but admm.optimizer is "
+                f"{self.optimizer.name}; use optimizer adam / adamw, or metric: fisher"
+            )
+        return self
 
 
 Bits = Annotated[int, Field(ge=2, le=16)] | Literal["binary", "ternary"]
@@ -287,6 +302,15 @@ class Recipe(_Strict):
         if value != "auto" and not value.startswith(("cpu", "cuda", "mps")):
             raise ValueError(f"device {value!r}: use auto, cpu, cuda or cuda:N")
         return value
+
+    @model_validator(mode="after")
+    def _metric_is_admm(self):
+        if self.admm.metric != "none" and self.method != "admm":
+            raise ValueError(
+                f"admm.metric: {self.admm.metric} is the metric of ADMM's projection, but "
+                f"method is {self.method}; set method: admm, or drop admm.metric"
+            )
+        return self
 
     @model_validator(mode="after")
     def _something_to_constrain(self):

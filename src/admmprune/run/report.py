@@ -56,6 +56,7 @@ def summarize(
         },
         "layers": layers,
         "seconds": info.get("times", {}),
+        **({"admm_state": info["admm_state"]} if "admm_state" in info else {}),
     }
 
 

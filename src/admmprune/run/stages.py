@@ -170,8 +170,12 @@ class Compress(Stage):
             return
         run = self.run
         options = self._options()
-        if state is None and run.r.method == "admm" and run.r.admm.init == "oneshot":
-            options["admm_kwargs"]["init"] = self._oneshot()  # Z⁰ = the one-shot solution
+        if run.r.method == "admm":
+            metric = run.r.admm.metric
+            options["admm_kwargs"]["metric"] = opt if metric == "adam" else metric
+            options["admm_kwargs"]["state_dtype"] = run.r.admm.state_dtype
+            if state is None and run.r.admm.init == "oneshot":
+                options["admm_kwargs"]["init"] = self._oneshot()  # Z⁰ = the one-shot solution
         self.method = make_method(
             run.r.method, run.model, run.p.spec, run.p.default, opt, epochs=self.epochs,
             steps_per_epoch=run.steps_per_epoch, **options,
@@ -179,6 +183,8 @@ class Compress(Stage):
         start = (state["epoch"], state.get("method")) if state else (0, None)
         for row in self.method.start(*start):
             run.metric(stage=self.name, **row)
+        if run.r.method == "admm":
+            run.info["admm_state"] = _state_size(self.method.admm)
 
     def penalty(self):
         return self.method.admm
@@ -366,3 +372,11 @@ class Quantize(Stage):
 
 #: the stages of every run, in order (their positions seed the batch order: append new ones)
 STAGES: tuple[type[Stage], ...] = (Pretrain, Compress, Retrain, Quantize)
+
+
+def _state_size(admm: ADMM) -> dict:
+    """What the ADMM state costs next to the weights it constrains (summary.json)."""
+    weights = sum(t.param.numel() for t in admm.targets)
+    size = admm.state_bytes()
+    return {"dtype": admm.state_dtype, "bytes": size,
+            "bytes_per_constrained_weight": size / max(weights, 1)}  # fmt: skip

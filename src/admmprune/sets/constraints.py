@@ -124,6 +124,9 @@ class Constraint:
     #: whether the set constrains each entry on its own, so it can act on any subset of entries
     #: (``ADMM(..., support=masks)`` projects only the kept weights)
     elementwise: bool = False
+    #: whether Π_S keeps W on a support it chooses, ranked by squared entries or group norms (a
+    #: sparsity set): then it has an exact projection in any diagonal metric (sets/weighted.py)
+    support_set: bool = False
 
     def project(self, W: torch.Tensor, groups: int = 1) -> Projection:
         """Return ``Π_S(W)`` and its support. ``groups`` is the conv's ``groups`` attribute."""
@@ -153,6 +156,8 @@ class Constraint:
 
 class _KeepFraction(Constraint):
     """A constraint parameterised by the kept fraction of some structures."""
+
+    support_set = True
 
     def __init__(self, keep: float) -> None:
         self.keep = _check_keep(type(self).__name__, keep)
@@ -294,6 +299,7 @@ class NM(Constraint):
     """
 
     min_ndim = 2
+    support_set = True
 
     def __init__(self, n: int, m: int) -> None:
         ints = all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in (n, m))
@@ -359,6 +365,7 @@ class Intersection(Constraint):
         self.parts = tuple(flat)
         self.min_ndim = max(p.min_ndim for p in flat)
         self.elementwise = all(p.elementwise for p in flat)
+        self.support_set = all(p.support_set for p in flat)
 
     def check(self, W: torch.Tensor, layer: str, groups: int = 1) -> None:
         for part in self.parts:

@@ -139,6 +139,7 @@ class RowsColumns(Constraint):
     view. Its projection keeps exactly those entries (used by the final hard prune)."""
 
     min_ndim = 2
+    support_set = True
 
     def __init__(self, rows: torch.Tensor, cols: torch.Tensor) -> None:
         self.rows, self.cols = rows.bool(), cols.bool()

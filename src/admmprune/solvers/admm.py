@@ -6,10 +6,14 @@ Problem: ``min f(W)  s.t.  W_i ∈ S_i``. Scaled augmented Lagrangian, iterated 
     Z_i^{k+1} = Π_{S_i}(W_i^{k+1} + U_i^k)                             (update())
     U_i^{k+1} = U_i^k + W_i^{k+1} − Z_i^{k+1}                          (update())
 
-with ``Z⁰ = Π_S(W⁰)`` and ``U⁰ = 0``. The penalty's gradient is ``rho·(W − Z + U)``; it enters
-either through :meth:`ADMM.penalty` added to the loss (``mode="penalty"``) or through gradient
-hooks with no autograd graph (``mode="grad"``). ``Z`` and ``U`` are kept in fp32 on the
-parameter's device whatever the parameter's dtype, and the penalty is computed in fp32.
+with ``Z⁰ = Π_S(W⁰)`` and ``U⁰ = 0``. With a diagonal metric ``m`` (``metric=``) the Z-step and
+the final hard prune are ``Π_S^m(V) = argmin_{Z∈S} Σ m_i (Z_i − V_i)²``, exact for every sparsity
+set: the support of ``Π_S(√m ⊙ V)`` (:mod:`admmprune.sets.weighted`).
+
+The penalty's gradient is ``rho·(W − Z + U)``; it enters either through :meth:`ADMM.penalty`
+added to the loss (``mode="penalty"``) or through gradient hooks with no autograd graph
+(``mode="grad"``). ``Z`` and ``U`` are kept in fp32 on the parameter's device whatever the
+parameter's dtype, and the penalty is computed in fp32.
 
 When rho changes from ``rho_k`` to ``rho_{k+1}`` the scaled dual is rescaled,
 ``U ← U · rho_k / rho_{k+1}``, so the unscaled multiplier ``rho·U`` is unchanged
@@ -20,15 +24,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..sets.constraints import Columns, Constraint, Projection, Unstructured
+from ..sets.weighted import check_support_set, project_weighted
 from ..structure.groups import ChannelGroup
 from ..weights.masks import Masks, check_finite, hard_prune
 from ..weights.select import Spec, Target, select
+from .admm_metric import Source, make_metric
+from .admm_state import STATE_DTYPES, _LayerState, _LowState, make_state
 
 # the sets a coupled channel group member may also carry (filter + column): top-k selections,
 # which never revive a channel the group zeroed
@@ -50,40 +56,33 @@ class _ProximalPenalty(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, rho: float, Ts: list[torch.Tensor], *Ws: torch.Tensor):
+    def forward(ctx, rho: float, Ts: list, *Ws: torch.Tensor):
         ctx.save_for_backward(*Ws)
         ctx.rho, ctx.Ts = rho, Ts
-        sq = [torch.dist(W.float(), T).square() for W, T in zip(Ws, Ts)]
+        sq = [torch.dist(W.float(), _read(T)).square() for W, T in zip(Ws, Ts)]
         return 0.5 * rho * torch.stack(sq).sum()
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         scale = ctx.rho * grad
-        grads = [(W.float() - T).mul_(scale).to(W.dtype) for W, T in zip(ctx.saved_tensors, ctx.Ts)]
+        grads = [
+            (W.float() - _read(T)).mul_(scale).to(W.dtype)
+            for W, T in zip(ctx.saved_tensors, ctx.Ts)
+        ]
         return None, None, *grads
 
 
-def _proximal_penalty(Ws: list[torch.Tensor], Ts: list[torch.Tensor], rho: float) -> torch.Tensor:
+def _read(T) -> torch.Tensor:
+    """A cached ``T``, or a low-precision state's (computed now, one layer at a time, so no
+    fp32 copy of every layer's ``T`` lives from the forward to the backward)."""
+    return T if torch.is_tensor(T) else T.T
+
+
+def _proximal_penalty(Ws: list[torch.Tensor], Ts: list, rho: float) -> torch.Tensor:
     """``Σ_i rho/2 · ||W_i − T_i||²``, differentiable in the W's (a zero tensor for none)."""
     if not Ws:
         return torch.zeros(())
     return _ProximalPenalty.apply(rho, Ts, *Ws)
-
-
-@dataclass
-class _LayerState:
-    """Per-layer ADMM variables, fp32. ``T = Z − U`` is cached: the W-step pulls W towards it."""
-
-    Z: torch.Tensor
-    U: torch.Tensor
-    T: torch.Tensor = None  # type: ignore[assignment]
-
-    def __post_init__(self) -> None:
-        self.T = self.Z - self.U
-
-    def to(self, device: torch.device) -> _LayerState:
-        self.Z, self.U, self.T = self.Z.to(device), self.U.to(device), self.T.to(device)
-        return self
 
 
 def _check_rho(value: float, where: str) -> float:
@@ -127,6 +126,14 @@ class ADMM:
         init: where ``Z⁰`` comes from instead of ``Π_S(W⁰)``: :class:`Masks` (e.g. from
             :func:`admmprune.oneshot`: ``Z⁰ = W⁰ ⊙ M``) or ``{name: Z⁰}`` tensors, covering every
             constrained parameter. Training-time ADMM then starts from that solution.
+        metric: the diagonal metric of the Z-step and the final hard prune, ``Z = argmin_{Z∈S}
+            Σ m_i (Z_i − V_i)²`` (objective-aware: a weight is kept by ``m_i·w_i²``): an Adam /
+            AdamW optimizer (its bias-corrected ``exp_avg_sq`` for each parameter), ``"fisher"``
+            (mean squared gradients since the previous update), ``{name: tensor}`` or a
+            function returning them; ``None``: Euclidean. Sparsity sets only.
+        state_dtype: ``"float32"`` (Z, U and the cached T: 3× an fp32 weight), ``"bfloat16"``
+            (Z and U in bf16, T computed when read: 1×) or ``"float8"`` (Z in float8_e4m3fn with
+            a per-tensor scale, U in bf16: 0.75×); sparsity sets only. :meth:`state_bytes`.
 
     Under ``torch.amp.GradScaler`` either use ``mode="penalty"`` (the penalty is part of the
     scaled loss) or give ``mode="grad"`` the scaler (``grad_scaler=``).
@@ -146,6 +153,8 @@ class ADMM:
         support: Mapping[str, torch.Tensor] | None = None,
         init: Mapping[str, torch.Tensor] | None = None,
         grad_scaler: torch.amp.GradScaler | None = None,
+        metric: Source | None = None,
+        state_dtype: str = "float32",
     ) -> None:
         if mode not in ("penalty", "grad"):
             raise ValueError(
@@ -176,14 +185,24 @@ class ADMM:
         self.targets = [t for t in self.targets if t.name not in self._also]
         self.targets += self._group_targets()
         self.support = self._check_support(support)
-        self._state: dict[str, _LayerState] = {}
+        if state_dtype not in STATE_DTYPES:
+            raise ValueError(f"state_dtype={state_dtype!r}: use one of {', '.join(STATE_DTYPES)}.")
+        self.state_dtype = state_dtype
+        for t in self.targets:
+            if (metric is not None or state_dtype != "float32") and not isinstance(
+                t.constraint, ChannelGroup
+            ):
+                check_support_set(t.constraint, t.name)
+        self._metric = make_metric(metric, self.targets)
+        self._state: dict[str, _LayerState | _LowState] = {}
         with torch.no_grad():
             W = {t.name: t.param.detach().float() for t in self.targets}
             for t in self.targets:
                 check_finite(W[t.name], t.name, "at ADMM start")
             Z0 = self._initial(W, init)
             for t in self.targets:
-                self._state[t.name] = _LayerState(Z=Z0[t.name], U=torch.zeros_like(W[t.name]))
+                U0 = torch.zeros_like(W[t.name])
+                self._state[t.name] = make_state(Z0[t.name], U0, state_dtype)
         self._hooks = []
         if mode == "grad":
             for t in self.targets:
@@ -298,7 +317,14 @@ class ADMM:
         return _on_support(t, V, mask)
 
     def _project(self, V: Mapping[str, torch.Tensor]) -> dict[str, Projection]:
-        """Π_S for every target: one layer at a time, or a whole channel group jointly."""
+        """Π_S for every target (in the metric, with one)."""
+        m = self._metric.values() if self._metric is not None else None
+        if m is None:
+            return self._euclidean(V)
+        return project_weighted(self._euclidean, V, m)
+
+    def _euclidean(self, V: Mapping[str, torch.Tensor]) -> dict[str, Projection]:
+        """Euclidean Π_S for every target: one layer at a time, or a channel group jointly."""
         out = {
             t.name: self._project_one(t, V[t.name])
             for t in self.targets
@@ -328,10 +354,10 @@ class ADMM:
         return min(value, self._rho_max) if self._rho_max is not None else value
 
     # W-step ------------------------------------------------------------------------------------
-    def _layer(self, t: Target) -> _LayerState:
+    def _layer(self, t: Target) -> _LayerState | _LowState:
         """The layer's Z, U, moved to the parameter's device if the model moved."""
         st, device = self._state[t.name], t.param.device
-        return st if st.Z.device == device else st.to(device)
+        return st if st.device == device else st.to(device)
 
     def _residual(self, t: Target) -> torch.Tensor:
         """``W − Z + U = W − T`` in fp32, no graph."""
@@ -344,7 +370,8 @@ class ADMM:
                 "mode='grad' already adds the penalty's gradient in backward; do not add "
                 "admm.penalty() to the loss (use admm.penalty_value() to log it)."
             )
-        Ts = [self._layer(t).T for t in self.targets]
+        Ts = [self._layer(t) if self.state_dtype != "float32" else self._layer(t).T
+              for t in self.targets]  # fmt: skip
         return _proximal_penalty([t.param for t in self.targets], Ts, self.rho)
 
     @torch.no_grad()
@@ -404,21 +431,16 @@ class ADMM:
             W[t.name] = t.param.detach().float()
             check_finite(W[t.name], t.name, f"at ADMM update {self.num_updates + 1}")
             # Large fresh buffers cost page faults: the stale T and the old Z serve as scratch.
-            V[t.name] = torch.add(W[t.name], st.U, out=st.T)  # W^{k+1} + U^k
+            V[t.name] = st.plus_U(W[t.name])  # W^{k+1} + U^k
         projected = self._project(V)
         for t in self.targets:
             st = self._state[t.name]
             Z, support = projected[t.name]
             if Z.data_ptr() == V[t.name].data_ptr():
                 Z = Z.clone()
-            dual = rho * float(torch.linalg.vector_norm(torch.sub(Z, st.Z, out=st.T)))
-            R = torch.sub(W[t.name], Z, out=st.Z)  # primal residual W^{k+1} − Z^{k+1}
-            primal = float(torch.linalg.vector_norm(R))
-            st.U.add_(R)  # U^{k+1} = U^k + W^{k+1} − Z^{k+1}
-            if rho_next != rho:
-                st.U.mul_(rho / rho_next)
-            st.Z = Z
-            torch.sub(Z, st.U, out=st.T)
+            # U^{k+1} = U^k + W^{k+1} − Z^{k+1}, rescaled for the next rho
+            changed, primal = st.advance(W[t.name], Z, rho / rho_next if rho_next != rho else 1.0)
+            dual = rho * changed
             stats[t.name] = {
                 "primal": primal,
                 "dual": dual,
@@ -427,6 +449,8 @@ class ADMM:
             }
         self.rho = rho_next
         self.num_updates += 1
+        if self._metric is not None:
+            self._metric.updated()
         return stats
 
     @torch.no_grad()
@@ -448,6 +472,8 @@ class ADMM:
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+        if self._metric is not None:
+            self._metric.close()
 
     # Persistence -------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -458,14 +484,16 @@ class ADMM:
             "num_updates": self.num_updates,
             "rho": self.rho,
             "layers": {
-                t.name: {
-                    "Z": self._state[t.name].Z.cpu(),
-                    "U": self._state[t.name].U.cpu(),
-                    "constraint": repr(t.constraint),
-                }
+                t.name: {**self._state[t.name].saved(), "constraint": repr(t.constraint)}
                 for t in self.targets
             },
+            "metric": self._metric.state_dict() if self._metric is not None else {},
+            "state_dtype": self.state_dtype,
         }
+
+    def state_bytes(self) -> int:
+        """Bytes of ADMM state held for the constrained weights (Z, U and a cached T)."""
+        return sum(st.nbytes() for st in self._state.values())
 
     def load_state_dict(self, state: Mapping) -> None:
         """Restore what :meth:`state_dict` saved, after checking it fits this model and spec."""
@@ -474,6 +502,12 @@ class ADMM:
                 "not an ADMM state (missing format tag); save it with ADMM.state_dict()."
             )
         layers = state["layers"]
+        saved_dtype = state.get("state_dtype", "float32")
+        if saved_dtype != self.state_dtype:
+            raise ValueError(
+                f"ADMM state was saved with state_dtype={saved_dtype!r}, this ADMM has "
+                f"{self.state_dtype!r}; resume with the state_dtype it was saved with."
+            )
         ours = {t.name for t in self.targets}
         if set(layers) != ours:
             raise ValueError(
@@ -493,13 +527,16 @@ class ADMM:
                     f"{tuple(t.param.shape)}."
                 )
         for t in self.targets:
-            dev = t.param.device
-            self._state[t.name] = _LayerState(
-                Z=layers[t.name]["Z"].to(dev, torch.float32).clone(),
-                U=layers[t.name]["U"].to(dev, torch.float32).clone(),
+            saved, dev = layers[t.name], t.param.device
+            self._state[t.name] = (
+                _LayerState.restored(saved, dev)
+                if self.state_dtype == "float32"
+                else _LowState.restored(saved, dev, self.state_dtype)
             )
         self.num_updates = int(state["num_updates"])
         self.rho = float(state["rho"])
+        if self._metric is not None and state.get("metric"):
+            self._metric.load_state_dict(state["metric"])
 
 
 def _on_support(t: Target, V: torch.Tensor, mask: torch.Tensor) -> Projection:

@@ -1,0 +1,135 @@
+r"""ADMM's per-layer variables ``Z``, ``U`` (and ``T = Z − U``), in fp32 or in low precision.
+
+``"float32"`` (the default) keeps ``Z``, ``U`` and the cached pull target ``T`` in fp32: 12
+bytes per constrained weight, three times an fp32 weight. Next to a large model that does not
+fit, so two low-precision layouts keep ``Z`` and ``U`` only and compute ``T`` when read (one
+layer at a time, in fp32):
+
+- ``"bfloat16"``: ``Z`` and ``U`` in bf16, 4 bytes per weight (1× an fp32 weight);
+- ``"float8"``: ``Z`` in ``float8_e4m3fn`` with a per-tensor scale (``amax(|Z|)/448``) and ``U``
+  in bf16, 3 bytes per weight (Elsa-L's layout).
+
+Every read and every update computes in fp32; only storage rounds. Zeros stay exactly zero in
+every format, so ``Z``'s support is what the projection chose.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__: list[str] = []  # internal: ADMM(state_dtype=...)
+
+STATE_DTYPES = ("float32", "bfloat16", "float8")
+_E4M3_MAX = 448.0
+
+
+class _LayerState:
+    """fp32 ``Z``, ``U`` and the cached ``T = Z − U`` (the W-step pulls W towards it)."""
+
+    dtype = "float32"
+
+    def __init__(self, Z: torch.Tensor, U: torch.Tensor) -> None:
+        self.Z, self.U = Z, U
+        self.T = Z - U
+
+    @property
+    def device(self) -> torch.device:
+        return self.Z.device
+
+    def to(self, device: torch.device) -> _LayerState:
+        self.Z, self.U, self.T = self.Z.to(device), self.U.to(device), self.T.to(device)
+        return self
+
+    def plus_U(self, W: torch.Tensor) -> torch.Tensor:
+        """``V = W + U`` (the stale ``T`` serves as its buffer: fresh ones cost page faults)."""
+        return torch.add(W, self.U, out=self.T)
+
+    def advance(self, W: torch.Tensor, Z: torch.Tensor, rescale: float) -> tuple[float, float]:
+        """``U ← (U + W − Z)·rescale``, ``Z ← Z``; returns ``(||Z − Z_old||, ||W − Z||)``."""
+        changed = float(torch.linalg.vector_norm(torch.sub(Z, self.Z, out=self.T)))
+        R = torch.sub(W, Z, out=self.Z)  # primal residual W^{k+1} − Z^{k+1}
+        primal = float(torch.linalg.vector_norm(R))
+        self.U.add_(R)
+        if rescale != 1.0:
+            self.U.mul_(rescale)
+        self.Z = Z
+        torch.sub(Z, self.U, out=self.T)
+        return changed, primal
+
+    def nbytes(self) -> int:
+        return sum(x.numel() * x.element_size() for x in (self.Z, self.U, self.T))
+
+    def saved(self) -> dict:
+        return {"Z": self.Z.cpu(), "U": self.U.cpu()}
+
+    @classmethod
+    def restored(cls, saved: dict, device: torch.device) -> _LayerState:
+        return cls(saved["Z"].to(device, torch.float32).clone(),
+                   saved["U"].to(device, torch.float32).clone())  # fmt: skip
+
+
+class _LowState:
+    """``Z`` and ``U`` stored in low precision (see the module docstring); ``T`` not cached."""
+
+    def __init__(self, Z: torch.Tensor, U: torch.Tensor, dtype: str) -> None:
+        self.dtype = dtype
+        self._store(Z, U)
+
+    def _store(self, Z: torch.Tensor, U: torch.Tensor) -> None:
+        if self.dtype == "float8":
+            amax = float(Z.abs().max()) if Z.numel() else 0.0
+            self.scale = amax / _E4M3_MAX if amax > 0 else 1.0
+            self._Z = (Z / self.scale).to(torch.float8_e4m3fn)
+        else:
+            self.scale = 1.0
+            self._Z = Z.to(torch.bfloat16)
+        self._U = U.to(torch.bfloat16)
+
+    @property
+    def Z(self) -> torch.Tensor:
+        Z = self._Z.float()
+        return Z.mul_(self.scale) if self.scale != 1.0 else Z
+
+    @property
+    def U(self) -> torch.Tensor:
+        return self._U.float()
+
+    @property
+    def T(self) -> torch.Tensor:
+        return self.Z.sub_(self._U.float())
+
+    @property
+    def device(self) -> torch.device:
+        return self._Z.device
+
+    def to(self, device: torch.device) -> _LowState:
+        self._Z, self._U = self._Z.to(device), self._U.to(device)
+        return self
+
+    def plus_U(self, W: torch.Tensor) -> torch.Tensor:
+        return W + self._U.float()
+
+    def advance(self, W: torch.Tensor, Z: torch.Tensor, rescale: float) -> tuple[float, float]:
+        changed = float(torch.linalg.vector_norm(Z - self.Z))
+        R = W - Z
+        primal = float(torch.linalg.vector_norm(R))
+        U = R.add_(self._U.float())
+        self._store(Z, U.mul_(rescale) if rescale != 1.0 else U)
+        return changed, primal
+
+    def nbytes(self) -> int:
+        return sum(x.numel() * x.element_size() for x in (self._Z, self._U))
+
+    def saved(self) -> dict:
+        return {"Z": self._Z.cpu(), "U": self._U.cpu(), "scale": self.scale}
+
+    @classmethod
+    def restored(cls, saved: dict, device: torch.device, dtype: str) -> _LowState:
+        st = cls.__new__(cls)
+        st.dtype, st.scale = dtype, float(saved["scale"])
+        st._Z, st._U = saved["Z"].to(device).clone(), saved["U"].to(device).clone()
+        return st
+
+
+def make_state(Z: torch.Tensor, U: torch.Tensor, dtype: str):
+    return _LayerState(Z, U) if dtype == "float32" else _LowState(Z, U, dtype)

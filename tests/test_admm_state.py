@@ -1,0 +1,136 @@
+"""ADMM state in low precision (state_dtype): its size, the masks it reaches compared with fp32
+state, exact resume, and what it refuses."""
+
+import importlib.util
+import io
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import admmprune as ap
+from admmprune.sets.constraints import keep_count
+
+SPEC = {"0": ap.Unstructured(0.2), "2": ap.NM(2, 4)}
+
+
+def model_and_data():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 16))
+    x = torch.randn(256, 32)
+    y = (x @ torch.randn(32, 16)).argmax(1)
+    return model, x, y
+
+
+def train(model, admm, x, y, steps, start=0):
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for s in range(start, steps):
+        i = torch.arange(s * 32, s * 32 + 32) % len(x)
+        loss = nn.functional.cross_entropy(model(x[i]), y[i]) + admm.penalty()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if (s + 1) % 10 == 0:
+            admm.update()
+    return opt
+
+
+@pytest.mark.parametrize("dtype,per_weight", [("float32", 12), ("bfloat16", 4), ("float8", 3)])
+def test_state_bytes_per_constrained_weight(dtype, per_weight):
+    model, _, _ = model_and_data()
+    admm = ap.ADMM(model, SPEC, state_dtype=dtype)
+    n = sum(t.param.numel() for t in admm.targets)
+    assert admm.state_bytes() == per_weight * n
+    fp32_weight_bytes = 4 * n
+    assert (admm.state_bytes() <= fp32_weight_bytes) == (dtype != "float32")
+
+
+def _benchmark():
+    """benchmarks/admm_state.py, whose toy problems these tests share."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "admm_state.py"
+    spec = importlib.util.spec_from_file_location("admm_state_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float8"])
+def test_low_precision_state_reaches_the_fp32_masks(dtype):
+    # two layers fitted to sparse teachers (20 % unstructured, 2:4): an answer that does not
+    # hang on rounding (benchmarks/admm_state.py shows the near-tie case next to it)
+    bench = _benchmark()
+    ref, _, _ = bench.run(bench.planted_problem, "float32")
+    masks, _, _ = bench.run(bench.planted_problem, dtype)
+    for name in ("a.weight", "b.weight"):
+        a, b = ref[name], masks[name]
+        assert int(b.sum()) == int(a.sum())  # the same exact sparsity
+        assert float((a & ~b).sum()) <= 0.01 * float(a.sum()), name  # within 1 % of fp32's
+
+
+def test_low_precision_penalty_is_the_fp32_formula_on_the_stored_state():
+    model, x, y = model_and_data()
+    admm = ap.ADMM(model, SPEC, rho=0.1, state_dtype="float8")
+    train(model, admm, x, y, 20)
+    st = admm._state["0.weight"]
+    assert st._Z.dtype == torch.float8_e4m3fn and st._U.dtype == torch.bfloat16
+    assert torch.equal(st.Z != 0, st._Z.float() != 0)  # zeros stay exactly zero
+    expect = sum(
+        0.5 * 0.1 * float((t.param.detach() - (admm._state[t.name].Z - admm._state[t.name].U))
+                          .square().sum())
+        for t in admm.targets
+    )  # fmt: skip
+    pen = admm.penalty()
+    assert float(pen.detach()) == pytest.approx(expect, rel=1e-5)
+    model.zero_grad(set_to_none=True)
+    pen.backward()
+    W = model[0].weight
+    ref = 0.1 * (W.detach() - (st.Z - st.U))
+    torch.testing.assert_close(W.grad, ref)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float8"])
+def test_low_precision_state_resumes_bit_exactly(dtype):
+    model, x, y = model_and_data()
+    admm = ap.ADMM(model, SPEC, rho=0.05, state_dtype=dtype)
+    opt = train(model, admm, x, y, 30)
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "admm": admm.state_dict(),
+                "opt": opt.state_dict()}, buf)  # fmt: skip
+    train(model, admm, x, y, 50, start=30)  # the uninterrupted run (a fresh optimizer each call)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    again, _, _ = model_and_data()
+    again.load_state_dict(saved["model"])
+    resumed = ap.ADMM(again, SPEC, rho=0.05, state_dtype=dtype)
+    resumed.load_state_dict(saved["admm"])
+    train(again, resumed, x, y, 50, start=30)
+    for p, q in zip(model.parameters(), again.parameters()):
+        assert torch.equal(p, q)
+    assert torch.equal(admm._state["2.weight"]._Z.float(), resumed._state["2.weight"]._Z.float())
+
+
+def test_low_precision_state_refusals():
+    model, _, _ = model_and_data()
+    with pytest.raises(ValueError, match=r"state_dtype='fp16'"):
+        ap.ADMM(model, SPEC, state_dtype="fp16")
+    with pytest.raises(ValueError, match=r"'0\.weight'.*sparsity set"):
+        ap.ADMM(model, {"0": ap.Quantized(4)}, state_dtype="bfloat16")
+    saved = ap.ADMM(model, SPEC, state_dtype="bfloat16").state_dict()
+    with pytest.raises(ValueError, match="saved with state_dtype='bfloat16'"):
+        ap.ADMM(model, SPEC).load_state_dict(saved)
+
+
+def test_recipe_state_dtype_reports_its_bytes(tmp_path):
+    from admmprune.run.parse import parse_recipe
+    from admmprune.run.pipeline import prepare, run
+    from test_pipeline import tiny_recipe
+
+    recipe = tiny_recipe(tmp_path / "r", pretrain={"epochs": 1}, retrain={"epochs": 1})
+    recipe["admm"] |= {"epochs": 2, "update_every": 1, "state_dtype": "bfloat16"}
+    recipe["constraints"] = {"fc1": {"unstructured": 0.05}}
+    summary = run(prepare(parse_recipe(recipe)), log=lambda *a: None)
+    assert summary["admm_state"]["dtype"] == "bfloat16"
+    assert summary["admm_state"]["bytes_per_constrained_weight"] == 4.0
+    fc1 = next(row for row in summary["layers"] if row["name"] == "fc1.weight")
+    assert fc1["kept"] == keep_count(0.05, fc1["total"])
