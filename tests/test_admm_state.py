@@ -134,3 +134,19 @@ def test_recipe_state_dtype_reports_its_bytes(tmp_path):
     assert summary["admm_state"]["bytes_per_constrained_weight"] == 4.0
     fc1 = next(row for row in summary["layers"] if row["name"] == "fc1.weight")
     assert fc1["kept"] == keep_count(0.05, fc1["total"])
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float8"])
+def test_low_precision_state_tensors_are_its_stored_bits(dtype):
+    # what a distributed run broadcasts in place from rank 0 (stages.sync_solver)
+    model, x, y = model_and_data()
+    a = ap.ADMM(model, SPEC, rho=0.05, state_dtype=dtype)
+    train(model, a, x, y, 20)
+    other, _, _ = model_and_data()
+    b = ap.ADMM(other, SPEC, rho=0.05, state_dtype=dtype)
+    for name in a._state:
+        for mine, rank0 in zip(b._state[name].tensors(), a._state[name].tensors(), strict=True):
+            mine.copy_(rank0)
+        assert torch.equal(b._state[name].Z, a._state[name].Z)
+        assert torch.equal(b._state[name].U, a._state[name].U)
+        assert b._state[name].Z.abs().sum() > 0

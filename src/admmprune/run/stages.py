@@ -98,7 +98,7 @@ def sync_solver(world, solver) -> None:
     if not world.active or solver is None:
         return
     if isinstance(solver, ADMM):
-        tensors = [x for st in solver._state.values() for x in (st.Z, st.U, st.T)]
+        tensors = [x for st in solver._state.values() for x in st.tensors()]
     elif isinstance(solver, MaskedMapping):
         tensors = list(solver.frozen.values())
     else:

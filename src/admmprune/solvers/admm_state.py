@@ -59,6 +59,10 @@ class _LayerState:
     def nbytes(self) -> int:
         return sum(x.numel() * x.element_size() for x in (self.Z, self.U, self.T))
 
+    def tensors(self) -> list[torch.Tensor]:
+        """The stored tensors, for a broadcast in place (distributed runs)."""
+        return [self.Z, self.U, self.T]
+
     def saved(self) -> dict:
         return {"Z": self.Z.cpu(), "U": self.U.cpu()}
 
@@ -76,19 +80,24 @@ class _LowState:
         self._store(Z, U)
 
     def _store(self, Z: torch.Tensor, U: torch.Tensor) -> None:
+        scale = 1.0
         if self.dtype == "float8":
             amax = float(Z.abs().max()) if Z.numel() else 0.0
-            self.scale = amax / _E4M3_MAX if amax > 0 else 1.0
-            self._Z = (Z / self.scale).to(torch.float8_e4m3fn)
+            scale = amax / _E4M3_MAX if amax > 0 else 1.0
+            self._Z = (Z / scale).to(torch.float8_e4m3fn)
         else:
-            self.scale = 1.0
             self._Z = Z.to(torch.bfloat16)
+        self._scale = torch.tensor([scale], dtype=torch.float32, device=Z.device)
         self._U = U.to(torch.bfloat16)
+
+    @property
+    def scale(self) -> float:
+        return float(self._scale)
 
     @property
     def Z(self) -> torch.Tensor:
         Z = self._Z.float()
-        return Z.mul_(self.scale) if self.scale != 1.0 else Z
+        return Z.mul_(self._scale) if self.dtype == "float8" else Z
 
     @property
     def U(self) -> torch.Tensor:
@@ -103,7 +112,7 @@ class _LowState:
         return self._Z.device
 
     def to(self, device: torch.device) -> _LowState:
-        self._Z, self._U = self._Z.to(device), self._U.to(device)
+        self._Z, self._U, self._scale = (x.to(device) for x in (self._Z, self._U, self._scale))
         return self
 
     def plus_U(self, W: torch.Tensor) -> torch.Tensor:
@@ -120,14 +129,21 @@ class _LowState:
     def nbytes(self) -> int:
         return sum(x.numel() * x.element_size() for x in (self._Z, self._U))
 
+    def tensors(self) -> list[torch.Tensor]:
+        """The stored bits as integer views (collectives may not carry float8 / bf16), and
+        the scale."""
+        return [self._Z.view(torch.uint8 if self.dtype == "float8" else torch.int16),
+                self._U.view(torch.int16), self._scale]  # fmt: skip
+
     def saved(self) -> dict:
         return {"Z": self._Z.cpu(), "U": self._U.cpu(), "scale": self.scale}
 
     @classmethod
     def restored(cls, saved: dict, device: torch.device, dtype: str) -> _LowState:
         st = cls.__new__(cls)
-        st.dtype, st.scale = dtype, float(saved["scale"])
+        st.dtype = dtype
         st._Z, st._U = saved["Z"].to(device).clone(), saved["U"].to(device).clone()
+        st._scale = torch.tensor([float(saved["scale"])], dtype=torch.float32, device=device)
         return st
 
 
