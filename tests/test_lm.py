@@ -10,6 +10,7 @@ from torch import nn
 import admmprune as ap
 from admmprune.deployment.sparse import semi_structured_reason, to_semi_structured
 from admmprune.run.evaluate import perplexity
+from admmprune.sets.constraints import keep_count
 from tiny_models import reinit
 
 
@@ -408,3 +409,35 @@ def test_text_recipe_prunes_every_expert_and_reports_each(tmp_path):
     W = back.model.layers[1].mlp.experts.down_proj
     for e in range(4):
         assert W[e].ne(0).sum(1).eq(W.shape[2] // 2).all()  # per row of every expert
+
+
+def test_admm_in_a_plain_hf_training_loop_from_the_one_shot_solution():
+    # the README's own-loop example: one-shot start, objective-aware ADMM with bf16 state
+    torch.manual_seed(0)
+    llm = _reinit(tiny("llama"))
+    batches = calibration(n=6, seq=16)
+    spec = {"model.layers.*": ap.Unstructured(0.25, per_row=True)}
+    start = ap.oneshot(llm, spec, batches[:2])
+    opt = torch.optim.AdamW(llm.parameters(), lr=1e-3, betas=(0.9, 0.95))
+    admm = ap.ADMM(llm, spec, init=start, rho=0.01, rho_growth=1.5, metric=opt,
+                   state_dtype="bfloat16", mode="grad")  # fmt: skip
+    assert admm.state_bytes() == 4 * sum(t.param.numel() for t in admm.targets)
+    for step in range(12):
+        batch = batches[step % len(batches)]
+        loss = llm(**batch, labels=batch["input_ids"]).loss  # the model's own loss, unchanged
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(llm.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+        if (step + 1) % 4 == 0:
+            admm.update()
+    masks = admm.prune()
+    masks.attach(opt)  # masked fine-tuning keeps every zero
+    batch = batches[0]
+    llm(**batch, labels=batch["input_ids"]).loss.backward()
+    opt.step()
+    for name, m in masks.items():
+        W = llm.get_parameter(name)
+        assert int((W != 0).sum(dim=1).max()) <= keep_count(0.25, W.shape[1]), name  # per row
+        assert not bool(W[~m].any()), name
+    assert math.isfinite(perplexity(llm, torch.randint(0, 64, (64,)), seq_len=16))
