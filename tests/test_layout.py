@@ -112,3 +112,10 @@ def test_the_checks_see_a_cycle_and_an_upward_import(monkeypatch):
     monkeypatch.setitem(GRAPH, "admmprune.sets.constraints", {"admmprune.run.config"})
     with pytest.raises(AssertionError, match="from above it"):
         test_a_module_imports_only_its_layer_and_those_below("admmprune.sets.constraints")
+
+
+def test_every_package_folder_is_a_regular_package():
+    # setuptools' find_packages ships only folders with an __init__.py: a namespace folder
+    # imports from a checkout and is missing from the wheel
+    for folder in sorted({p.parent for p in PKG.rglob("*.py")}):
+        assert (folder / "__init__.py").is_file(), f"{folder.relative_to(PKG)} has no __init__.py"
