@@ -340,6 +340,10 @@ def test_text_recipe_prunes_measures_perplexity_and_saves_pretrained(tmp_path):
         ({"method": "admm"}, "set method: oneshot"),
         ({"drop_hf": True}, "needs both model.hf"),
         ({"constraints": {"model.embed_tokens": {"unstructured": 0.5}}}, "is a Embedding"),
+        (
+            {"constraints": {"model.layers.*.mlp.up_proj": {"filters": 0.5}}},
+            "Filters removes output rows",
+        ),
     ],
 )
 def test_text_recipe_bad_input_is_named_and_writes_nothing(tmp_path, capsys, change, message):

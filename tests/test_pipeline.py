@@ -293,6 +293,11 @@ BAD = [
     ("quantize_without_layers", lambda t: {"quantize": {"epochs": 2}}, "quantize.layers is empty"),
     ("adam_metric_with_sgd", lambda t: {"admm": {"metric": "adam"}}, "admm.metric: adam reads"),
     (
+        "oneshot_start_with_filters",
+        lambda t: {"admm": {"init": "oneshot"}},
+        "'fc2.weight': Filters removes output rows",
+    ),
+    (
         "metric_without_admm",
         lambda t: {"method": "gradual", "admm": {"metric": "fisher"}},
         "is the metric of ADMM's projection, but method is gradual",

@@ -116,7 +116,7 @@ def _spec(model: nn.Module, spec: dict, default) -> dict:
     of the decoder blocks that ``constraints`` does not name (never the embeddings or the
     head); every target must be a layer one-shot pruning reconstructs."""
     from ..solvers.oneshot.blocks import _blocks_spec
-    from ..solvers.oneshot.capture import _View
+    from ..solvers.oneshot.driver import check
     from ..weights.select import select
 
     spec = {k: v for k, v in spec.items() if v is not None}
@@ -124,8 +124,7 @@ def _spec(model: nn.Module, spec: dict, default) -> dict:
     named = {t.module_name for t in chosen} | {t.name for t in chosen}
     if default is not None:
         spec |= {k: c for k, c in _blocks_spec(model, default)[0].items() if k not in named}
-    for t in select(model, spec):
-        _View(t, 0 if t.experts else None)  # a clear error for an embedding, a norm, …
+    check(model, spec)  # a clear error for an embedding, a norm, a Filters set …
     return spec
 
 

@@ -24,6 +24,7 @@ from torch import nn
 from .._io import safe_load
 from ..models import build_model
 from ..solvers.admm import GROUP_COMBINABLE
+from ..solvers.oneshot.driver import check as check_oneshot
 from ..structure.groups import channel_groups
 from ..structure.heads import head_groups
 from ..weights.select import select
@@ -90,6 +91,8 @@ def prepare(
         spec, default = recipe.spec()
         x1 = data.test.batch(torch.arange(1))[0]
         constraint_names, groups = _constrained(model, recipe, spec, default, x1)
+        if recipe.method == "oneshot" or recipe.admm.init == "oneshot":
+            check_oneshot(model, spec, default, recipe.oneshot.dense_target)
         quant_names = {}
         if recipe.quantize.layers:
             quant_names = {

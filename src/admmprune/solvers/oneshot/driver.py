@@ -235,6 +235,15 @@ def oneshot(
     return masks
 
 
+def check(model: nn.Module, spec, default: Constraint | None = None, dense_target=False) -> None:
+    """Raise ``ValueError`` for a spec one-shot pruning cannot solve (a Filters set, two
+    quantization sets, a weight no GEMM view fits), before any forward: what a recipe checks
+    before it writes anything."""
+    if isinstance(spec, Constraint):
+        spec, _ = _blocks_spec(model, spec)
+    _views(select(model, spec, default), dense_target)
+
+
 def _views(targets: list[Target], dense_target: bool) -> tuple[dict, dict]:
     """Each constrained layer's GEMM view (one per expert of a fused experts weight) by key,
     and ``{view name: (target, sparse set, levels)}``; every set checked on its view's shape."""
