@@ -335,9 +335,9 @@ def test_text_recipe_prunes_measures_perplexity_and_saves_pretrained(tmp_path):
     "change, message",
     [
         ({"model": {"hf": "nowhere"}}, "not a save_pretrained directory"),
-        ({"data": {"seq_len": 100000}}, "needs at least data.seq_len=100000"),
+        ({"data": {"seq_len": 2000}}, "needs at least data.seq_len=2000"),
         ({"vocab": 10}, "do not belong together"),
-        ({"method": "admm"}, "set method: oneshot"),
+        ({"method": "ssauto"}, "method: ssauto are for image models"),
         ({"drop_hf": True}, "needs both model.hf"),
         ({"constraints": {"model.embed_tokens": {"unstructured": 0.5}}}, "is a Embedding"),
         (

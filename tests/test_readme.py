@@ -75,3 +75,15 @@ def test_transformer_heads_example_runs_and_removes_kv_heads(capsys):
         a, b = ns["model"](x).logits, ns["small"](x).logits
     assert (a - b).abs().max() <= 1e-5 * a.abs().max()
     assert "MLP neurons removed" in capsys.readouterr().out
+
+
+def test_every_whole_recipe_in_the_readme_validates():
+    import yaml
+
+    from admmprune.run.parse import parse_recipe
+
+    blocks = re.findall(r"```yaml\n(.*?)```", README.read_text(), flags=re.S)
+    recipes = [b for b in blocks if re.search(r"^model:", b, flags=re.M)]
+    assert recipes  # the LM training recipe at least
+    for block in recipes:
+        parse_recipe(yaml.safe_load(block))

@@ -81,6 +81,8 @@ class StageCfg(_Strict):
     epochs: Annotated[int, Field(ge=0)] = 0
     optimizer: OptimizerCfg = OptimizerCfg()
     schedule: ScheduleCfg = ScheduleCfg()
+    # the gradients' global norm is clipped to this before every step (none: no clipping)
+    clip_grad_norm: PosFloat | None = None
 
 
 class AdmmCfg(StageCfg):
@@ -319,15 +321,14 @@ class Recipe(_Strict):
                 "a language-model run needs both model.hf (a local Hugging Face causal LM) and "
                 "data.name: text; the image pipelines take neither"
             )
-        if self.model.hf is not None:
-            trained = [s for s in ("pretrain", "admm", "retrain", "quantize")
-                       if getattr(self, s).epochs > 0]  # fmt: skip
-            if self.method != "oneshot" or trained or self.coupled_channels is not None:
-                raise ValueError(
-                    "a model.hf run prunes one shot from calibration text: set method: oneshot, "
-                    "no training epochs and no coupled_channels"
-                    + (f" (epochs > 0 in: {', '.join(trained)})" if trained else "")
-                )
+        if self.model.hf is not None and (
+            self.method == "ssauto" or self.coupled_channels is not None
+        ):
+            raise ValueError(
+                "a model.hf run prunes weights (unstructured, per_row, nm, …) one shot or with "
+                "method admm / gradual / magnitude / iterative; coupled_channels and method: "
+                "ssauto are for image models"
+            )
         if self.method == "ssauto":
             if any(v is not None for v in self.constraints.values()) or self.coupled_channels:
                 raise ValueError(

@@ -78,13 +78,15 @@ class DataBundle:
     num_classes: int
     in_channels: int
     input_size: int
+    #: the training loss (train.OBJECTIVES): class labels, or a causal LM's next tokens
+    objective: str = "classify"
 
     def fingerprint(self) -> str:
         """SHA-256 of the images and labels (in-memory data) or of the file lists: the same
         data read from another folder has the same fingerprint."""
         h = hashlib.sha256(f"{self.num_classes},{self.in_channels},{self.input_size}".encode())
         for part in (self.train, self.val, self.test):
-            if isinstance(part, TensorImages):
+            if isinstance(part, (TensorImages, TokenWindows)):
                 for t in (part.x, part.y):
                     h.update(str((t.dtype, tuple(t.shape))).encode())
                     h.update(t.contiguous().numpy().view(np.uint8).reshape(-1))
@@ -98,6 +100,23 @@ class DataBundle:
                     listing = len(part)
                 h.update(repr(listing).encode())
         return h.hexdigest()
+
+
+class TokenWindows(Dataset):
+    """Windows of ``seq_len`` token ids ``[N, seq_len]``; a batch is ``(ids, ids)``: a causal LM
+    predicts each window's next tokens from its own (``objective="next_token"``)."""
+
+    def __init__(self, ids: torch.Tensor) -> None:
+        self.x = self.y = ids.long()
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int):
+        return self.x[i], self.y[i]
+
+    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.x[idx], self.y[idx]
 
 
 def _need_dir(name: str, data_dir: str | None) -> Path:

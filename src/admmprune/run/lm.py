@@ -128,18 +128,9 @@ def _spec(model: nn.Module, spec: dict, default) -> dict:
     return spec
 
 
-def prepare(recipe: Recipe, *, resume: bool = False, force: bool = False) -> LMPrepared:
-    """Every check of a language-model run; builds model, tokens and calibration, writes
-    nothing."""
-    from .rundir import check_run_dir
-
-    if resume:
-        raise RecipeError(
-            "a model.hf run is one shot (minutes), with nothing to resume: run it again "
-            "(add --force to replace its run dir)."
-        )
-    run_dir = Path(recipe.output_dir)
-    check_run_dir(run_dir, False, force)
+def load(recipe: Recipe):
+    """Model, tokenizer and the text's tokens split into ``(pool, test)`` (the last
+    ``test_fraction`` held out), every check made; plus the facts for the summary."""
     d = recipe.data
     text = _read_text(d.path)
     model = _load_model(recipe.model.hf)
@@ -150,6 +141,14 @@ def prepare(recipe: Recipe, *, resume: bool = False, force: bool = False) -> LMP
             f"the tokenizer has {len(tokenizer)} tokens but the model's embedding only "
             f"{vocab}: they do not belong together (data.tokenizer / model.hf)."
         )
+    positions = getattr(model.config, "max_position_embeddings", None) or getattr(
+        model.config, "n_positions", None
+    )
+    if positions is not None and d.seq_len > positions:
+        raise RecipeError(
+            f"data.seq_len={d.seq_len} is longer than the {positions} positions "
+            f"{type(model).__name__} has; use data.seq_len <= {positions}."
+        )
     tokens = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
     n_test = int(tokens.numel() * d.test_fraction)
     pool, test = tokens[: tokens.numel() - n_test], tokens[tokens.numel() - n_test :]
@@ -158,12 +157,6 @@ def prepare(recipe: Recipe, *, resume: bool = False, force: bool = False) -> LMP
             f"the text gives {pool.numel()} calibration and {test.numel()} test tokens; each "
             f"part needs at least data.seq_len={d.seq_len}. Use more text or a shorter seq_len."
         )
-    o = recipe.oneshot
-    calibration = _calibration(pool, o.samples, d.seq_len, o.batch_size, recipe.seed)
-    try:
-        spec = _spec(model, *recipe.spec())
-    except ValueError as e:
-        raise RecipeError(str(e)) from None
     facts = {
         "tokens": int(tokens.numel()),
         "calibration_tokens_pool": int(pool.numel()),
@@ -171,6 +164,35 @@ def prepare(recipe: Recipe, *, resume: bool = False, force: bool = False) -> LMP
         "vocab_tokenizer": len(tokenizer),
         "vocab_model": int(vocab),
     }
+    return model, tokenizer, pool, test, facts
+
+
+def trains(recipe: Recipe) -> bool:
+    """Whether an LM recipe goes through the training runner (any method but one-shot, or a
+    stage with epochs) rather than the one-shot run below."""
+    stages = ("pretrain", "admm", "retrain", "quantize")
+    return recipe.method != "oneshot" or any(getattr(recipe, s).epochs > 0 for s in stages)
+
+
+def prepare(recipe: Recipe, *, resume: bool = False, force: bool = False):
+    """Every check of a one-shot language-model run; builds model, tokens and calibration,
+    writes nothing (a recipe that :func:`trains` goes to :mod:`admmprune.run.lm_train`)."""
+    from .rundir import check_run_dir
+
+    if resume:
+        raise RecipeError(
+            "a one-shot model.hf run (no training epochs) takes minutes and has nothing to "
+            "resume: run it again (add --force to replace its run dir)."
+        )
+    run_dir = Path(recipe.output_dir)
+    check_run_dir(run_dir, False, force)
+    model, tokenizer, pool, test, facts = load(recipe)
+    o, d = recipe.oneshot, recipe.data
+    calibration = _calibration(pool, o.samples, d.seq_len, o.batch_size, recipe.seed)
+    try:
+        spec = _spec(model, *recipe.spec())
+    except ValueError as e:
+        raise RecipeError(str(e)) from None
     return LMPrepared(recipe, run_dir, model, tokenizer, calibration, test, spec, facts)
 
 

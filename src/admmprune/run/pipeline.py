@@ -28,11 +28,10 @@ from ..solvers.oneshot.driver import check as check_oneshot
 from ..structure.groups import channel_groups
 from ..structure.heads import head_groups
 from ..weights.select import select
-from .config import DATA_LOCATION, Recipe, RecipeError
+from .config import Recipe, RecipeError
 from .data import DataBundle, load_data
 from .distributed import World
-from .parse import differing_keys, flatten
-from .rundir import CHECKPOINT, CHECKPOINT_FORMAT, check_run_dir, recipe_dump
+from .rundir import check_run_dir, load_resume_state, recipe_dump, same_data
 from .runner import Interrupted, Prepared, _position, _Run, _steps_per_epoch
 from .stages import STAGES
 from .train import (
@@ -62,16 +61,18 @@ def prepare(
 
     ``data``: an already loaded bundle to use instead of the recipe's ``data`` section (runs
     side by side on the very same tensors; the recipe's batch sizes still apply). A
-    ``model.hf`` recipe is a language-model run (:mod:`admmprune.run.lm`).
+    ``model.hf`` recipe is a language-model run: one shot (:mod:`admmprune.run.lm`) or through
+    this runner with training stages (:mod:`admmprune.run.lm_train`).
     """
     if recipe.model.hf is not None:
-        from . import lm
+        from . import lm, lm_train
 
-        return lm.prepare(recipe, resume=resume, force=force)
+        prepare_lm = lm_train.prepare if lm.trains(recipe) else lm.prepare
+        return prepare_lm(recipe, resume=resume, force=force)
     run_dir = Path(recipe.output_dir)
     check_run_dir(run_dir, resume, force)
     _check_environment(recipe)
-    resume_state = _load_resume_state(run_dir, recipe) if resume else None
+    resume_state = load_resume_state(run_dir, recipe) if resume else None
     try:
         device = resolve_device(recipe.device)
         data = data or _load(recipe)
@@ -87,7 +88,7 @@ def prepare(
             _load_start_weights(model, recipe.model.checkpoint)
         fingerprint = data.fingerprint()
         if resume_state is not None:
-            _same_data(run_dir, resume_state, recipe, fingerprint)
+            same_data(run_dir, resume_state, recipe, fingerprint)
         spec, default = recipe.spec()
         x1 = data.test.batch(torch.arange(1))[0]
         constraint_names, groups = _constrained(model, recipe, spec, default, x1)
@@ -182,47 +183,6 @@ def _constrained(model, recipe: Recipe, spec, default, x1) -> tuple[dict, list]:
     return constraint_names, groups
 
 
-def _with_defaults(saved: dict) -> dict:
-    """A saved recipe dump read by today's schema: a key added since the run started takes
-    its default, which is what that run did (so it is no difference)."""
-    try:
-        return recipe_dump(Recipe.model_validate(saved))
-    except Exception:  # a recipe today's schema refuses: compare it as saved
-        return saved
-
-
-def _load_resume_state(run_dir: Path, recipe: Recipe) -> dict:
-    """The run's checkpoint, verified, for a recipe that computes the same run."""
-    ckpt = run_dir / CHECKPOINT
-    if not ckpt.is_file():
-        raise RecipeError(f"--resume: no checkpoint at {str(ckpt)!r}; start without --resume.")
-    try:
-        state = safe_load(ckpt, "run checkpoint")
-    except ValueError as exc:
-        raise RecipeError(f"--resume: {exc}") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise RecipeError(f"{str(ckpt)!r} is not an admmprune run checkpoint.")
-    diff = differing_keys(_with_defaults(state["recipe"]), recipe_dump(recipe))
-    if diff:
-        raise RecipeError(
-            f"the recipe differs from the one {str(run_dir)!r} was started with, in: "
-            f"{'; '.join(diff)}. Resume with the recipe saved in "
-            f"{str(run_dir / 'recipe.yaml')!r}, or use --force to delete the run and start over."
-        )
-    return state
-
-
-def _same_data(run_dir: Path, state: dict, recipe: Recipe, fingerprint: str) -> None:
-    """A run resumes from another data folder only if it holds the very same data."""
-    a, b = flatten(state["recipe"]), flatten(recipe_dump(recipe))
-    moved = [f"{k} ({a.get(k)!r} → {b.get(k)!r})" for k in DATA_LOCATION if a.get(k) != b.get(k)]
-    if moved and state.get("data_fingerprint") != fingerprint:
-        raise RecipeError(
-            f"{'; '.join(moved)}: the data there is not the data {str(run_dir)!r} was started "
-            "with (different images or labels); point it at the original data, or use --force."
-        )
-
-
 def plan(p: Prepared) -> str:
     """What :func:`run` would do with ``p``, for people (``admmprune check``)."""
     if not isinstance(p, Prepared):
@@ -231,10 +191,14 @@ def plan(p: Prepared) -> str:
         return lm.plan(p)
     r, d = p.recipe, p.data
     val = f", {len(d.val):,} validation" if d.val is not None else ""
+    what = (
+        f"{len(d.train):,} training, {len(d.test):,} test windows of {d.input_size} tokens"
+        if d.objective == "next_token"
+        else f"{len(d.train):,} training, {len(d.test):,} test images{val}; {d.num_classes} classes"
+    )
     lines = [
-        f"recipe OK: model {r.model.name} on {r.data.name} ({len(d.train):,} training, "
-        f"{len(d.test):,} test images{val}; {d.num_classes} classes), device {p.device}, "
-        f"seed {r.seed}",
+        f"recipe OK: model {r.model.name or r.model.hf} on {r.data.name} ({what}), "
+        f"device {p.device}, seed {r.seed}",
         "run dir: "
         + (
             f"{p.run_dir} (resumes: {_resume_position(p)})"

@@ -37,7 +37,7 @@ def summarize(
     all_total = sum(p.numel() for p in params.values())
     all_nonzero = sum(int((p != 0).sum()) for p in params.values())
     return {
-        "model": recipe.model.name,
+        "model": recipe.model.name or recipe.model.hf,
         "dataset": recipe.data.name,
         "seed": recipe.seed,
         "accuracy": {
@@ -56,6 +56,11 @@ def summarize(
         },
         "layers": layers,
         "seconds": info.get("times", {}),
+        **(
+            {"perplexity": {**info.get("perplexity", {}), "final": final["test_perplexity"]}}
+            if "test_perplexity" in final
+            else {}
+        ),
         **({"admm_state": info["admm_state"]} if "admm_state" in info else {}),
     }
 

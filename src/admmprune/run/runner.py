@@ -5,6 +5,7 @@ TensorBoard, then the finishing steps of :mod:`.finish`; no stage names in it.""
 from __future__ import annotations
 
 import json
+import math
 import signal
 import time
 from collections.abc import Callable
@@ -24,7 +25,7 @@ from .finish import compact_stats, model_spec, storage_stats, write_run_files
 from .parse import flatten
 from .report import summarize
 from .rundir import CHECKPOINT, CHECKPOINT_FORMAT, recipe_dump
-from .stages import STAGES
+from .stages import STAGES, note_perplexity
 from .train import (
     batch_order,
     evaluate,
@@ -53,6 +54,9 @@ class Prepared:
     extra: dict = field(default_factory=dict)
     #: the exact command that continues this run after Ctrl-C (the CLI fills it in)
     continue_command: str | None = None
+    #: the finishing steps of this kind of run (``_Run -> summary``; language models:
+    #: :func:`admmprune.run.lm_train.finish`); ``None``: the image run's, below
+    finish: Callable | None = None
 
     def resume_hint(self) -> str:
         return self.continue_command or (
@@ -181,11 +185,14 @@ class _Run:
     # stages ------------------------------------------------------------------------------------
     def evaluate(self) -> dict:
         bs, amp = self.r.data.eval_batch_size, self.r.amp
-        acc, loss = evaluate(self.model, self.p.data.test, self.p.device, bs, amp)
+        objective = self.p.data.objective
+        acc, loss = evaluate(self.model, self.p.data.test, self.p.device, bs, amp, objective)
         out = {"test_acc": acc, "test_loss": loss}
+        if objective == "next_token":  # non-overlapping windows of the held-out tokens
+            out["test_perplexity"] = math.exp(loss)
         if self.p.data.val is not None:
             out["val_acc"], out["val_loss"] = evaluate(
-                self.model, self.p.data.val, self.p.device, bs, amp
+                self.model, self.p.data.val, self.p.device, bs, amp, objective
             )
         return out
 
@@ -200,7 +207,9 @@ class _Run:
             done += st["epoch"] * self.steps_per_epoch + st["batch"]
             self._started = (time.perf_counter(), done)  # the ETA's pace: this process's
         else:
-            self.info["start_acc"] = self.evaluate()["test_acc"]
+            ev = self.evaluate()
+            self.info["start_acc"] = ev["test_acc"]
+            note_perplexity(self.info, "start", ev)
         try:
             with self.flag:
                 for si in range(start, len(self.stages)):
@@ -280,6 +289,8 @@ class _Run:
             on_step=stage.on_step(epoch),
             carry=carry,
             status=self._eta(si, epoch),
+            objective=self.p.data.objective,
+            clip_grad_norm=getattr(stage.cfg, "clip_grad_norm", None),
         )
 
     def _end_epoch(self, si: int, epoch: int, res, opt, sched):
@@ -365,6 +376,8 @@ class _Run:
 
     def _finish(self) -> dict:
         """The finishing steps (:mod:`admmprune.run.finish`) in order; rank 0 writes the files."""
+        if self.p.finish is not None:
+            return self.p.finish(self)
         x1 = self.test_inputs(1)
         # a removed channel's consumer weights are stored (and counted) as zeros; the model's
         # function is unchanged, so the accuracy below is measured after

@@ -112,7 +112,10 @@ class Pretrain(Stage):
     name = "pretrain"
 
     def end(self) -> None:
-        self.run.info.setdefault("dense_acc", self.run.evaluate()["test_acc"])
+        if "dense_acc" not in self.run.info:
+            ev = self.run.evaluate()
+            self.run.info["dense_acc"] = ev["test_acc"]
+            note_perplexity(self.run.info, "dense", ev)
 
 
 class Compress(Stage):
@@ -236,6 +239,7 @@ class Compress(Stage):
         kept, total = masks.total_kept()
         after = run.evaluate()
         run.info["pruned_acc"] = after["test_acc"]
+        note_perplexity(run.info, "pruned_before_retrain", after)
         run.metric(stage="prune", kept=kept, total=total, **after)
         run.log(
             f"[prune] kept {kept}/{total} constrained weights ({total / kept:.1f}x), "
@@ -363,6 +367,7 @@ class Quantize(Stage):
         self.quant = None
         after = run.evaluate()
         run.info["quantized_acc"] = after["test_acc"]
+        note_perplexity(run.info, "quantized", after)
         run.metric(stage=self.name, event="hard_quantize", **after)
         run.log(f"[quantize] weights on their levels, test acc {after['test_acc']:.4f}")
 
@@ -380,3 +385,9 @@ def _state_size(admm: ADMM) -> dict:
     size = admm.state_bytes()
     return {"dtype": admm.state_dtype, "bytes": size,
             "bytes_per_constrained_weight": size / max(weights, 1)}  # fmt: skip
+
+
+def note_perplexity(info: dict, when: str, ev: dict) -> None:
+    """A language model's held-out perplexity at ``when`` (summary.json's ``perplexity``)."""
+    if "test_perplexity" in ev:
+        info.setdefault("perplexity", {})[when] = ev["test_perplexity"]

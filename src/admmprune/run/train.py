@@ -93,6 +93,24 @@ def _batches(dataset: Dataset, order: torch.Tensor, batch_size: int, num_workers
     )
 
 
+def _classify(out: torch.Tensor, y: torch.Tensor):
+    """Cross-entropy of class logits; ``(loss, hits, count)``."""
+    return nn.functional.cross_entropy(out.float(), y), out.argmax(1) == y, len(y)
+
+
+def _next_token(out, y: torch.Tensor):
+    """A causal LM's loss: token ``t+1`` predicted from tokens ``≤ t`` within each window
+    (``y`` holds the window's tokens; a Hugging Face output's ``logits``)."""
+    logits = getattr(out, "logits", out)[:, :-1].float()
+    target = y[:, 1:]
+    loss = nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten())
+    return loss, logits.argmax(-1) == target, target.numel()
+
+
+#: what a batch's loss is, by ``DataBundle.objective``
+OBJECTIVES = {"classify": _classify, "next_token": _next_token}
+
+
 def _autocast(device: torch.device, amp: bool):
     if not amp:
         return contextlib.nullcontext()
@@ -117,6 +135,8 @@ def train_epoch(
     on_step: Callable[[int], None] | None = None,
     carry: dict | None = None,
     status: Callable[[int], str] | None = None,
+    objective: str = "classify",
+    clip_grad_norm: float | None = None,
 ) -> EpochResult:
     """One epoch over ``dataset`` in ``order`` from batch ``start_batch``; stops early (after a
     whole batch) when ``should_stop()`` turns true. ``on_step(b)`` runs after the optimizer step
@@ -124,8 +144,11 @@ def train_epoch(
 
     ``carry``: the ``sums`` of the interrupted part of this epoch, so the epoch's loss and
     accuracy count all of its batches. ``progress``: a bar on a terminal only, its postfix
-    ending with ``status(b)`` (e.g. the whole run's ETA).
+    ending with ``status(b)`` (e.g. the whole run's ETA). ``objective``: ``"classify"`` or
+    ``"next_token"`` (a causal LM; loss and accuracy per predicted token). ``clip_grad_norm``:
+    the gradients' global norm is clipped to it before each step (the penalty's included).
     """
+    loss_of = OBJECTIVES[objective]
     model.train()
     loader = _batches(dataset, order[start_batch * batch_size :], batch_size, num_workers)
     total = (len(order) + batch_size - 1) // batch_size
@@ -141,20 +164,22 @@ def train_epoch(
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with _autocast(device, amp):
             out = model(x)
-        loss = nn.functional.cross_entropy(out.float(), y)
+        loss, hits, n = loss_of(out, y)
         total_loss = loss
         if admm is not None and admm.mode == "penalty":
             pen = admm.penalty()  # fp32, outside autocast
             total_loss = loss + pen
-            pen_sum += float(pen.detach()) * len(y)
+            pen_sum += float(pen.detach()) * n
         optimizer.zero_grad(set_to_none=True)
         total_loss.backward()
+        if clip_grad_norm is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
         optimizer.step()
         if on_step is not None:
             on_step(done + 1)
-        loss_sum += float(loss.detach()) * len(y)
-        correct += int((out.argmax(1) == y).sum())
-        seen += len(y)
+        loss_sum += float(loss.detach()) * n
+        correct += int(hits.sum())
+        seen += n
         done += 1
         if bar is not None:
             bar.update(1)
@@ -178,15 +203,23 @@ def evaluate(
     device: torch.device,
     batch_size: int = 512,
     amp: bool = False,
+    objective: str = "classify",
 ) -> tuple[float, float]:
-    """Top-1 accuracy and mean cross-entropy on ``dataset``."""
+    """Top-1 accuracy and mean cross-entropy on ``dataset`` (per predicted token for
+    ``objective="next_token"``: the loss is log-perplexity)."""
     model.eval()
     loss_sum, correct, seen = 0.0, 0, 0
     for x, y in _batches(dataset, torch.arange(len(dataset)), batch_size):
         x, y = x.to(device), y.to(device)
         with _autocast(device, amp):
-            out = model(x).float()
-        loss_sum += float(nn.functional.cross_entropy(out, y, reduction="sum"))
-        correct += int((out.argmax(1) == y).sum())
-        seen += len(y)
+            out = model(x)
+        if objective == "next_token":
+            loss, hits, n = _next_token(out, y)
+            loss_sum += float(loss) * n
+        else:
+            out = out.float()
+            loss_sum += float(nn.functional.cross_entropy(out, y, reduction="sum"))
+            hits, n = out.argmax(1) == y, len(y)
+        correct += int(hits.sum())
+        seen += n
     return correct / max(seen, 1), loss_sum / max(seen, 1)
