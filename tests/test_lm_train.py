@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ import torch
 from admmprune.run.evaluate import perplexity
 from admmprune.sets.constraints import keep_count
 from test_lm import _transformers, _write, lm_recipe
+from test_pipeline import _wait_for_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,24 +61,6 @@ def test_lm_recipe_trains_admm_then_retrains_and_saves_pretrained(tmp_path):
     assert (run / "model.admmprune").is_file() and (run / "masks.pt").is_file()
 
 
-def _wait_for_checkpoint(run_dir, proc, stage, epoch, timeout=180):
-    from admmprune._io import safe_load
-
-    ckpt = Path(run_dir) / "checkpoint.pt"
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        assert proc.poll() is None, "the run finished before it could be interrupted"
-        if ckpt.exists():
-            try:
-                st = safe_load(ckpt, "ckpt")
-            except ValueError:  # being replaced this instant
-                continue
-            if st["stage"] == stage and st["epoch"] >= epoch:
-                return st
-        time.sleep(0.01)
-    raise AssertionError("no checkpoint in time")
-
-
 def test_lm_run_killed_mid_admm_resumes_bit_exactly(tmp_path):
     from safetensors.torch import load_file
 
@@ -94,7 +76,7 @@ def test_lm_run_killed_mid_admm_resumes_bit_exactly(tmp_path):
         [sys.executable, "-m", "admmprune", "run", path], cwd=ROOT, env=os.environ.copy(),
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
-    st = _wait_for_checkpoint(tmp_path / "run", proc, "admm", 2)
+    st = _wait_for_checkpoint(tmp_path / "run", proc, "admm", 2, timeout=180)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert st["stage"] == "admm" and not (tmp_path / "run" / "summary.json").exists()

@@ -18,7 +18,6 @@ At the end (:func:`finish`): ``model/`` (``save_pretrained`` with the tokenizer)
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
@@ -110,6 +109,5 @@ def finish(run) -> dict:
     p.extra["tokenizer"].save_pretrained(out)
     run.masks.save(run.dir / "masks.pt")
     summary["packed_bytes"] = export_compressed(run.model, run.dir / "model.admmprune")
-    summary["perplexity_check"] = math.exp(final["test_loss"])
     write_run_files(run.dir, summary)
     return summary

@@ -73,8 +73,9 @@ class _ProximalPenalty(torch.autograd.Function):
 
 
 def _read(T) -> torch.Tensor:
-    """A cached ``T``, or a low-precision state's (computed now, one layer at a time, so no
-    fp32 copy of every layer's ``T`` lives from the forward to the backward)."""
+    """``T`` given as a tensor (SS-Auto) or as ADMM's layer state: fp32 state's cached ``T``,
+    or low-precision state's computed now, one layer at a time (no fp32 copy of every layer's
+    ``T`` lives from the forward to the backward)."""
     return T if torch.is_tensor(T) else T.T
 
 
@@ -370,8 +371,7 @@ class ADMM:
                 "mode='grad' already adds the penalty's gradient in backward; do not add "
                 "admm.penalty() to the loss (use admm.penalty_value() to log it)."
             )
-        Ts = [self._layer(t) if self.state_dtype != "float32" else self._layer(t).T
-              for t in self.targets]  # fmt: skip
+        Ts = [self._layer(t) for t in self.targets]  # each T read per layer (_read)
         return _proximal_penalty([t.param for t in self.targets], Ts, self.rho)
 
     @torch.no_grad()

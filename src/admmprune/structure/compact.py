@@ -25,14 +25,13 @@ from torch import nn
 from ..weights.count import count
 from ..weights.forward import call, no_cache
 from ..weights.forward import floats as _tensors
-from ..weights.gemm import is_conv1d
+from ..weights.gemm import _LAYERS, is_conv1d
 from . import heads
 from .graph import GraphError, analyse, output_layers
 
 __all__ = ["CompactReport", "CompactionError", "compact", "zero_dead_inputs"]
 
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm, nn.LayerNorm)
-_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
 class CompactionError(ValueError):

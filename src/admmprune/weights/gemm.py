@@ -23,7 +23,7 @@ def is_conv1d(module: nn.Module) -> bool:
 def layer_types(model: nn.Module) -> tuple[type, ...]:
     """The producer layer types: Conv/Linear, and the model's ``Conv1D`` class if it has one."""
     extra = {type(m) for m in model.modules() if is_conv1d(m)}
-    return (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, *sorted(extra, key=str))
+    return (*_LAYERS, *sorted(extra, key=str))
 
 
 def raw_weights(module: nn.Module) -> list[str]:
