@@ -3,6 +3,8 @@ known (fused QKV included), a refusal naming the reason where it is not, never c
 attention no adapter understands. Tiny configs, weights re-initialised so outputs depend on the
 input; a family the installed transformers lacks is skipped with its reason."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -19,6 +21,7 @@ _ENC_DEC = dict(vocab_size=64, d_model=32, encoder_layers=2, decoder_layers=2,
                 encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=48,
                 decoder_ffn_dim=48, max_position_embeddings=64,
                 decoder_start_token_id=2)  # fmt: skip
+_FALCON = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
 FAMILIES = {  # name: (config class, model class, config kwargs)
     "GPTNeoX": ("GPTNeoXConfig", "GPTNeoXForCausalLM", _C),  # query_key_value, per head
     "Phi": ("PhiConfig", "PhiForCausalLM", _C),  # dense output, partial rotary
@@ -27,17 +30,22 @@ FAMILIES = {  # name: (config class, model class, config kwargs)
     "DistilBert": ("DistilBertConfig", "DistilBertForMaskedLM",
                    dict(vocab_size=64, dim=32, hidden_dim=48, n_layers=2, n_heads=4)),
     "Bart": ("BartConfig", "BartForConditionalGeneration", _ENC_DEC),  # self + cross
+    # ALiBi slopes made outside the layer, per head
+    "Bloom": ("BloomConfig", "BloomForCausalLM", dict(vocab_size=64, hidden_size=32, n_layer=2,
+              n_head=4)),
+    # Falcon: multi-query (the default), grouped (new_decoder_architecture), per head + ALiBi
+    "Falcon": ("FalconConfig", "FalconForCausalLM", _FALCON),
+    "FalconGrouped": ("FalconConfig", "FalconForCausalLM", {**_FALCON, "num_kv_heads": 2,
+                      "new_decoder_architecture": True}),
+    "FalconAlibi": ("FalconConfig", "FalconForCausalLM", {**_FALCON, "multi_query": False,
+                    "alibi": True}),
+    # relative position bias made by each stack's first layer, shared by all; self + cross
+    "T5": ("T5Config", "T5ForConditionalGeneration", dict(vocab_size=64, d_model=32, d_kv=8,
+           d_ff=48, num_layers=2, num_decoder_layers=2, num_heads=4, decoder_start_token_id=0)),
 }  # fmt: skip
 REFUSED = {  # name: (config class, model class, kwargs, the reason head_groups names)
     "Olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {**_C, "num_key_value_heads": 2,
               "pad_token_id": 0}, "normalise the whole projection"),
-    "Bloom": ("BloomConfig", "BloomForCausalLM", dict(vocab_size=64, hidden_size=32,
-              n_layer=2, n_head=4), "ALiBi"),
-    "Falcon": ("FalconConfig", "FalconForCausalLM", dict(vocab_size=64, hidden_size=32,
-               num_hidden_layers=2, num_attention_heads=4), "multi-query"),
-    "T5": ("T5Config", "T5ForConditionalGeneration", dict(vocab_size=64, d_model=32, d_kv=8,
-           d_ff=48, num_layers=2, num_decoder_layers=2, num_heads=4, decoder_start_token_id=0),
-           "relative position bias"),
     "DeepseekV3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", {**_C, "n_routed_experts": 4,
                    "num_experts_per_tok": 2, "moe_intermediate_size": 16,
                    "first_k_dense_replace": 2, "kv_lora_rank": 8, "q_lora_rank": 8,
@@ -122,3 +130,24 @@ def test_qwen2_moe_compacts_with_its_shared_expert_gate():
     y = _inputs(model, 2, 1)
     with torch.no_grad():
         assert torch.allclose(model(**y).logits, small(**y).logits, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["Bloom", "FalconAlibi", "T5"])
+def test_bias_made_outside_follows_heads_removed_twice_and_copies(family):
+    """ALiBi / T5's position bias is made for all heads outside the layer: a layer compacted
+    twice reads its kept heads' slices (original indices), in a deep copy too."""
+    model = _build(*FAMILIES[family])
+    x = _inputs(model, 1, 0)
+    ap.ADMM(model, {}, groups=ap.head_groups(model, keep=0.75), rho=1e-2).prune()
+    once, report = compact(model, x)
+    assert set(report.heads_removed.values()) == {1}
+    ap.ADMM(once, {}, groups=ap.head_groups(once, keep=0.67), rho=1e-2).prune()
+    twice, report = compact(once, x)  # raises unless its outputs equal the masked model's
+    assert set(report.heads_removed.values()) == {1}
+    kept = [getattr(m, "_admmprune_kept_heads", None) for m in twice.modules()]
+    assert any(k is not None and len(k) == 2 and k != [0, 1] for k in kept)
+    y = _inputs(model, 2, 1)
+    with torch.no_grad():
+        expected = once(**y).logits
+        assert torch.allclose(twice(**y).logits, expected, atol=1e-4)
+        assert torch.allclose(copy.deepcopy(twice)(**y).logits, expected, atol=1e-4)

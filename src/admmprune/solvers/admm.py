@@ -31,6 +31,7 @@ from torch import nn
 from ..sets.constraints import Columns, Constraint, Projection, Unstructured
 from ..sets.weighted import check_support_set, project_weighted
 from ..structure.groups import ChannelGroup
+from ..weights.experts import is_transposed as experts_transposed
 from ..weights.masks import Masks, check_finite, hard_prune
 from ..weights.select import Spec, Target, select
 from .admm_metric import Source, make_metric
@@ -265,9 +266,11 @@ class ADMM:
                     "groups with channel_groups / head_groups on this model, or leave it out."
                 )
             for pname, _, flat, _ in g._slices():
-                # a BatchNorm after a concatenation: each producer's group owns its own slice
-                if pname in shared and not shared[pname] & set(flat) and pname not in self._also:
-                    shared[pname] |= set(flat)
+                # a BatchNorm after a concatenation, or one expert of a fused experts weight:
+                # each group owns its own slice
+                mine = {(g.expert, i) for i in flat}
+                if pname in shared and not shared[pname] & mine and pname not in self._also:
+                    shared[pname] |= mine
                     continue
                 if pname in taken:
                     raise ValueError(
@@ -275,9 +278,12 @@ class ADMM:
                         "group, with overlapping channels); constrain each parameter once."
                     )
                 taken.add(pname)
-                shared[pname] = set(flat)
+                shared[pname] = mine
                 mname, _, attr = pname.rpartition(".")
-                out.append(Target(pname, mname, modules[mname], attr, g, 1))
+                experts = g.expert is not None
+                fused = experts and params[pname].ndim == 3  # a weight, not an [E, rows] bias
+                transposed = fused and experts_transposed(modules[mname])
+                out.append(Target(pname, mname, modules[mname], attr, g, 1, transposed, experts))
         return out
 
     def _check_support(self, support: Mapping[str, torch.Tensor] | None) -> dict:

@@ -211,6 +211,8 @@ class SSAuto(_AutomaticRates):
         names = {t.name for t in self.targets}
         params = dict(self.model.named_parameters())
         for g in groups:
+            if g.expert is not None:  # an expert's neurons: one slice of a fused weight
+                continue
             dims = g.dims or (0,) * len(g.members)
             members = [
                 (n, torch.tensor(idx))

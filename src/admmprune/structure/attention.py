@@ -5,10 +5,13 @@
 number of units (key/value heads with their query heads under grouped-query attention), the
 stand-in forward ``O(Q(x))`` the dependency graph traces instead of attention, and the reason a
 family's heads cannot be removed (``refuse``). Families: Hugging Face ``q/k/v/o_proj`` (or
-``out_proj`` / ``dense``), DistilBERT ``q_lin…``, fused ``qkv_proj`` (Phi-3) and per-head
-interleaved ``query_key_value`` (GPT-NeoX), BERT ``query/key/value``, GPT-2 ``Conv1D``, timm
-``Attention``, ``nn.MultiheadAttention`` and torchvision's Swin. :mod:`.heads` groups and
-removes heads; :mod:`.graph` reads the adapters here (never the other way round).
+``out_proj`` / ``dense``), DistilBERT ``q_lin…``, fused ``qkv_proj`` (Phi-3), per-head
+interleaved ``query_key_value`` (GPT-NeoX, Bloom), Falcon's three fused layouts (multi-query
+included), T5's ``q/k/v/o`` (self and cross), BERT ``query/key/value``, GPT-2 ``Conv1D``, timm
+``Attention``, ``nn.MultiheadAttention`` and torchvision's Swin. Per-head biases made outside
+the layer (ALiBi, T5's relative position bias) follow removed heads (:mod:`.head_bias`).
+:mod:`.heads` groups and removes heads; :mod:`.graph` reads the adapters here (never the other
+way round).
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ __all__ = ["PrunedShiftedWindowAttention"]
 class _Slice:
     """A block of one projection parameter: ``heads`` blocks of ``d`` indices along ``dim``
     starting at ``offset``, head ``h``'s at ``offset + h·stride`` (``stride`` 0: ``d``;
-    ``3d`` where each head's q, k and v rows are interleaved, GPT-NeoX); ``role``: q, k, v, o."""
+    ``3d`` where each head's q, k and v rows are interleaved, GPT-NeoX, Bloom); ``role``: q, k,
+    v, o."""
 
     module: nn.Module
     attr: str
@@ -39,6 +43,9 @@ class _Slice:
     offset: int
     role: str
     stride: int = 0
+    # Falcon's grouped layout: each key/value head's block of ``period`` rows holds its query
+    # heads, then its key, then its value (head ``h``: ``offset + (h // r)·period + (h % r)·d``)
+    period: int = 0
 
 
 @dataclass
@@ -47,7 +54,7 @@ class Attention:
 
     name: str
     module: nn.Module
-    family: str  # hf, bert, gpt2, timm, mha, swin
+    family: str  # hf, bert, gpt2, timm, mha, swin, phi3, neox, bloom, falcon, t5, mla
     heads: int
     kv_heads: int
     head_dim: int
@@ -57,6 +64,9 @@ class Attention:
     o: nn.Module | None = None
     o_inside: bool = True  # BERT's O is a sibling module
     refuse: str | None = None  # why its heads cannot be removed
+    # multi-query attention: one key/value head serves every query head, so the units are the
+    # query heads (Q rows, O columns) and K, V stay whole
+    shared_kv: bool = False
 
     @property
     def units(self) -> int:
@@ -70,6 +80,11 @@ class Attention:
         """``s``'s indices of unit ``unit`` (a key/value head and its query heads)."""
         d, r = self.head_dim, self.heads // self.kv_heads
         heads = range(unit * r, (unit + 1) * r) if s.role in ("q", "o") else [unit]
+        if s.period:
+            per = r if s.role in ("q", "o") else 1
+            return [
+                s.offset + h // per * s.period + h % per * d + i for h in heads for i in range(d)
+            ]
         step = s.stride or d
         return [s.offset + h * step + i for h in heads for i in range(d)]
 
@@ -88,6 +103,8 @@ class Attention:
         y = self.q(x)[..., : self.q_cols]
         if self.o_inside:
             y = self.o(y)
+        if self.family == "t5":  # (output, position bias, weights)
+            return y, None, None
         return y if self.family in ("timm", "swin") else (y, None)
 
 
@@ -225,22 +242,24 @@ def _adapt_qkv(name: str, m: nn.Module, c: dict) -> Attention | None:
 
 def _adapt_fused(name: str, m: nn.Module, c: dict) -> Attention | None:
     """Fused Q/K/V projections: Phi-3's ``qkv_proj`` ([q | k | v] rows, grouped-query),
-    GPT-NeoX's ``query_key_value`` (each head's q, k, v rows side by side); refusals that
-    name why for Bloom / Falcon (ALiBi slopes, or key/value heads shared by all queries)
-    and multi-head latent attention (DeepSeek)."""
+    GPT-NeoX's and Bloom's ``query_key_value`` (each head's q, k, v rows side by side),
+    Falcon's three layouts; T5's q, k, v, o; a refusal that names multi-head latent attention
+    (DeepSeek)."""
     lin = nn.Linear
     if "kv_a_proj_with_mqa" in c or "kv_b_proj" in c:
         a = Attention(name, m, "mla", 1, 1, 1)
         a.refuse = "multi-head latent attention (DeepSeek) shares one compressed key/value"
         return a
-    if all(isinstance(c.get(k), lin) for k in "qkvo") and hasattr(m, "relative_attention_bias"):
-        a = Attention(name, m, "t5", 1, 1, 1)  # traced as it is (no stand-in), never pruned
+    if all(isinstance(c.get(k), lin) for k in "qkvo") and hasattr(m, "has_relative_attention_bias"):
+        d = m.key_value_proj_dim  # T5: self and cross attention, a bias made outside
+        heads = c["o"].in_features // d
+        a = Attention(name, m, "t5", heads, heads, d, q=c["q"], o=c["o"], q_cols=heads * d)
         a.slices = [_Slice(c[r], "weight", 0, 0, r) for r in "qkv"]
-        a.refuse = (
-            f"{type(m).__name__}'s relative position bias is made for every head in the first "
-            "layer and shared by all layers, so one layer cannot lose heads alone"
-        )
+        a.slices.append(_Slice(c["o"], "weight", 1, 0, "o"))
         return a
+    falcon = _adapt_falcon(name, m, c)
+    if falcon is not None:
+        return falcon
     qkv, o, d = c.get("qkv_proj"), c.get("o_proj"), getattr(m, "head_dim", None)
     if isinstance(qkv, lin) and isinstance(o, lin) and d:
         heads = o.in_features // d
@@ -264,13 +283,48 @@ def _adapt_fused(name: str, m: nn.Module, c: dict) -> Attention | None:
                 f"{type(m).__name__}'s fused query_key_value is not one q, k, v per head "
                 "(multi-query or grouped layout: its key/value heads serve every query head)"
             )
-        elif "Bloom" in type(m).__name__ or getattr(m, "alibi", False):
+        elif "Bloom" in type(m).__name__:  # ALiBi slopes made outside: see head_bias
+            a.family = "bloom"
+        elif getattr(m, "alibi", False):
             a.refuse = (
                 f"{type(m).__name__}'s ALiBi slopes are made for every head once, outside the "
-                "layer, so a layer with fewer heads would get the wrong slopes"
+                "layer, in a way no adapter knows"
             )
         return a
     return None
+
+
+def _adapt_falcon(name: str, m: nn.Module, c: dict) -> Attention | None:
+    """Falcon's ``query_key_value`` in its three layouts: one q, k, v per head interleaved
+    (as GPT-NeoX), multi-query ``[q heads | k | v]`` (the units are the query heads) and the
+    grouped ``new_decoder_architecture`` (per key/value head: its queries, its key, its value);
+    ALiBi, when on, comes in the attention mask (see head_bias)."""
+    qkv, o = c.get("query_key_value"), c.get("dense")
+    if not (hasattr(m, "new_decoder_architecture") and hasattr(m, "multi_query")):
+        return None
+    if not (isinstance(qkv, nn.Linear) and isinstance(o, nn.Linear)):
+        return None
+    d = m.head_dim
+    heads, kv = o.in_features // d, m.num_kv_heads
+    a = Attention(name, m, "falcon", heads, kv, d, q=qkv, o=o, q_cols=heads * d)
+    if m.new_decoder_architecture:
+        if kv < 1 or heads % kv or qkv.out_features != (heads + 2 * kv) * d:
+            return None
+        r = heads // kv
+        period = (r + 2) * d
+        a.slices = [_Slice(qkv, "weight", 0, off, role, period=period)
+                    for role, off in (("q", 0), ("k", r * d), ("v", (r + 1) * d))]  # fmt: skip
+    elif m.multi_query:
+        if qkv.out_features != (heads + 2) * d:
+            return None
+        a.kv_heads, a.shared_kv = heads, True
+        a.slices = [_Slice(qkv, "weight", 0, 0, "q")]
+    else:
+        if qkv.out_features != 3 * heads * d:
+            return None
+        a.slices = [_Slice(qkv, "weight", 0, i * d, r, 3 * d) for i, r in enumerate("qkv")]
+    a.slices.append(_Slice(o, "weight", 1, 0, "o"))
+    return a
 
 
 def find(model: nn.Module) -> list[Attention]:

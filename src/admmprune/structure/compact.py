@@ -27,6 +27,7 @@ from ..weights.forward import call, no_cache
 from ..weights.forward import floats as _tensors
 from ..weights.gemm import _LAYERS, is_conv1d
 from . import heads
+from .expert_neurons import neuron_maps, remove_zero_neurons, zero_dead_neurons
 from .graph import GraphError, analyse, output_layers
 
 __all__ = ["CompactReport", "CompactionError", "compact", "zero_dead_inputs"]
@@ -313,6 +314,8 @@ def compact(
     inputs = [example_input, _second_input(example_input)]
     refs = _reference(small, inputs) if check else None
     report.heads_removed = heads.remove_zero_heads(small)
+    maps, _ = neuron_maps(small, example_input)
+    report.removed.update(remove_zero_neurons(small, maps))
     try:
         DG, plans = _removable(small, example_input, ignored)
     except GraphError as e:  # no channel removal for this model; heads still go
@@ -380,17 +383,18 @@ def zero_dead_inputs(model: nn.Module, example_input: torch.Tensor) -> int:
 
     Such a weight multiplies a channel that is identically 0, so the model's function does not
     change; what changes is what it stores: the consumer's input slice of a pruned filter (a
-    column block of the next conv, the Linear's inputs after a flatten) is zero, as it is
-    absent from the compact model. The storage accounting of a structured model needs it.
+    column block of the next conv, the Linear's inputs after a flatten, an expert's
+    ``down_proj`` column of a pruned neuron) is zero, as it is absent from the compact model.
+    The storage accounting of a structured model needs it.
     """
     was_training = model.training
     model.eval()
     try:
+        zeroed = zero_dead_neurons(model, neuron_maps(model, example_input)[0])
         try:
             DG, plans = _removable(model, example_input, output_layers(model, example_input))
         except GraphError:
-            return 0  # no removable channel is known (compact reports why)
-        zeroed = 0
+            return zeroed  # no removable channel is known (compact reports why)
         for root, handler, idxs, *_ in plans:
             if not idxs:
                 continue

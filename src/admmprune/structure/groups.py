@@ -21,6 +21,7 @@ projection, so ADMM must not use it.
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +29,8 @@ from torch import nn
 
 from ..sets.constraints import _check_keep, keep_count, topk_mask
 from ..weights.gemm import is_conv1d
-from .graph import BATCH_NORMS, analyse, output_layers
+from .expert_neurons import neuron_maps, uneven
+from .graph import BATCH_NORMS, GraphError, analyse, output_layers
 
 __all__ = ["ChannelGroup", "channel_groups"]
 
@@ -45,10 +47,13 @@ class ChannelGroup:
     members: tuple[tuple[str, tuple[int | tuple[int, ...], ...]], ...]
     norm: str = "l2"  # "l2": the Euclidean projection; "l1": rank by L1 norm (one-shot only)
     dims: tuple[int, ...] = ()  # per member; () = all 0
-    kind: str = "channels"  # or "heads" (head_groups)
+    kind: str = "channels"  # or "heads" (head_groups), "neurons" (an expert's)
     # the Conv/Linear weights that read these channels: (name, input index of channel j); what
     # compaction also removes (their GEMM columns of a dead channel). Not projected.
     consumers: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    # a fused experts weight [E, …]: the group is expert ``expert``'s slice of every member
+    # (``dims`` and indices within that slice); the other experts' slices are left as they are
+    expert: int | None = None
 
     @property
     def n(self) -> int:
@@ -57,6 +62,10 @@ class ChannelGroup:
     def __repr__(self) -> str:
         what = "" if self.kind == "channels" else f", {self.kind}"
         return f"ChannelGroup({self.name!r}, keep={self.keep:g}, n={self.n}{what})"
+
+    def _part(self, p: torch.Tensor) -> torch.Tensor:
+        """The slice of member ``p`` this group constrains (its expert's, or all of it)."""
+        return p if self.expert is None else p[self.expert]
 
     def _slices(self):
         """Per member: ``(name, dim, flat indices, channel of each index)``."""
@@ -76,6 +85,10 @@ class ChannelGroup:
             p = params.get(pname)
             if p is None:
                 return f"member {pname!r} is not a parameter of the model"
+            if self.expert is not None:
+                if p.ndim < 2 or not 0 <= self.expert < p.shape[0]:
+                    return f"member {pname!r} has no expert {self.expert} (shape {tuple(p.shape)})"
+                p = p[self.expert]
             size = p.shape[dim] if p.ndim > dim else 0
             bad = [i for i in flat if not 0 <= i < size]
             if bad:
@@ -92,7 +105,7 @@ class ChannelGroup:
         slices = list(self._slices())
         score = None
         for pname, dim, flat, owner in slices:
-            v = V[pname].float()
+            v = self._part(V[pname]).float()
             s = v.index_select(dim, torch.tensor(flat, device=v.device)).movedim(dim, 0)
             s = s.reshape(len(flat), -1)
             s = s.abs().sum(1) if self.norm == "l1" else s.pow(2).sum(1)
@@ -102,15 +115,19 @@ class ChannelGroup:
         kept = topk_mask(score, keep_count(self.keep, self.n))
         Z, support = {}, {}
         for pname, dim, flat, owner in slices:
-            v = V[pname]
+            v = self._part(V[pname])
             mask = torch.ones(v.shape[dim], dtype=torch.bool, device=v.device)
             drop = ~kept.to(v.device)[torch.tensor(owner, device=v.device)]
             mask[torch.tensor(flat, device=v.device)[drop]] = False
             shape = [1] * v.ndim
             shape[dim] = -1
             full = mask.view(shape).expand_as(v)
-            Z[pname] = torch.where(full, v, 0)
-            support[pname] = full.contiguous()
+            if self.expert is None:
+                Z[pname], support[pname] = torch.where(full, v, 0), full.contiguous()
+                continue
+            whole = torch.ones_like(V[pname], dtype=torch.bool)
+            whole[self.expert] = full
+            Z[pname], support[pname] = torch.where(whole, V[pname], 0), whole
         return Z, support
 
 
@@ -131,7 +148,9 @@ def channel_groups(
     Hugging Face models, a dict of tensors. Only groups :func:`admmprune.compact` can remove
     exactly are returned: channels normalised together by a LayerNorm/RMSNorm (a transformer's
     hidden size), read by attention, looked up from an embedding or crossing a grouped conv are
-    not; attention projections are pruned by heads (:func:`admmprune.head_groups`).
+    not; attention projections are pruned by heads (:func:`admmprune.head_groups`). Each
+    expert of a fused mixture-of-experts layer gives a group of its intermediate neurons
+    (named ``"<experts module>[e]"``, :mod:`.expert_neurons`).
     """
 
     keep = _check_keep("channel_groups", keep)
@@ -141,14 +160,26 @@ def channel_groups(
     params = dict(model.named_parameters())
     was_training = model.training
     model.eval()  # tracing runs a forward; batch-1 inputs would trip BatchNorm in train mode
+    neurons, left_out = _expert_groups(model, example_input, keep, norm)
+    out = [g for g in neurons if layers is None or fnmatch.fnmatchcase(g.name, layers)]
+    refused = {
+        name: f"its experts' neurons: {why}"
+        for name, why in left_out.items()
+        if layers is None or fnmatch.fnmatchcase(name, layers)
+    }
     try:
         ignored = (
             ignored_layers if ignored_layers is not None else output_layers(model, example_input)
         )
         DG, traced = analyse(model, example_input, ignored)
+    except GraphError as e:
+        if not out:
+            raise
+        # the experts' neurons need no trace: offer them, say what else is missing
+        warnings.warn(f"{e} Only the experts' neuron groups are returned.", stacklevel=2)
+        return out
     finally:
         model.train(was_training)
-    out, refused = [], {}
     for group in traced:
         root_module = group.items[0].dep.target.module
         root = names[root_module]
@@ -203,3 +234,31 @@ def channel_groups(
             + (f"; these were left out:{why}" if why else ".")
         )
     return out
+
+
+def _expert_groups(model: nn.Module, example_input, keep: float, norm: str):
+    """``(groups, refused)``: a group of intermediate neurons per expert of every fused experts
+    module (named ``"<module>[e]"``), and the reason for each module left out."""
+    maps, refused = neuron_maps(model, example_input)
+    out = []
+    modules = dict(model.named_modules())
+    for mp in maps.values():
+        problem = uneven(mp)
+        if problem:
+            refused[mp.name] = problem
+            continue
+        members, dims = [], []
+        for attr in mp.producers:
+            units = mp.units(attr)
+            members.append((f"{mp.name}.{attr}", units))
+            dims.append(mp.out_dim)
+            if attr in mp.biases:
+                members.append((f"{mp.name}.{mp.biases[attr]}", units))
+                dims.append(0)
+        consumers = ((f"{mp.name}.{mp.consumer}", tuple(range(mp.n))),)
+        for e in range(modules[mp.name].num_experts):
+            out.append(
+                ChannelGroup(f"{mp.name}[{e}]", keep, tuple(members), norm, tuple(dims),
+                             kind="neurons", consumers=consumers, expert=e)
+            )  # fmt: skip
+    return out, refused

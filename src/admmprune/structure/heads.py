@@ -15,8 +15,11 @@ A unit whose V rows (and V bias) or whose O columns are all zero adds nothing to
 (``softmax(QKᵀ/√d)·0 = 0``), so :func:`remove_zero_heads` deletes it with the function
 unchanged and updates the module's head count. Supported: Hugging Face attention with
 ``q_proj/k_proj/v_proj/o_proj`` (LLaMA, Mistral, Qwen, OPT's ``out_proj``, grouped-query
-included), BERT-style ``query/key/value`` + ``output.dense``, GPT-2's fused ``Conv1D``, timm's
-``Attention`` and ``nn.MultiheadAttention`` (replaced by :class:`PrunedMultiheadAttention`).
+included), BERT-style ``query/key/value`` + ``output.dense``, GPT-2's fused ``Conv1D``, the
+fused ``query_key_value`` of GPT-NeoX, Bloom and Falcon (multi-query: a unit is one query head,
+the shared key/value stays), T5, timm's ``Attention`` and ``nn.MultiheadAttention`` (replaced
+by :class:`PrunedMultiheadAttention`). A bias made for all heads outside the layer (ALiBi, T5's
+position bias) follows the kept heads (:mod:`.head_bias`).
 torchvision's Swin (V1) ``ShiftedWindowAttention``, whose ``shifted_window_attention`` derives
 the head size from the input width, gets a subclass whose forward takes the head size from its
 weights (:func:`_window_attention`).
@@ -36,6 +39,7 @@ from ..sets.constraints import _check_keep
 from ..weights.gemm import is_conv1d
 from .attention import Attention, PrunedShiftedWindowAttention, find
 from .groups import ChannelGroup
+from .head_bias import read_kept_heads
 
 __all__ = [
     "PrunedMultiheadAttention",
@@ -91,8 +95,9 @@ def head_groups(
 def _zero_units(a: Attention) -> list[int]:
     """The units whose V slice (rows and bias) or whose O slice is exactly zero."""
     out = []
+    roles = [r for r in ("v", "o") if any(s.role == r for s in a.slices)]  # multi-query: O only
     for u in range(a.units):
-        for role in ("v", "o"):
+        for role in roles:
             ok = True
             for s in (s for s in a.slices if s.role == role):
                 idx = torch.tensor(a.indices(s, u), device=getattr(s.module, s.attr).device)
@@ -138,7 +143,18 @@ def _drop(a: Attention, drop: list[int]) -> None:
     r = a.heads // a.kv_heads
     heads, kv = len(kept_units) * r, len(kept_units)
     m = a.module
-    if a.family in ("hf", "phi3", "neox"):
+    if a.family in ("bloom", "falcon", "t5"):  # per-head biases made outside the layer
+        read_kept_heads(
+            m, a.family, a.heads, [h for u in kept_units for h in range(u * r, (u + 1) * r)]
+        )
+    if a.family == "t5":
+        m.n_heads, m.inner_dim = heads, heads * a.head_dim
+    elif a.family == "falcon":
+        m.num_heads = heads
+        if not a.shared_kv:
+            m.num_kv_heads = kv
+        m.num_key_value_groups = heads // m.num_kv_heads
+    elif a.family in ("hf", "phi3", "neox", "bloom"):
         for attr, value in (
             ("num_heads", heads),
             ("n_heads", heads),

@@ -82,7 +82,8 @@ def eager_experts(model: nn.Module) -> Iterator[None]:
 
 
 class ExpertTap(TorchFunctionMode):
-    """Calls ``pre(site, x)`` before and ``post(site)`` after each watched expert's GEMM.
+    """Calls ``pre(site, x)`` before and ``post(site, y)`` after each watched expert's GEMM
+    ``y`` (a tensor ``post`` returns replaces ``y`` in the forward).
 
     ``watch`` maps sites ``(module, attr, e)`` to ``(pre, post)`` (either may be None);
     ``layouts`` records how each watched parameter's slices were multiplied (``"linear"`` or
@@ -124,7 +125,8 @@ class ExpertTap(TorchFunctionMode):
                     pre(site, x)
                 out = func(*args, **kwargs)
                 if post is not None:
-                    post(site)
+                    swap = post(site, out)
+                    out = out if swap is None else swap
                 return out
         return func(*args, **kwargs)
 
