@@ -244,3 +244,42 @@ def test_the_safety_net_rechecks_in_float64_what_rounding_reorders(monkeypatch):
     assert dtypes == [torch.float32, torch.float64] and small.body[3].out_channels == 6
     assert next(small.parameters()).dtype == torch.float32  # the result stays as it was
     # (a wrong compaction fails in float64 too: test_compact's safety-net tests, unchanged)
+
+
+class Chaotic(TwoHeaded):
+    """Post-processing that turns rounding into different outputs even in float64 (as NMS over
+    exactly tied scores does in SSDlite): ``sin(10¹⁷·scores)``."""
+
+    def forward(self, x):
+        h = self.body(x)
+        return torch.sin(self.cls(h) * 1e17), self.box(h)
+
+
+def test_the_safety_net_accepts_rounding_after_the_modules_never_a_wrong_module(monkeypatch):
+    compact_module = importlib.import_module("admmprune.structure.compact")
+    model = _randomized(Chaotic())
+    x = torch.randn(2, 3, 12, 12)
+    with torch.no_grad():
+        model.body[3].weight[:6] = 0
+        model.body[3].bias[:6] = 0
+    real, dtypes = compact_module._verify, []
+
+    def spy(small, *args):
+        dtypes.append(next(small.parameters()).dtype)
+        return real(small, *args)
+
+    monkeypatch.setattr(compact_module, "_verify", spy)
+    small, report = compact(model, x)  # every module agrees; only sin(10¹⁷·…) does not
+    assert dtypes == [torch.float32, torch.float64] and report.removed == {"body.3": 6}
+    with torch.no_grad():
+        h = model.body(x)
+        assert torch.allclose(small.cls(small.body(x)), model.cls(h), atol=1e-5)
+
+    def wrong(m):  # a compaction that changes a module's output
+        with torch.no_grad():
+            m.cls.weight.mul_(1.001)
+        return {}
+
+    monkeypatch.setattr(compact_module.heads, "remove_zero_heads", wrong)
+    with pytest.raises(compact_module.CompactionError, match="first in 'cls'"):
+        compact(model, x)
