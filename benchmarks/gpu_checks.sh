@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The checks of issues #19 / #20 that need a GPU, in one call: the CUDA tests, 2:4 latency on the
 # sparse tensor cores, and the channel-compacted models' latency (plain and as deploy serves them,
-# CUDA graphs among the candidates). Every result lands in OUT_DIR: gpu_checks.log and 3-4 JSONs.
+# CUDA graphs among the candidates), ADMM on FSDP2 shards (nccl). Every result lands in OUT_DIR:
+# gpu_checks.log and 4-5 JSONs.
 #
 #   bash benchmarks/gpu_checks.sh OUT_DIR
 #
@@ -47,6 +48,10 @@ step compact-latency $((limit * 3 / 2)) "$py" benchmarks/structured_speed.py --d
 step compact-deploy "$limit" "$py" benchmarks/structured_speed.py --device cuda --deploy \
     --kinds channels --models resnet20 --reductions 4 --batches 512 --rounds 20 \
     --out "$out/structured_speed_cuda_deploy.json"
+# issue 28: ADMM on FSDP2 shards over every GPU of the machine (nccl), masks vs one process
+step fsdp-admm 60 "$py" -m torch.distributed.run --standalone \
+    --nproc_per_node "$("$py" -c 'import torch; print(torch.cuda.device_count())')" \
+    benchmarks/fsdp_admm.py --device cuda --out "$out"
 if [ "${LM_MINUTES:-0}" != 0 ]; then  # opt-in: a larger LM trained, pruned and evaluated on the GPU
     step lm "$limit" "$py" benchmarks/oneshot_lm.py --device cuda --layers 8 --hidden 512 \
         --train-minutes "$LM_MINUTES" --settings 70%,80% --solvers sparsegpt,admm --skip-joint \

@@ -29,11 +29,14 @@ import torch
 from torch import nn
 
 from ..sets.constraints import Columns, Constraint, Projection, Unstructured
+from ..sets.sharded import total as sharded_sum
 from ..sets.weighted import check_support_set, project_weighted
 from ..structure.groups import ChannelGroup
+from ..weights import shards
 from ..weights.experts import is_transposed as experts_transposed
 from ..weights.masks import Masks, check_finite, hard_prune
 from ..weights.select import Spec, Target, select
+from ..weights.shards import local
 from .admm_metric import Source, make_metric
 from .admm_state import STATE_DTYPES, _LayerState, _LowState, make_state
 
@@ -186,6 +189,8 @@ class ADMM:
         self._also = self._combined()  # group members' second set (filter + column)
         self.targets = [t for t in self.targets if t.name not in self._also]
         self.targets += self._group_targets()
+        self._shards = {t.name: shards.row_shards(t.param, t.name) for t in self.targets}
+        self._check_shards(support, metric)
         self.support = self._check_support(support)
         if state_dtype not in STATE_DTYPES:
             raise ValueError(f"state_dtype={state_dtype!r}: use one of {', '.join(STATE_DTYPES)}.")
@@ -198,7 +203,7 @@ class ADMM:
         self._metric = make_metric(metric, self.targets)
         self._state: dict[str, _LayerState | _LowState] = {}
         with torch.no_grad():
-            W = {t.name: t.param.detach().float() for t in self.targets}
+            W = {t.name: local(t.param).detach().float() for t in self.targets}
             for t in self.targets:
                 check_finite(W[t.name], t.name, "at ADMM start")
             Z0 = self._initial(W, init)
@@ -303,15 +308,44 @@ class ADMM:
                     f"{sorted(support)}); pass the masks of every constrained layer."
                 )
             mask = support[t.name]
-            if tuple(mask.shape) != tuple(t.param.shape):
+            if tuple(mask.shape) != shards.shape(t.param):
                 raise ValueError(
                     f"{t.name!r}: support mask of shape {tuple(mask.shape)} does not fit the "
-                    f"weight {tuple(t.param.shape)}."
+                    f"weight {shards.shape(t.param)}."
                 )
             out[t.name] = mask.to(torch.bool)
         return out
 
+    def _check_shards(self, support, metric) -> None:
+        """What FSDP2-sharded parameters cannot take, refused before any state is made."""
+        sharded = [n for n, sh in self._shards.items() if sh is not None]
+        if not sharded:
+            return
+        if self.groups:
+            raise ValueError(
+                f"{sharded[0]!r} is sharded by FSDP2: coupled channel / head groups need whole "
+                "parameters; use them with DDP or a single process."
+            )
+        if support is not None:
+            raise ValueError(
+                f"{sharded[0]!r} is sharded by FSDP2: support= masks are not supported on "
+                "sharded parameters; use DDP or a single process."
+            )
+        if metric == "fisher":
+            raise ValueError(
+                f"{sharded[0]!r} is sharded by FSDP2, whose gradients bypass the hooks that "
+                "accumulate the Fisher diagonal; use metric=optimizer (Adam's exp_avg_sq)."
+            )
+
+    def _global(self, t: Target, value: float) -> float:
+        """``value`` summed over the ranks that hold ``t``'s shards (itself when whole)."""
+        sh = self._shards.get(t.name)
+        return value if sh is None else sharded_sum(value, sh.group, t.param.device)
+
     def _project_one(self, t: Target, V: torch.Tensor) -> Projection:
+        sh = self._shards.get(t.name)
+        if sh is not None:
+            return shards.project(t, V, sh)
         mask = self.support.get(t.name)
         if mask is None:
             return t.project(V)
@@ -368,7 +402,7 @@ class ADMM:
 
     def _residual(self, t: Target) -> torch.Tensor:
         """``W − Z + U = W − T`` in fp32, no graph."""
-        return t.param.detach().float() - self._layer(t).T
+        return local(t.param).detach().float() - self._layer(t).T
 
     def penalty(self) -> torch.Tensor:
         """``Σ_i rho/2 · ||W_i − Z_i + U_i||²`` in fp32, differentiable in W; add it to the loss."""
@@ -378,12 +412,15 @@ class ADMM:
                 "admm.penalty() to the loss (use admm.penalty_value() to log it)."
             )
         Ts = [self._layer(t) for t in self.targets]  # each T read per layer (_read)
-        return _proximal_penalty([t.param for t in self.targets], Ts, self.rho)
+        return _proximal_penalty([local(t.param) for t in self.targets], Ts, self.rho)
 
     @torch.no_grad()
     def penalty_value(self) -> float:
         """The penalty's current value as a float, for logging in either mode."""
-        return float(sum(0.5 * self.rho * self._residual(t).pow(2).sum() for t in self.targets))
+        return sum(
+            self._global(t, float(0.5 * self.rho * self._residual(t).pow(2).sum()))
+            for t in self.targets
+        )
 
     def _grad_hook(self, t: Target):
         """``W.grad += rho·(W − T)`` in place once W's gradient is accumulated: two passes over
@@ -392,17 +429,19 @@ class ADMM:
         before DDP's reducer hook on the same gradient, so the term is averaged with it (it is
         the same on every rank); tested."""
 
-        def hook(W: torch.Tensor) -> None:
+        def hook(param: torch.Tensor) -> None:
             T, rho = self._layer(t).T, self.rho
             S = self._loss_scale()
+            # FSDP2: this rank's rows and their gradient, already reduced across the ranks
+            W, G = local(param), local(param.grad)
             with torch.no_grad():
-                if W.grad.dtype != T.dtype:  # fp16 / bf16 weights: the difference in fp32
+                if G.dtype != T.dtype:  # fp16 / bf16 weights: the difference in fp32
                     pull = (W.float() - T).mul_(rho)
-                    W.grad.add_((pull if S is None else pull.mul_(S)).to(W.grad.dtype))
+                    G.add_((pull if S is None else pull.mul_(S)).to(G.dtype))
                 elif S is None:
-                    W.grad.add_(W, alpha=rho).sub_(T, alpha=rho)
+                    G.add_(W, alpha=rho).sub_(T, alpha=rho)
                 else:  # S stays a device tensor: reading it as a number would synchronise
-                    W.grad.addcmul_(W, S, value=rho).addcmul_(T, S, value=-rho)
+                    G.addcmul_(W, S, value=rho).addcmul_(T, S, value=-rho)
 
         return hook
 
@@ -434,7 +473,7 @@ class ADMM:
         W, V = {}, {}
         for t in self.targets:
             st = self._layer(t)
-            W[t.name] = t.param.detach().float()
+            W[t.name] = local(t.param).detach().float()
             check_finite(W[t.name], t.name, f"at ADMM update {self.num_updates + 1}")
             # Large fresh buffers cost page faults: the stale T and the old Z serve as scratch.
             V[t.name] = st.plus_U(W[t.name])  # W^{k+1} + U^k
@@ -446,12 +485,14 @@ class ADMM:
                 Z = Z.clone()
             # U^{k+1} = U^k + W^{k+1} − Z^{k+1}, rescaled for the next rho
             changed, primal = st.advance(W[t.name], Z, rho / rho_next if rho_next != rho else 1.0)
-            dual = rho * changed
+            if self._shards.get(t.name) is not None:  # norms and counts of the whole tensor
+                changed, primal = (math.sqrt(self._global(t, v * v)) for v in (changed, primal))
+            kept = self._global(t, int(torch.count_nonzero(support)))
             stats[t.name] = {
                 "primal": primal,
-                "dual": dual,
+                "dual": rho * changed,
                 "rho": rho,
-                "kept": int(torch.count_nonzero(support)) / support.numel(),
+                "kept": kept / self._global(t, support.numel()),
             }
         self.rho = rho_next
         self.num_updates += 1
@@ -463,7 +504,11 @@ class ADMM:
     def residuals(self) -> dict[str, float]:
         """Current primal residual ``||W − Z||`` per layer (no update)."""
         return {
-            t.name: float(torch.linalg.vector_norm(t.param.detach().float() - self._layer(t).Z))
+            t.name: math.sqrt(
+                self._global(
+                    t, float((local(t.param).detach().float() - self._layer(t).Z).pow(2).sum())
+                )
+            )
             for t in self.targets
         }
 
@@ -527,10 +572,10 @@ class ADMM:
                     f"{t.name!r}: state saved with {saved['constraint']} but the spec now says "
                     f"{t.constraint!r}; use the same constraint to resume."
                 )
-            if tuple(saved["Z"].shape) != tuple(t.param.shape):
+            if tuple(saved["Z"].shape) != shards.shape(t.param):
                 raise ValueError(
                     f"{t.name!r}: saved Z has shape {tuple(saved['Z'].shape)}, parameter has "
-                    f"{tuple(t.param.shape)}."
+                    f"{shards.shape(t.param)} (on this rank)."
                 )
         for t in self.targets:
             saved, dev = layers[t.name], t.param.device

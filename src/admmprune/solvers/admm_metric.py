@@ -21,6 +21,8 @@ from collections.abc import Callable, Mapping
 
 import torch
 
+from ..weights.shards import local, shape
+
 __all__: list[str] = []  # internal: ADMM(metric=...) builds them
 
 
@@ -78,7 +80,8 @@ class _AdamMetric(_Metric):
                     "use an Adam / AdamW optimizer or metric='fisher'."
                 )
             step = float(state["step"])
-            out[t.name] = state["exp_avg_sq"].float() / (1 - beta2[id(t.param)] ** step)
+            v = local(state["exp_avg_sq"])  # FSDP2: this rank's rows, as the parameter's
+            out[t.name] = v.float() / (1 - beta2[id(t.param)] ** step)
         return out
 
 
@@ -143,10 +146,10 @@ class _GivenMetric(_Metric):
                     "non-negative) for every constrained parameter: admm.targets names them."
                 )
             m = torch.as_tensor(given[t.name])
-            if tuple(m.shape) != tuple(t.param.shape):
+            if tuple(m.shape) != shape(t.param):
                 raise ValueError(
                     f"metric[{t.name!r}] has shape {tuple(m.shape)}, the parameter "
-                    f"{tuple(t.param.shape)}."
+                    f"{shape(t.param)} (on this rank)."
                 )
             m = m.detach().float()
             if not bool(torch.isfinite(m).all()) or bool((m < 0).any()):

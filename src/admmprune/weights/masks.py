@@ -15,6 +15,8 @@ from torch import nn
 
 from .._io import atomic_save, safe_load
 from .select import Spec, Target, select
+from .shards import DTensor, local, row_shards, shape
+from .shards import project as project_sharded
 
 __all__ = ["Masks", "prune"]
 
@@ -42,7 +44,13 @@ def hold_fixed(fixed, optimizers, restore) -> list:
     zeroed in backward, and ``restore()`` runs after every ``optimizer.step()`` (weight decay
     and momentum act inside the step). Returns the hook handles.
     """
-    handles = [p.register_hook(lambda g, f=f: g.masked_fill(f, 0)) for p, f in fixed]
+    handles = [
+        # FSDP2 reduces a sharded parameter's gradient outside autograd, then calls these
+        p.register_post_accumulate_grad_hook(lambda p, f=f: local(p.grad).masked_fill_(f, 0))
+        if isinstance(p, DTensor)
+        else p.register_hook(lambda g, f=f: g.masked_fill(f, 0))
+        for p, f in fixed
+    ]
     handles += [opt.register_step_post_hook(lambda *_: restore()) for opt in optimizers]
     return handles
 
@@ -69,10 +77,10 @@ class Masks(Mapping[str, torch.Tensor]):
                     f"parameters: {', '.join(list(params)[:40])}."
                 )
             p = params[name]
-            if tuple(mask.shape) != tuple(p.shape):
+            if tuple(mask.shape) != shape(p):  # FSDP2: this rank's rows
                 raise ValueError(
                     f"mask for {name!r} has shape {tuple(mask.shape)} but the parameter has "
-                    f"{tuple(p.shape)}; the masks were made for another architecture."
+                    f"{shape(p)}; the masks were made for another architecture."
                 )
             self._masks[name] = mask.to(device=p.device, dtype=torch.bool).contiguous()
         self._params = {name: params[name] for name in self._masks}
@@ -97,7 +105,7 @@ class Masks(Mapping[str, torch.Tensor]):
     def apply(self) -> None:
         """``W ← W ⊙ M`` for every masked parameter (exact +0.0 off the support)."""
         for name, p in self._params.items():
-            p.masked_fill_(~self._masks[name], 0)
+            local(p).masked_fill_(~self._masks[name], 0)
 
     def attach(self, *optimizers: torch.optim.Optimizer) -> Masks:
         """Keep pruned weights exactly zero while ``optimizers`` train the model."""
@@ -120,7 +128,7 @@ class Masks(Mapping[str, torch.Tensor]):
         for name, p in self._params.items():
             for value in opt.state.get(p, {}).values():
                 if torch.is_tensor(value) and value.shape == p.shape:
-                    value.masked_fill_(~self._masks[name], 0)
+                    local(value).masked_fill_(~self._masks[name], 0)
 
     def kept(self) -> dict[str, float]:
         """Kept fraction per parameter."""
@@ -211,13 +219,19 @@ def hard_prune(model: nn.Module, targets: Sequence[Target], project=None) -> Mas
     if not targets:
         raise ValueError("nothing to prune: no targets.")
     for t in targets:
-        check_finite(t.param, t.name, "at hard pruning")
-    W = {t.name: t.param.detach() for t in targets}
-    project = project or (lambda W: {t.name: t.project(W[t.name]) for t in targets})
+        check_finite(local(t.param), t.name, "at hard pruning")
+    W = {t.name: local(t.param).detach() for t in targets}
+    project = project or (lambda W: {t.name: _project(t, W[t.name]) for t in targets})
     projected = project(W)
     for t in targets:
-        t.param.copy_(projected[t.name].Z)
+        local(t.param).copy_(projected[t.name].Z)
     return Masks(model, {t.name: projected[t.name].support for t in targets})
+
+
+def _project(t: Target, W: torch.Tensor):
+    """``Π_S`` of ``t``'s set on ``W`` (this rank's rows under FSDP2: the set over all ranks)."""
+    sh = row_shards(t.param, t.name)
+    return t.project(W) if sh is None else project_sharded(t, W, sh)
 
 
 def prune(model: nn.Module, spec: Spec, default=None) -> Masks:
