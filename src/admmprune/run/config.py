@@ -83,6 +83,9 @@ class StageCfg(_Strict):
     schedule: ScheduleCfg = ScheduleCfg()
     # the gradients' global norm is clipped to this before every step (none: no clipping)
     clip_grad_norm: PosFloat | None = None
+    # each batch runs as this many micro-batches, their gradients summed into one step (the
+    # same step as the whole batch, with 1/grad_accum of its activation memory)
+    grad_accum: Annotated[int, Field(gt=0)] = 1
 
 
 class AdmmCfg(StageCfg):

@@ -291,6 +291,7 @@ class _Run:
             status=self._eta(si, epoch),
             objective=self.p.data.objective,
             clip_grad_norm=getattr(stage.cfg, "clip_grad_norm", None),
+            grad_accum=getattr(stage.cfg, "grad_accum", 1),
         )
 
     def _end_epoch(self, si: int, epoch: int, res, opt, sched):

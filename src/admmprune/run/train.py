@@ -137,6 +137,7 @@ def train_epoch(
     status: Callable[[int], str] | None = None,
     objective: str = "classify",
     clip_grad_norm: float | None = None,
+    grad_accum: int = 1,
 ) -> EpochResult:
     """One epoch over ``dataset`` in ``order`` from batch ``start_batch``; stops early (after a
     whole batch) when ``should_stop()`` turns true. ``on_step(b)`` runs after the optimizer step
@@ -147,6 +148,9 @@ def train_epoch(
     ending with ``status(b)`` (e.g. the whole run's ETA). ``objective``: ``"classify"`` or
     ``"next_token"`` (a causal LM; loss and accuracy per predicted token). ``clip_grad_norm``:
     the gradients' global norm is clipped to it before each step (the penalty's included).
+    ``grad_accum``: each batch runs as that many micro-batches, each loss weighted by its share
+    of the batch and their gradients summed, so the step is the whole batch's; ADMM's penalty
+    (or its gradient, ``mode="grad"``) joins once per step.
     """
     loss_of = OBJECTIVES[objective]
     model.train()
@@ -162,16 +166,29 @@ def train_epoch(
     pen_sum, done = c.get("pen_sum", 0.0), start_batch
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with _autocast(device, amp):
-            out = model(x)
-        loss, hits, n = loss_of(out, y)
-        total_loss = loss
-        if admm is not None and admm.mode == "penalty":
-            pen = admm.penalty()  # fp32, outside autocast
-            total_loss = loss + pen
-            pen_sum += float(pen.detach()) * n
         optimizer.zero_grad(set_to_none=True)
-        total_loss.backward()
+        parts = list(zip(x.chunk(grad_accum), y.chunk(grad_accum), strict=True))
+        loss, hits, n = 0.0, 0, 0
+        for i, (xi, yi) in enumerate(parts):
+            last = i == len(parts) - 1
+            with _autocast(device, amp):
+                out = model(xi)
+            part_loss, part_hits, part_n = loss_of(out, yi)
+            share = len(xi) / len(x)  # every sample counts the same (images, fixed windows)
+            total_loss = part_loss * share
+            if last and admm is not None and admm.mode == "penalty":
+                pen = admm.penalty()  # fp32, outside autocast; once per step
+                total_loss = total_loss + pen
+                pen_sum += float(pen.detach()) * (n + part_n)
+            with _accumulating(model, admm, last):
+                total_loss.backward()
+            loss, hits, n = (
+                loss + float(part_loss.detach()) * share,
+                hits + int(part_hits.sum()),
+                n + part_n,
+            )
+        loss = torch.tensor(loss)
+        hits = torch.tensor(hits)
         if clip_grad_norm is not None:
             nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
         optimizer.step()
@@ -194,6 +211,19 @@ def train_epoch(
     sums = {"loss_sum": loss_sum, "correct": correct, "seen": seen, "pen_sum": pen_sum}
     n = max(seen, 1)
     return EpochResult(loss_sum / n, correct / n, pen_sum / n, done, done < total, sums)
+
+
+def _accumulating(model: nn.Module, admm: ADMM | None, last: bool):
+    """Around a micro-batch's backward: before the last one, DDP does not all-reduce yet and
+    ADMM's ``mode="grad"`` hooks add nothing (the penalty's gradient joins once per step)."""
+    if last:
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    if hasattr(model, "no_sync"):
+        stack.enter_context(model.no_sync())
+    if admm is not None:
+        stack.enter_context(admm.accumulating())
+    return stack
 
 
 @torch.no_grad()

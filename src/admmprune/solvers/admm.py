@@ -22,8 +22,9 @@ When rho changes from ``rho_k`` to ``rho_{k+1}`` the scaled dual is rescaled,
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -211,6 +212,7 @@ class ADMM:
                 U0 = torch.zeros_like(W[t.name])
                 self._state[t.name] = make_state(Z0[t.name], U0, state_dtype)
         self._hooks = []
+        self._paused = False
         if mode == "grad":
             for t in self.targets:
                 self._hooks.append(t.param.register_post_accumulate_grad_hook(self._grad_hook(t)))
@@ -430,6 +432,8 @@ class ADMM:
         the same on every rank); tested."""
 
         def hook(param: torch.Tensor) -> None:
+            if self._paused:  # an earlier micro-batch of the step (accumulating)
+                return
             T, rho = self._layer(t).T, self.rho
             S = self._loss_scale()
             # FSDP2: this rank's rows and their gradient, already reduced across the ranks
@@ -444,6 +448,16 @@ class ADMM:
                     G.addcmul_(W, S, value=rho).addcmul_(T, S, value=-rho)
 
         return hook
+
+    @contextlib.contextmanager
+    def accumulating(self) -> Iterator[None]:
+        """Backward passes inside add no penalty gradient (``mode="grad"``): gradient
+        accumulation over micro-batches adds it once, in the last backward of the step."""
+        self._paused, was = True, self._paused
+        try:
+            yield
+        finally:
+            self._paused = was
 
     def _loss_scale(self) -> torch.Tensor | None:
         """The grad scaler's current scale as a 0-dim tensor, or ``None`` (no scaler, disabled,
