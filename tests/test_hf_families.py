@@ -39,6 +39,9 @@ FAMILIES = {  # name: (config class, model class, config kwargs)
                       "new_decoder_architecture": True}),
     "FalconAlibi": ("FalconConfig", "FalconForCausalLM", {**_FALCON, "multi_query": False,
                     "alibi": True}),
+    # attention sinks: one learned logit per head, removed with its head
+    "GptOss": ("GptOssConfig", "GptOssForCausalLM", {**_C, "num_key_value_heads": 2,
+               "num_local_experts": 4, "num_experts_per_tok": 2, "head_dim": 8}),
     # relative position bias made by each stack's first layer, shared by all; self + cross
     "T5": ("T5Config", "T5ForConditionalGeneration", dict(vocab_size=64, d_model=32, d_kv=8,
            d_ff=48, num_layers=2, num_decoder_layers=2, num_heads=4, decoder_start_token_id=0)),

@@ -155,6 +155,11 @@ def _drop(a: Attention, drop: list[int]) -> None:
             m.num_kv_heads = kv
         m.num_key_value_groups = heads // m.num_kv_heads
     elif a.family in ("hf", "phi3", "neox", "bloom"):
+        # a per-head parameter of the module (gpt-oss's attention sinks) follows its heads
+        kept_heads = torch.tensor([h for u in kept_units for h in range(u * r, (u + 1) * r)])
+        for pname, p in list(m.named_parameters(recurse=False)):
+            if p.ndim == 1 and p.shape[0] == a.heads:
+                _cut(m, pname, 0, kept_heads)
         for attr, value in (
             ("num_heads", heads),
             ("n_heads", heads),
