@@ -61,6 +61,8 @@ def main() -> None:
     args = ap_.parse_args()
     device = torch.device(args.device)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("fsdp_admm.py --device cuda: no CUDA device is available here.")
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)

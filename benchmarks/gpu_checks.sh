@@ -50,7 +50,7 @@ step compact-deploy "$limit" "$py" benchmarks/structured_speed.py --device cuda 
     --out "$out/structured_speed_cuda_deploy.json"
 # issue 28: ADMM on FSDP2 shards over every GPU of the machine (nccl), masks vs one process
 step fsdp-admm 60 "$py" -m torch.distributed.run --standalone \
-    --nproc_per_node "$("$py" -c 'import torch; print(torch.cuda.device_count())')" \
+    --nproc_per_node "$("$py" -c 'import torch; print(max(1, torch.cuda.device_count()))')" \
     benchmarks/fsdp_admm.py --device cuda --out "$out"
 if [ "${LM_MINUTES:-0}" != 0 ]; then  # opt-in: a larger LM trained, pruned and evaluated on the GPU
     step lm "$limit" "$py" benchmarks/oneshot_lm.py --device cuda --layers 8 --hidden 512 \

@@ -221,8 +221,9 @@ def test_gpu_checks_script_runs_every_step_and_fails_without_a_gpu(tmp_path):
     log = (out / "gpu_checks.log").read_text()
     ends = re.findall(r"^== (\S+): exit (\d+)", log, flags=re.M)
     assert [name for name, _ in ends] == [
-        "env", "cuda-tests", "two-four", "compact-latency", "compact-deploy"
+        "env", "cuda-tests", "two-four", "compact-latency", "compact-deploy", "fsdp-admm"
     ]  # fmt: skip
+    assert dict(ends)["fsdp-admm"] != "0" and "fsdp_admm.py --device cuda: no CUDA" in log
     assert dict(ends)["cuda-tests"] == "0" and "needs a CUDA device" in log  # all skipped
     assert "needs a CUDA GPU" in log and "no CUDA device is available" in log
 
