@@ -191,7 +191,7 @@ class ADMM:
         self.targets = [t for t in self.targets if t.name not in self._also]
         self.targets += self._group_targets()
         self._shards = {t.name: shards.row_shards(t.param, t.name) for t in self.targets}
-        self._check_shards(support, metric)
+        shards.check(self._shards, bool(self.groups), support is not None, metric)
         self.support = self._check_support(support)
         if state_dtype not in STATE_DTYPES:
             raise ValueError(f"state_dtype={state_dtype!r}: use one of {', '.join(STATE_DTYPES)}.")
@@ -317,27 +317,6 @@ class ADMM:
                 )
             out[t.name] = mask.to(torch.bool)
         return out
-
-    def _check_shards(self, support, metric) -> None:
-        """What FSDP2-sharded parameters cannot take, refused before any state is made."""
-        sharded = [n for n, sh in self._shards.items() if sh is not None]
-        if not sharded:
-            return
-        if self.groups:
-            raise ValueError(
-                f"{sharded[0]!r} is sharded by FSDP2: coupled channel / head groups need whole "
-                "parameters; use them with DDP or a single process."
-            )
-        if support is not None:
-            raise ValueError(
-                f"{sharded[0]!r} is sharded by FSDP2: support= masks are not supported on "
-                "sharded parameters; use DDP or a single process."
-            )
-        if metric == "fisher":
-            raise ValueError(
-                f"{sharded[0]!r} is sharded by FSDP2, whose gradients bypass the hooks that "
-                "accumulate the Fisher diagonal; use metric=optimizer (Adam's exp_avg_sq)."
-            )
 
     def _global(self, t: Target, value: float) -> float:
         """``value`` summed over the ranks that hold ``t``'s shards (itself when whole)."""

@@ -90,3 +90,25 @@ def project(t, V: torch.Tensor, shards: RowShards):
         "needs whole columns or the whole tensor); use Unstructured (per tensor or per_row), NM "
         "or Filters, or train under DDP."
     )
+
+
+def check(sharding: dict, groups: bool, support: bool, metric) -> None:
+    """What ADMM cannot take on FSDP2-sharded parameters, refused before any state is made."""
+    names = [n for n, sh in sharding.items() if sh is not None]
+    if not names:
+        return
+    if groups:
+        raise ValueError(
+            f"{names[0]!r} is sharded by FSDP2: coupled channel / head groups need whole "
+            "parameters; use them with DDP or a single process."
+        )
+    if support:
+        raise ValueError(
+            f"{names[0]!r} is sharded by FSDP2: support= masks are not supported on sharded "
+            "parameters; use DDP or a single process."
+        )
+    if isinstance(metric, str) and metric == "fisher":
+        raise ValueError(
+            f"{names[0]!r} is sharded by FSDP2, whose gradients bypass the hooks that accumulate "
+            "the Fisher diagonal; use metric=optimizer (Adam's exp_avg_sq)."
+        )
