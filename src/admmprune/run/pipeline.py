@@ -166,14 +166,13 @@ def _constrained(model, recipe: Recipe, spec, default, x1) -> tuple[dict, list]:
                 "on layer names, e.g. 'layer3*' (the output layer is never pruned)."
             )
         groups += new
-        experts: dict[str, set] = {}  # a fused experts weight: its experts' groups, this entry
+        fused: set[str] = set()  # a fused experts weight: one group per expert, this entry
         for g in new:
             for pname, _ in g.members:
-                if g.expert is not None and pname in experts:
-                    experts[pname].add(g.expert)
+                if g.expert is not None and pname in fused:
                     continue
                 if g.expert is not None:
-                    experts[pname] = {g.expert}
+                    fused.add(pname)
                 if pname in combinable:
                     combinable.discard(pname)  # one group per parameter
                     constraint_names[pname] = f"{g!r} & {constraint_names[pname]}"

@@ -187,15 +187,13 @@ def train_epoch(
                 hits + int(part_hits.sum()),
                 n + part_n,
             )
-        loss = torch.tensor(loss)
-        hits = torch.tensor(hits)
         if clip_grad_norm is not None:
             nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
         optimizer.step()
         if on_step is not None:
             on_step(done + 1)
-        loss_sum += float(loss.detach()) * n
-        correct += int(hits.sum())
+        loss_sum += loss * n
+        correct += hits
         seen += n
         done += 1
         if bar is not None:

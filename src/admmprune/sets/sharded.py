@@ -23,12 +23,6 @@ __all__: list[str] = []  # internal: weights/shards.py uses it
 _BITS = {torch.float32: (torch.int32, 31), torch.float64: (torch.int64, 63)}
 
 
-def _count(mask: torch.Tensor, group) -> int:
-    c = torch.tensor([int(torch.count_nonzero(mask))], dtype=torch.int64, device=mask.device)
-    dist.all_reduce(c, group=group)
-    return int(c)
-
-
 def total(n: int | float, group, device) -> int | float:
     """``n`` summed over the ranks of ``group`` (an int stays exact; a float in fp64)."""
     exact = isinstance(n, int)
@@ -44,7 +38,7 @@ def kth_largest(scores: torch.Tensor, k: int, group) -> torch.Tensor:
     while hi - lo > 1:
         mid = (lo + hi) // 2
         value = torch.tensor(mid, dtype=ints).view(scores.dtype).to(scores.device)
-        if _count(scores >= value, group) >= k:
+        if total(int(torch.count_nonzero(scores >= value)), group, scores.device) >= k:
             lo = mid
         else:
             hi = mid
@@ -58,7 +52,7 @@ def topk_mask(scores: torch.Tensor, k: int, group, rank: int) -> torch.Tensor:
         return torch.ones_like(scores, dtype=torch.bool)
     tau = kth_largest(scores, k, group)
     mask = scores > tau
-    missing = k - _count(mask, group)
+    missing = k - total(int(torch.count_nonzero(mask)), group, scores.device)
     ties = (scores == tau).nonzero().flatten()
     counts = [
         torch.zeros(1, dtype=torch.int64, device=scores.device)

@@ -142,11 +142,10 @@ def _drop(a: Attention, drop: list[int]) -> None:
             m.in_features, m.out_features = m.weight.shape[1], m.weight.shape[0]
     r = a.heads // a.kv_heads
     heads, kv = len(kept_units) * r, len(kept_units)
+    kept_heads = [h for u in kept_units for h in range(u * r, (u + 1) * r)]
     m = a.module
     if a.family in ("bloom", "falcon", "t5"):  # per-head biases made outside the layer
-        read_kept_heads(
-            m, a.family, a.heads, [h for u in kept_units for h in range(u * r, (u + 1) * r)]
-        )
+        read_kept_heads(m, a.family, a.heads, kept_heads)
     if a.family == "t5":
         m.n_heads, m.inner_dim = heads, heads * a.head_dim
     elif a.family == "falcon":
@@ -156,10 +155,9 @@ def _drop(a: Attention, drop: list[int]) -> None:
         m.num_key_value_groups = heads // m.num_kv_heads
     elif a.family in ("hf", "phi3", "neox", "bloom"):
         # a per-head parameter of the module (gpt-oss's attention sinks) follows its heads
-        kept_heads = torch.tensor([h for u in kept_units for h in range(u * r, (u + 1) * r)])
         for pname, p in list(m.named_parameters(recurse=False)):
             if p.ndim == 1 and p.shape[0] == a.heads:
-                _cut(m, pname, 0, kept_heads)
+                _cut(m, pname, 0, torch.tensor(kept_heads))
         for attr, value in (
             ("num_heads", heads),
             ("n_heads", heads),
@@ -179,8 +177,7 @@ def _drop(a: Attention, drop: list[int]) -> None:
     elif a.family == "timm":
         m.num_heads, m.attn_dim = heads, heads * a.head_dim
     elif a.family == "swin":  # per-head relative position biases; a forward that takes h' heads
-        kept_heads = torch.tensor([u for u in range(a.units) if u not in set(drop)])
-        _cut(m, "relative_position_bias_table", 1, kept_heads)
+        _cut(m, "relative_position_bias_table", 1, torch.tensor(kept_heads))
         m.num_heads = heads
         m.__class__ = PrunedShiftedWindowAttention
     a.heads, a.kv_heads = heads, kv
