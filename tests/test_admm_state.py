@@ -39,11 +39,48 @@ def train(model, admm, x, y, steps, start=0):
 @pytest.mark.parametrize("dtype,per_weight", [("float32", 12), ("bfloat16", 4), ("float8", 3)])
 def test_state_bytes_per_constrained_weight(dtype, per_weight):
     model, _, _ = model_and_data()
-    admm = ap.ADMM(model, SPEC, state_dtype=dtype)
+    spec = {"0": ap.Unstructured(0.97), "2": ap.NM(2, 4)}  # one Z too dense to pack, one not
+    admm = ap.ADMM(model, spec, state_dtype=dtype)
     n = sum(t.param.numel() for t in admm.targets)
-    assert admm.state_bytes() == per_weight * n
-    fp32_weight_bytes = 4 * n
-    assert (admm.state_bytes() <= fp32_weight_bytes) == (dtype != "float32")
+    if dtype == "float32":
+        assert admm.state_bytes() == per_weight * n
+        return
+    value = per_weight - 2  # bytes of one stored Z value (U is bf16: 2)
+    expect = 0
+    for t in admm.targets:
+        size, nnz = t.param.numel(), int((admm._state[t.name].Z != 0).sum())
+        dense, packed = size * value, size // 8 + nnz * value
+        expect += 2 * size + min(dense, packed)
+    assert admm.state_bytes() == expect
+    # 2:4 packs in both (n/8 + n/2·b < n·b); 97 % kept packs in neither
+    assert admm._state["2.weight"]._mask is not None
+    assert admm._state["0.weight"]._mask is None
+    assert admm.state_bytes() <= 4 * n  # never above the fp32 weights
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float8"])
+def test_sparse_Z_is_stored_as_mask_and_values_without_changing_a_value(dtype):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(300, 70))  # 21,000 weights: not a multiple of 8 rows
+    admm = ap.ADMM(model, {"0": ap.Unstructured(0.1)}, state_dtype=dtype)
+    st = admm._state["0.weight"]
+    assert st._mask is not None and st._Z.dim() == 1
+    W = model[0].weight.detach()
+    keep = W.abs().flatten().topk(keep_count(0.1, W.numel())).indices
+    Z = torch.zeros(W.numel())
+    Z[keep] = W.flatten()[keep]
+    Z = Z.view_as(W)
+    if dtype == "float8":
+        scale = float(Z.abs().max()) / 448
+        ref = (Z / scale).to(torch.float8_e4m3fn).float() * scale
+    else:
+        ref = Z.to(torch.bfloat16).float()
+    assert torch.equal(st.Z, ref)
+    value = 2 if dtype == "bfloat16" else 1
+    nnz = int((ref != 0).sum())
+    assert st.nbytes() == 2 * W.numel() + -(-W.numel() // 8) + nnz * value
+    # at 90 % sparsity: under 0.35 bytes per weight for Z instead of `value`
+    assert (st.nbytes() - 2 * W.numel()) / W.numel() < 0.35
 
 
 def _benchmark():
@@ -74,7 +111,7 @@ def test_low_precision_penalty_is_the_fp32_formula_on_the_stored_state():
     train(model, admm, x, y, 20)
     st = admm._state["0.weight"]
     assert st._Z.dtype == torch.float8_e4m3fn and st._U.dtype == torch.bfloat16
-    assert torch.equal(st.Z != 0, st._Z.float() != 0)  # zeros stay exactly zero
+    assert torch.equal(st.Z != 0, st._dense_Z().float() != 0)  # zeros stay exactly zero
     expect = sum(
         0.5 * 0.1 * float((t.param.detach() - (admm._state[t.name].Z - admm._state[t.name].U))
                           .square().sum())
@@ -107,7 +144,8 @@ def test_low_precision_state_resumes_bit_exactly(dtype):
     train(again, resumed, x, y, 50, start=30)
     for p, q in zip(model.parameters(), again.parameters()):
         assert torch.equal(p, q)
-    assert torch.equal(admm._state["2.weight"]._Z.float(), resumed._state["2.weight"]._Z.float())
+    assert torch.equal(admm._state["2.weight"].Z, resumed._state["2.weight"].Z)
+    assert resumed._state["2.weight"]._mask is not None  # restored packed, as it was saved
 
 
 def test_low_precision_state_refusals():
@@ -131,9 +169,12 @@ def test_recipe_state_dtype_reports_its_bytes(tmp_path):
     recipe["constraints"] = {"fc1": {"unstructured": 0.05}}
     summary = run(prepare(parse_recipe(recipe)), log=lambda *a: None)
     assert summary["admm_state"]["dtype"] == "bfloat16"
-    assert summary["admm_state"]["bytes_per_constrained_weight"] == 4.0
     fc1 = next(row for row in summary["layers"] if row["name"] == "fc1.weight")
-    assert fc1["kept"] == keep_count(0.05, fc1["total"])
+    n, kept = fc1["total"], keep_count(0.05, fc1["total"])
+    assert fc1["kept"] == kept
+    # U in bf16, Z (5 % kept) as a bitmask + bf16 values: 2.225 bytes instead of 4
+    expect = (2 * n + -(-n // 8) + 2 * kept) / n
+    assert summary["admm_state"]["bytes_per_constrained_weight"] == pytest.approx(expect)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float8"])

@@ -425,7 +425,8 @@ def test_admm_in_a_plain_hf_training_loop_from_the_one_shot_solution():
     opt = torch.optim.AdamW(llm.parameters(), lr=1e-3, betas=(0.9, 0.95))
     admm = ap.ADMM(llm, spec, init=start, rho=0.01, rho_growth=1.5, metric=opt,
                    state_dtype="bfloat16", mode="grad")  # fmt: skip
-    assert admm.state_bytes() == 4 * sum(t.param.numel() for t in admm.targets)
+    n = sum(t.param.numel() for t in admm.targets)
+    assert admm.state_bytes() < 2.7 * n  # bf16 U + Z as bitmask and 25 % bf16 values: 2.625
     for step in range(12):
         batch = batches[step % len(batches)]
         loss = llm(**batch, labels=batch["input_ids"]).loss  # the model's own loss, unchanged

@@ -565,9 +565,9 @@ class ADMM:
                     f"{t.name!r}: state saved with {saved['constraint']} but the spec now says "
                     f"{t.constraint!r}; use the same constraint to resume."
                 )
-            if tuple(saved["Z"].shape) != shards.shape(t.param):
+            if tuple(saved["U"].shape) != shards.shape(t.param):  # Z may be stored packed
                 raise ValueError(
-                    f"{t.name!r}: saved Z has shape {tuple(saved['Z'].shape)}, parameter has "
+                    f"{t.name!r}: saved U has shape {tuple(saved['U'].shape)}, parameter has "
                     f"{shards.shape(t.param)} (on this rank)."
                 )
         for t in self.targets:

@@ -73,8 +73,10 @@ class _Trace:
     projection ``<y, r>`` (|Δ⟨y, r⟩| ≈ ||Δy||), so modules can be compared without keeping
     their outputs; and the innermost module running when a forward fails."""
 
-    def __init__(self, model: nn.Module) -> None:
-        self.model, self.prints, self.stack = model, [], []
+    def __init__(self, model: nn.Module, probes: dict[int, torch.Tensor]) -> None:
+        # probes: the random vector per output size, shared by every trace of one compact()
+        # (drawing it per module was a fifth of a detector's compaction)
+        self.model, self.prints, self.stack, self.probes = model, [], [], probes
 
     def _pre(self, name):
         def hook(module, args):
@@ -88,7 +90,10 @@ class _Trace:
             ts = _tensors(out)
             if ts:
                 y = ts[0].detach().float().flatten()
-                r = torch.randn(y.numel(), generator=torch.Generator().manual_seed(y.numel()))
+                r = self.probes.get(y.numel())
+                if r is None:
+                    g = torch.Generator().manual_seed(y.numel())
+                    r = self.probes[y.numel()] = torch.randn(y.numel(), generator=g)
                 self.prints.append((name, tuple(ts[0].shape), float(y.norm()),
                                     float(y @ r.to(y.device))))  # fmt: skip
 
@@ -110,10 +115,10 @@ class _Trace:
                 h.remove()
 
 
-def _reference(model: nn.Module, inputs: list) -> list:
+def _reference(model: nn.Module, inputs: list, probes: dict) -> list:
     out = []
     for x in inputs:
-        trace = _Trace(model)
+        trace = _Trace(model, probes)
         out.append((trace.run(x), trace.prints))
     return out
 
@@ -125,11 +130,13 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().max()) / max(float(b.float().abs().max()), 1e-12)
 
 
-def _verify(small: nn.Module, inputs: list, refs: list, tol: float, removed: dict) -> None:
+def _verify(
+    small: nn.Module, inputs: list, refs: list, tol: float, removed: dict, probes: dict
+) -> None:
     """Raise :class:`CompactionError` unless the compact model reproduces the reference."""
     for which, (x, (ref_out, ref_prints)) in enumerate(zip(inputs, refs)):
         what = "the example input" if which == 0 else "a random input of the same shape"
-        trace = _Trace(small)
+        trace = _Trace(small, probes)
         try:
             out = trace.run(x)
         except Exception as e:
@@ -323,7 +330,8 @@ def compact(
         all_macs_before=before["all_macs"],
     )
     inputs = [example_input, _second_input(example_input)]
-    refs = _reference(small, inputs) if check else None
+    probes: dict[int, torch.Tensor] = {}
+    refs = _reference(small, inputs, probes) if check else None
     report.heads_removed = heads.remove_zero_heads(small)
     maps, _ = neuron_maps(small, example_input)
     report.removed.update(remove_zero_neurons(small, maps))
@@ -353,13 +361,13 @@ def compact(
         dtype = next((p.dtype for p in small.parameters()), torch.float32)
         removed = {**report.removed, **{f"{k} (heads)": v for k, v in report.heads_removed.items()}}
         try:
-            _verify(small, inputs, refs, TOLERANCE.get(dtype, 1e-4), removed)
+            _verify(small, inputs, refs, TOLERANCE.get(dtype, 1e-4), removed, probes)
         except CompactionError as fp32:
             # post-processing (sorting, NMS, thresholds) can turn rounding into reordered or
             # missing outputs: an exact compaction agrees with the masked model in float64
             if inplace or dtype != torch.float32:
                 raise
-            wide = _float64_error(model, small, inputs, removed)
+            wide = _float64_error(model, small, inputs, removed, probes)
             if wide is not None:
                 raise wide from fp32
     report.params_after = sum(p.numel() for p in small.parameters())
@@ -371,7 +379,7 @@ def compact(
 
 
 def _float64_error(
-    model: nn.Module, small: nn.Module, inputs: list, removed: dict
+    model: nn.Module, small: nn.Module, inputs: list, removed: dict, probes: dict
 ) -> CompactionError | None:
     """None when the masked and the compact model agree to float64's tolerance on ``inputs``, in
     their outputs or, where post-processing after the modules (thresholds, sorting, NMS over
@@ -380,7 +388,8 @@ def _float64_error(
     wide = [_float64(x) for x in inputs]
     masked, compact_ = copy.deepcopy(model).double().eval(), copy.deepcopy(small).double()
     try:
-        _verify(compact_, wide, _reference(masked, wide), TOLERANCE[torch.float64], removed)
+        refs = _reference(masked, wide, probes)
+        _verify(compact_, wide, refs, TOLERANCE[torch.float64], removed, probes)
     except CompactionError as e:
         # every module that kept its shape (the protected output layers among them) agreed to
         # 1e-8 of its scale: the compaction is exact, the difference is the post-processing's

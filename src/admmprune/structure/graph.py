@@ -318,7 +318,7 @@ def _graph_class():
 
         def groups(self, ignored: list[nn.Module]) -> list:
             """Every channel group rooted at a producer layer (``get_all_groups``)."""
-            with _explained_name(self.model_name, "group the channels of"):
+            with _explained_name(self.model_name, "group the channels of"), _mapped_once(self):
                 return list(self.get_all_groups(ignored_layers=ignored,
                                                 root_module_types=list(self.types)))  # fmt: skip
 
@@ -331,6 +331,23 @@ def _graph_class():
             return _refusal(self, group)
 
     return Graph
+
+
+@contextlib.contextmanager
+def _mapped_once(graph) -> Iterator[None]:
+    """Torch-Pruning recomputes every concat / split / reshape index mapping at each
+    ``get_pruning_group`` (most of the analysis time on DenseNets and detectors); while the
+    groups are only listed nothing is pruned, so the mappings cannot change: compute them once."""
+    from torch_pruning.dependency import index_mapping
+
+    update = index_mapping.update_index_mapping
+    with _guarded_reshapes(graph.opaque):
+        update(graph)
+    index_mapping.update_index_mapping = lambda graph: None
+    try:
+        yield
+    finally:
+        index_mapping.update_index_mapping = update
 
 
 @contextlib.contextmanager
