@@ -329,6 +329,16 @@ def test_text_recipe_prunes_measures_perplexity_and_saves_pretrained(tmp_path):
     ids = torch.tensor(tokenizer((tmp_path / "corpus.txt").read_text())["input_ids"])
     test = ids[ids.numel() - int(ids.numel() * 0.1) :]
     assert perplexity(back, test, 32) == pytest.approx(summary["perplexity_pruned"], rel=1e-5)
+    # the sparse checkpoint beside it: smaller, the same model; `export --sparse` writes one too
+    sparse = ap.load_sparse(run / "model-sparse")
+    assert all(torch.equal(t, back.state_dict()[n]) for n, t in sparse.state_dict().items())
+    assert summary["sparse_checkpoint_bytes"] < (run / "model" / "model.safetensors").stat().st_size
+    assert main(["export", str(run), "--out", str(tmp_path / "p.bin"), "--sparse",
+                 str(tmp_path / "again")]) == 0  # fmt: skip
+    again = tmp_path / "again" / "model-sparse.safetensors"
+    assert again.read_bytes() == (run / "model-sparse" / "model-sparse.safetensors").read_bytes()
+    assert main(["export", str(run), "--out", str(tmp_path / "p.bin"), "--sparse",
+                 str(tmp_path / "again")]) == 2  # fmt: skip
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,7 @@ The public API is what this module re-exports; everything else is private.
 from ._version import __version__ as __version__
 from .deployment.compressed import export_compressed, load_compressed
 from .deployment.deploy import Deployed, DeployReport, deploy
+from .deployment.sparse_checkpoint import load_sparse, save_sparse
 from .sets.constraints import (
     NM,
     Channels,
@@ -61,8 +62,10 @@ __all__ = [
     "export_compressed",
     "head_groups",
     "load_compressed",
+    "load_sparse",
     "oneshot",
     "prune",
+    "save_sparse",
     "select",
     "zero_dead_inputs",
 ]

@@ -140,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     p_exp.add_argument("run_dir")
     p_exp.add_argument("--out", help="packed file to write (default RUN_DIR/model.admmprune)")
     p_exp.add_argument("--onnx", metavar="FILE", help="also write the compacted model as ONNX")
+    p_exp.add_argument(
+        "--sparse", metavar="DIR", help="LM runs: also write a sparse HF checkpoint (load_sparse)"
+    )
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
@@ -155,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         from .export import export_run
 
         try:
-            for line in export_run(args.run_dir, args.out, args.onnx):
+            for line in export_run(args.run_dir, args.out, args.onnx, args.sparse):
                 print(line)
         except ValueError as exc:
             return _error(exc)

@@ -90,21 +90,63 @@ def _check_writable(path: Path, flag: str) -> None:
         raise ValueError(f"{flag} {str(path)!r}: folder {str(path.parent)!r} is not writable.")
 
 
-def export_run(
-    run_dir: str | os.PathLike, out: str | os.PathLike | None = None, onnx_path=None
-) -> list[str]:
-    """Write the run's packed file (and ONNX of its compact model); returns lines to print.
+def _lm_run_model(run_dir: Path):
+    """An LM run's pruned model and tokenizer from its ``model/`` (``save_pretrained``)."""
+    try:
+        import transformers
+    except ImportError:
+        raise ValueError(
+            "exporting an LM run needs the hf extra: pip install 'admmprune[hf]'"
+        ) from None
+    folder = run_dir / "model"
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    return model, transformers.AutoTokenizer.from_pretrained(folder)
 
-    Every output path is checked before anything is written.
+
+def export_run(
+    run_dir: str | os.PathLike,
+    out: str | os.PathLike | None = None,
+    onnx_path=None,
+    sparse: str | os.PathLike | None = None,
+) -> list[str]:
+    """Write the run's packed file (and ONNX of its compact model, or for an LM run the sparse
+    checkpoint :func:`admmprune.save_sparse` writes, to the folder ``sparse``); returns lines
+    to print. Every output path is checked before anything is written.
     """
+    from ..deployment.sparse_checkpoint import SPARSE_FILE, save_sparse
+
     run_dir = Path(run_dir)
+    lm = (run_dir / "model" / "config.json").is_file()
     out = Path(out) if out else run_dir / "model.admmprune"
     _check_writable(out, "--out")
     if onnx_path:
+        if lm:
+            raise ValueError(
+                f"{str(run_dir)!r} is a language-model run: --onnx exports image models; "
+                "use --sparse DIR (a sparse Hugging Face checkpoint)."
+            )
         onnx_path = Path(onnx_path)
         _check_writable(onnx_path, "--onnx")
         if onnx_path.resolve() == out.resolve():
             raise ValueError(f"--onnx and --out are the same file {str(out)!r}; give two names.")
+    if sparse:
+        sparse = Path(sparse)
+        if not lm:
+            raise ValueError(
+                f"--sparse writes a Hugging Face sparse checkpoint; {str(run_dir)!r} is not a "
+                "language-model run (no model/config.json)."
+            )
+        if (sparse / SPARSE_FILE).exists():
+            raise ValueError(
+                f"--sparse {str(sparse)!r} already holds a sparse checkpoint; give a new folder."
+            )
+    if lm:
+        model, tokenizer = _lm_run_model(run_dir)
+        lines = [f"wrote {out} ({export_compressed(model, out):,} bytes)"]
+        if sparse:
+            nbytes = save_sparse(model, sparse, tokenizer=tokenizer)
+            lines.append(f"wrote {sparse / SPARSE_FILE} ({nbytes:,} bytes; with config, tokenizer)")
+        return lines
     model, spec = load_run_model(run_dir)
     lines = [f"wrote {out} ({export_compressed(model, out, spec):,} bytes)"]
     if onnx_path:

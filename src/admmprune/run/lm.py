@@ -12,7 +12,8 @@
 3. dense perplexity (:func:`admmprune.run.evaluate.perplexity`, non-overlapping windows), one-shot
    pruning (:func:`admmprune.oneshot`, block by block through the decoder layers), pruned
    perplexity;
-4. writes ``model/`` (``save_pretrained``: safetensors, with the tokenizer), ``model.admmprune``
+4. writes ``model/`` (``save_pretrained``: safetensors, with the tokenizer), ``model-sparse/``
+   (:func:`admmprune.save_sparse`), ``model.admmprune``
    (the packed file), ``summary.json`` and ``recipe.yaml``.
 
 ``constraints`` name layers as usual (e.g. ``"model.layers.*.mlp.*": {nm: "2:4"}``); a
@@ -204,13 +205,14 @@ def plan(p: LMPrepared) -> str:
         f"text: {r.data.path}: {f['tokens']:,} tokens ({f['test_tokens']:,} held out for "
         f"perplexity, windows of {r.data.seq_len})",
         f"one-shot: {r.oneshot.solver} on {r.oneshot.samples} calibration windows",
-        f"run dir: {p.run_dir} (model/, model.admmprune, summary.json)",
+        f"run dir: {p.run_dir} (model/, model-sparse/, model.admmprune, summary.json)",
     ])  # fmt: skip
 
 
 def run(p: LMPrepared, log=print) -> dict:
     """Perplexity dense → one-shot prune → perplexity pruned; write the run dir."""
     from ..deployment.compressed import export_compressed
+    from ..deployment.sparse_checkpoint import save_sparse
     from ..solvers.oneshot.driver import oneshot
     from .evaluate import perplexity
 
@@ -236,6 +238,7 @@ def run(p: LMPrepared, log=print) -> dict:
     p.model.save_pretrained(p.run_dir / "model", safe_serialization=True)
     p.tokenizer.save_pretrained(p.run_dir / "model")
     size = export_compressed(p.model, p.run_dir / "model.admmprune")
+    sparse = save_sparse(p.model, p.run_dir / "model-sparse", tokenizer=p.tokenizer, overwrite=True)
     kept = sum(int(m.sum()) for m in masks.values())
     total = sum(m.numel() for m in masks.values())
     summary = {
@@ -247,6 +250,7 @@ def run(p: LMPrepared, log=print) -> dict:
         "kept_fraction": kept / max(total, 1),
         "layers": len(masks),
         "packed_bytes": size,
+        "sparse_checkpoint_bytes": sparse,
         "seconds": time.perf_counter() - t0,
         "oneshot": masks.report.as_dict(),
         **p.facts,

@@ -12,7 +12,8 @@ works as for images: ``compress`` with ``method: admm | gradual | magnitude | it
 (``test_perplexity`` in ``metrics.jsonl``: ``exp`` of the mean loss over the held-out windows).
 Checkpoints and ``--resume`` are the runner's: bit-exact after SIGKILL or Ctrl-C.
 
-At the end (:func:`finish`): ``model/`` (``save_pretrained`` with the tokenizer), ``masks.pt``,
+At the end (:func:`finish`): ``model/`` (``save_pretrained`` with the tokenizer), ``model-sparse/``
+(:func:`admmprune.save_sparse`), ``masks.pt``,
 ``model.admmprune`` (the packed file), ``summary.json`` with perplexity at each step.
 """
 
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 
 from ..deployment.compressed import export_compressed
+from ..deployment.sparse_checkpoint import save_sparse
 from ..weights.select import select
 from .config import Recipe, RecipeError
 from .data import DataBundle, TokenWindows
@@ -109,5 +111,8 @@ def finish(run) -> dict:
     p.extra["tokenizer"].save_pretrained(out)
     run.masks.save(run.dir / "masks.pt")
     summary["packed_bytes"] = export_compressed(run.model, run.dir / "model.admmprune")
+    summary["sparse_checkpoint_bytes"] = save_sparse(
+        run.model, run.dir / "model-sparse", tokenizer=p.extra["tokenizer"], overwrite=True
+    )
     write_run_files(run.dir, summary)
     return summary
