@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The checks of issues #19 / #20 that need a GPU, in one call: the CUDA tests, 2:4 latency on the
 # sparse tensor cores, and the channel-compacted models' latency (plain and as deploy serves them,
-# CUDA graphs among the candidates), ADMM on FSDP2 shards (nccl). Every result lands in OUT_DIR:
-# gpu_checks.log and 4-5 JSONs.
+# CUDA graphs among the candidates), ADMM on FSDP2 shards (nccl), 2:4 decoding of a LLaMA-shaped
+# model. Every result lands in OUT_DIR: gpu_checks.log and 5-6 JSONs.
 #
 #   bash benchmarks/gpu_checks.sh OUT_DIR
 #
@@ -52,6 +52,10 @@ step compact-deploy "$limit" "$py" benchmarks/structured_speed.py --device cuda 
 step fsdp-admm 60 "$py" -m torch.distributed.run --standalone \
     --nproc_per_node "$("$py" -c 'import torch; print(max(1, torch.cuda.device_count()))')" \
     benchmarks/fsdp_admm.py --device cuda --out "$out"
+# issue 30: generate on a LLaMA-shaped 2 × 4096 model, masked dense vs 2:4 on the sparse
+# tensor cores (to_semi_structured, fp16), greedy tokens compared
+step sparse-decode "$limit" "$py" benchmarks/sparse_decode.py --device cuda --hidden 4096 \
+    --layers 2 --new-tokens 128 --no-checkpoint --out "$out"
 if [ "${LM_MINUTES:-0}" != 0 ]; then  # opt-in: a larger LM trained, pruned and evaluated on the GPU
     step lm "$limit" "$py" benchmarks/oneshot_lm.py --device cuda --layers 8 --hidden 512 \
         --train-minutes "$LM_MINUTES" --settings 70%,80% --solvers sparsegpt,admm --skip-joint \

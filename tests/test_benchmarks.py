@@ -221,9 +221,11 @@ def test_gpu_checks_script_runs_every_step_and_fails_without_a_gpu(tmp_path):
     log = (out / "gpu_checks.log").read_text()
     ends = re.findall(r"^== (\S+): exit (\d+)", log, flags=re.M)
     assert [name for name, _ in ends] == [
-        "env", "cuda-tests", "two-four", "compact-latency", "compact-deploy", "fsdp-admm"
+        "env", "cuda-tests", "two-four", "compact-latency", "compact-deploy", "fsdp-admm",
+        "sparse-decode",
     ]  # fmt: skip
     assert dict(ends)["fsdp-admm"] != "0" and "fsdp_admm.py --device cuda: no CUDA" in log
+    assert dict(ends)["sparse-decode"] != "0" and "sparse_decode.py --device cuda: no CUDA" in log
     assert dict(ends)["cuda-tests"] == "0" and "needs a CUDA device" in log  # all skipped
     assert "needs a CUDA GPU" in log and "no CUDA device is available" in log
 
@@ -326,3 +328,21 @@ def test_admm_state_benchmark_tiny_run(tmp_path):
     assert per[("planted", "bfloat16")]["bytes_per_weight"] == 4.0
     assert per[("planted", "float8")]["bytes_per_weight"] == 3.0
     assert all(0 <= v <= 1 for r in rows for v in r["kept_not_in_fp32_masks"].values())
+
+
+def test_sparse_decode_tiny_run(tmp_path):
+    pytest.importorskip("transformers", reason="needs the [hf] extra")
+    out = tmp_path / "sd"
+    proc = run_script(
+        "benchmarks/sparse_decode.py --hidden 64 --layers 1 --vocab 128 --new-tokens 4 "
+        f"--repeats 1 --rounds 2 --sparsities 90 --out {out}"
+    )
+    if "decode kernel is not available" in proc.stderr:
+        pytest.skip(proc.stderr.strip().splitlines()[-1])
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads((out / "sparse_decode.json").read_text())["rows"]
+    assert [r["setting"] for r in rows] == ["90%", "2:4"]
+    for r in rows:
+        assert r["greedy_tokens_equal"] and r["dense_tokens_per_s"] > 0
+        assert {x["layer"] for x in r["layers"]} >= {"model.layers.0.mlp.down_proj"}
+    assert rows[0]["checkpoint"]["blocks_ratio"] < 0.2 < rows[1]["checkpoint"]["blocks_ratio"]

@@ -13,6 +13,10 @@
    compiled form is kept only when it is more than 5 % faster than eager; one that fails to
    compile, or whose outputs differ, is skipped and the reason reported.
 
+A language model (``generate``; ``example`` its token ids) gets its pruned Linears on the CPU
+decode kernel where it is faster (:func:`admmprune.deployment.decode.to_sparse_decode`, paired
+timing per layer on the example's batch); ``Deployed.generate`` generates with it.
+
 The result computes what the model computes: every candidate is checked on ``example``
 (``max|Δ| <= tol · max|y|``, ``tol`` by dtype from :data:`admmprune.structure.compact.TOLERANCE`, as
 :func:`admmprune.compact` checks: 1e-4 in fp32).
@@ -53,10 +57,14 @@ class Deployed(nn.Module):
         super().__init__()
         self.module, self.channels_last, self.report = module, channels_last, report
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x: torch.Tensor, **kwargs):
         if self.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        return self.module(x)
+        return self.module(x, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        """A language model's ``generate`` (deployed LMs)."""
+        return self.module.generate(*args, **kwargs)
 
 
 def _outputs_agree(y: torch.Tensor, ref: torch.Tensor) -> bool:
@@ -80,6 +88,8 @@ def deploy(
     from .sparse import ColumnConv2d, to_columns
 
     report = DeployReport()
+    if hasattr(model, "generate") and not example.is_floating_point():
+        return _deploy_lm(model, example, report, rounds)
     was_training = model.training
     try:
         ref = model.eval()(example)  # what every form must reproduce
@@ -129,3 +139,19 @@ def deploy(
             report.choice = best
     report.steps.append(report.choice)
     return Deployed(candidates[report.choice], nhwc, report)
+
+
+def _deploy_lm(model: nn.Module, ids: torch.Tensor, report: DeployReport, rounds: int) -> Deployed:
+    """A language model (``ids``: token ids, its batch the serving batch): a copy with each
+    pruned Linear on the CPU decode kernel where it measures faster
+    (:func:`admmprune.deployment.decode.to_sparse_decode`)."""
+    from .decode import to_sparse_decode
+
+    form = copy.deepcopy(model).eval()
+    decoded = to_sparse_decode(form, batch=ids.shape[0], rounds=max(rounds, 5))
+    report.steps.append("sparse_decode")
+    for name, (dense_ms, sparse_ms) in decoded.timings_ms.items():
+        report.timings_ms |= {f"{name}:dense": dense_ms, f"{name}:sparse": sparse_ms}
+    report.skipped.update(decoded.skipped)
+    report.choice = f"sparse_decode: {len(decoded.sparse)} layers"
+    return Deployed(form, False, report)
