@@ -152,7 +152,9 @@ def kernel_available() -> tuple[bool, str]:
 
 class SparseDecodeLinear(nn.Module):
     """An ``nn.Linear`` (fp32, CPU) that stores and reads only its non-zero weights
-    (module docstring); computes ``F.linear(x, W, b)`` for the masked ``W``, inference only."""
+    (module docstring); computes ``F.linear(x, W, b)`` for the masked ``W``, inference only.
+    Its tensors are buffers with names of their own: save a model (``save_pretrained``,
+    :func:`admmprune.save_sparse`) before converting it, and convert again after loading."""
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
