@@ -388,13 +388,15 @@ def load_compressed(path: str | os.PathLike, model: nn.Module | None = None) -> 
             )
         spec = dict(spec)
         model = build_model(spec.pop("name"), **spec)
+    check_fits(model, state, path, "pass the architecture it was exported from")
+    model.load_state_dict(state)
+    return model
+
+
+def check_fits(model: nn.Module, state: dict, path, fix: str) -> None:
+    """A clear error unless ``state`` has exactly ``model``'s tensor names and shapes."""
     ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     theirs = {k: tuple(v.shape) for k, v in state.items()}
     if ours != theirs:
         diff = sorted(set(ours.items()) ^ set(theirs.items()))[:6]
-        raise ValueError(
-            f"{path} does not fit this model: tensors differ ({diff}); pass the architecture "
-            "it was exported from."
-        )
-    model.load_state_dict(state)
-    return model
+        raise ValueError(f"{path} does not fit this model: tensors differ ({diff}); {fix}.")

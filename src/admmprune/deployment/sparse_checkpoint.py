@@ -30,7 +30,15 @@ from torch import nn
 
 from .._io import atomic_write_bytes
 from ..weights.gemm import expert_layouts, gemm_view, layer_weights, transposed_weights
-from .compressed import _FIELDS, _decode, _encode_weight, _entry, _MalformedError, _sizes
+from .compressed import (
+    _FIELDS,
+    _decode,
+    _encode_weight,
+    _entry,
+    _MalformedError,
+    _sizes,
+    check_fits,
+)
 
 __all__ = ["SPARSE_FILE", "load_sparse", "save_sparse"]
 
@@ -224,14 +232,7 @@ def load_sparse(
             )
         config = transformers.AutoConfig.from_pretrained(directory)
         model = cls(config)
-    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    theirs = {k: tuple(v.shape) for k, v in state.items()}
-    if ours != theirs:
-        diff = sorted(set(ours.items()) ^ set(theirs.items()))[:6]
-        raise ValueError(
-            f"{path} does not fit this model: tensors differ ({diff}); load it into the "
-            "architecture (and config) it was saved from."
-        )
+    check_fits(model, state, path, "load it into the architecture (and config) it was saved from")
     dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
     if len(dtypes) == 1:
         model.to(dtypes.pop())
