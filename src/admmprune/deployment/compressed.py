@@ -23,6 +23,7 @@ built-in name, or given by the caller.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -272,6 +273,12 @@ def _sizes(e: dict) -> list[int]:
     return [*table, _packed_len(rows, 1), _packed_len(cols, 1), values]
 
 
+def _split(data: bytes, offset: int, sizes: list[int]) -> list[bytes]:
+    """The sections of ``sizes`` bytes each, one after another from ``offset``."""
+    bounds = itertools.accumulate(sizes, initial=offset)
+    return [data[a:b] for a, b in itertools.pairwise(bounds)]
+
+
 def _decode(e: dict, sections: list[bytes]) -> torch.Tensor:
     dtype, shape, n, fmt = e["dtype"], e["shape"], e["n"], e["format"]
     if fmt == "raw":
@@ -351,11 +358,8 @@ def _read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         )
     offset, state = 12 + hlen, {}
     for e, sz in zip(entries, sizes):
-        sections = []
-        for size in sz:
-            sections.append(data[offset : offset + size])
-            offset += size
-        state[e["name"]] = _decode(e, sections)
+        state[e["name"]] = _decode(e, _split(data, offset, sz))
+        offset += sum(sz)
     flipped = header.get("transposed", [])
     if not isinstance(flipped, list) or any(
         not isinstance(n, str) or n not in state or state[n].ndim != 2 for n in flipped

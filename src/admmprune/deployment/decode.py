@@ -28,13 +28,14 @@ import os
 import platform
 import subprocess
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 from torch.nn import functional
+
+from .latency import measure_paired
 
 __all__ = ["DecodeReport", "SparseDecodeLinear", "kernel_available", "to_sparse_decode"]
 
@@ -194,7 +195,8 @@ class SparseDecodeLinear(nn.Module):
             return functional.linear(x, self.dense_weight().to(x), self.bias)
         x2 = x2.contiguous()
         y = torch.empty(x2.shape[0], self.out_features)
-        kernel = _library().sparse_rows_i32 if self.wide else _library().sparse_rows_u16
+        lib = _library()
+        kernel = lib.sparse_rows_i32 if self.wide else lib.sparse_rows_u16
         kernel(self.out_features, self.in_features, self.ptr.data_ptr(), self.col.data_ptr(),
                self.val.data_ptr(), x2.data_ptr(), x2.shape[0],
                None if self.bias is None else self.bias.data_ptr(), y.data_ptr(),
@@ -210,18 +212,6 @@ class DecodeReport:
     timings_ms: dict[str, tuple[float, float]] = field(default_factory=dict)
     sparse: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
-
-
-def _paired(a, b, rounds: int) -> tuple[float, float]:
-    """Median ms of ``a()`` and ``b()``, run alternately (shared noise hits both)."""
-    ta, tb = [], []
-    a(), b()  # warm caches and the kernel's threads
-    for _ in range(rounds):
-        for f, ts in ((a, ta), (b, tb)):
-            t0 = time.perf_counter()
-            f()
-            ts.append(time.perf_counter() - t0)
-    return sorted(ta)[rounds // 2] * 1e3, sorted(tb)[rounds // 2] * 1e3
 
 
 @torch.no_grad()
@@ -264,8 +254,8 @@ def to_sparse_decode(
         if not measure:
             swaps.append((name, sparse))
             continue
-        dense_ms, sparse_ms = _paired(lambda m=m, x=x: m(x), lambda s=sparse, x=x: s(x), rounds)
-        report.timings_ms[name] = (dense_ms, sparse_ms)
+        ms = measure_paired({"dense": m, "sparse": sparse}, x, rounds)
+        dense_ms, sparse_ms = report.timings_ms[name] = (ms["dense"], ms["sparse"])
         if sparse_ms < dense_ms:
             swaps.append((name, sparse))
     for name, sparse in swaps:

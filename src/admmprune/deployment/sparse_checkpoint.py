@@ -37,6 +37,7 @@ from .compressed import (
     _entry,
     _MalformedError,
     _sizes,
+    _split,
     check_fits,
 )
 
@@ -126,9 +127,9 @@ def save_sparse(
             t = t.to(dtype)
         view = _view(name, transposed, experts)
         if name in weights and t.is_floating_point():
-            meta, sections = _encode_weight(_to_gemm(t, view))
+            M = _to_gemm(t, view)
+            meta, sections = _encode_weight(M)
             if meta["format"] != "raw":
-                M = _to_gemm(t, view)
                 fmt = meta["format"]
                 encoded.append([name, str(t.dtype).removeprefix("torch."), list(M.shape), fmt,
                                 *(meta[k] for k in _FIELDS[fmt]), view, list(t.shape)])  # fmt: skip
@@ -193,10 +194,7 @@ def _read_sparse(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         sizes = _sizes(e)
         if blob is None or blob.dtype != torch.uint8 or blob.numel() != sum(sizes):
             raise _MalformedError(f"tensor {e['name']!r} does not have its format's size")
-        data, sections, offset = blob.numpy().tobytes(), [], 0
-        for size in sizes:
-            sections.append(data[offset : offset + size])
-            offset += size
+        sections = _split(blob.numpy().tobytes(), 0, sizes)
         state[e["name"]] = _from_gemm(_decode(e, sections), view, tuple(shape))
     for name, same in tied.items():
         if same not in state:
