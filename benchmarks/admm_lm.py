@@ -4,7 +4,8 @@ causal LM at the same number of training tokens.
 The dense model, tokenizer and corpus are ``oneshot_lm.py``'s (English documentation already on
 the machine, split by document; a LLaMA-architecture LM trained here, cached in ``--out``). Each
 method runs as an LM recipe through ``admmprune``'s own runner (``method``, ``admm.*`` keys),
-from the same dense model, on the same fine-tuning text (the first ``--tokens`` training tokens,
+from the same dense model, on the same fine-tuning text (the first ``--tokens`` tokens of the
+``--fine-text`` split: train, seen in pretraining, or validation, never trained on;
 non-overlapping windows of ``--seq-len``, shuffled by the seed), every training method for
 ``--epochs`` epochs in all (compression + masked retraining), so all see the same tokens:
 
@@ -98,6 +99,13 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--samples", type=int, default=64, help="calibration windows")
     p.add_argument("--tokens", type=int, default=200_000, help="fine-tuning text tokens")
+    p.add_argument(
+        "--fine-text",
+        choices=("train", "validation"),
+        default="train",
+        help="the split the fine-tuning text comes from: train (seen in pretraining) "
+        "or validation (never trained on; the dense model's checkpoint choice)",
+    )
     p.add_argument("--epochs", type=int, default=3, help="training epochs of every method")
     p.add_argument("--retrain", type=int, default=1, help="of which masked retraining")
     p.add_argument("--updates", type=int, default=8, help="ADMM Z/U updates per epoch")
@@ -122,7 +130,12 @@ def main() -> None:
         args.lr = lr
     tok.save_pretrained(dense)
     # the fine-tuning text, then the test split: the recipe holds out the tail
-    fine = tok.decode(ids["train"][: args.tokens])
+    if args.tokens > ids[args.fine_text].numel():
+        p.error(
+            f"--tokens {args.tokens} is more than the {args.fine_text} split's "
+            f"{ids[args.fine_text].numel():,} tokens"
+        )
+    fine = tok.decode(ids[args.fine_text][: args.tokens])
     text_file = args.out / "text.txt"
     text_file.write_text(fine + "\n\n" + text["test"], encoding="utf-8")
     total = len(tok(text_file.read_text(encoding="utf-8"))["input_ids"])

@@ -103,7 +103,7 @@ def main() -> None:
     print(f"{'problem':<8} {'state':<30} {'B/weight':>8}  {'masks differ (per layer)':<26} loss")
     for r in rows:
         d = ", ".join(f"{v:.1%}" for v in r["kept_not_in_fp32_masks"].values())
-        print(f"{r['problem']:<8} {r['state']:<30} {r['bytes_per_weight']:>8.1f}  {d:<26} "
+        print(f"{r['problem']:<8} {r['state']:<30} {r['bytes_per_weight']:>8.2f}  {d:<26} "
               f"{r['loss']:.4f} (fp32 {r['loss_fp32']:.4f})")  # fmt: skip
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -104,8 +104,9 @@ class AdmmCfg(StageCfg):
     # the Z-step's and the hard prune's metric: adam = the optimizer's exp_avg_sq (keeps the
     # weights of largest v·w²), fisher = mean squared gradients, none = Euclidean
     metric: Literal["adam", "fisher", "none"] = "none"
-    # Z and U in fp32 (with a cached T: 12 bytes per constrained weight), bfloat16 (4 bytes) or
-    # float8 (Z in float8_e4m3fn with a per-tensor scale, U in bf16: 3 bytes); sparsity sets only
+    # Z and U in fp32 (with a cached T: 12 bytes per constrained weight), bfloat16 (≤ 4 bytes)
+    # or float8 (Z in float8_e4m3fn with a per-tensor scale, U in bf16: ≤ 3 bytes); sparse Z is
+    # kept as a bitmask + values where smaller; sparsity sets only
     state_dtype: Literal["float32", "bfloat16", "float8"] = "float32"
 
     @model_validator(mode="after")
