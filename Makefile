@@ -23,8 +23,9 @@ format: .venv/.installed
 	.venv/bin/ruff format .
 	.venv/bin/ruff check --fix .
 
+# Two worker processes (pytest-xdist): CI's machine has 2 cores and most tests run one at a time.
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2
 
 bench: .venv/.installed
 	$(PY) benchmarks/overhead.py

@@ -16,7 +16,8 @@ non-overlapping windows of ``--seq-len``, shuffled by the seed), every training 
   (Adam's second moment); ``ADMM metric ← oneshot``: started from the one-shot ADMM solution.
 
 Perplexity of the test split (non-overlapping ``--seq-len`` windows) of each run's saved
-``model/``, seconds, ADMM state bytes per constrained weight; ``results.md``, ``results.json``
+``model/``, seconds, peak RSS (each run in a process of its own), ADMM state bytes per
+constrained weight; ``results.md``, ``results.json``
 and ``perplexity_vs_sparsity.png`` in ``--out``.
 
     python benchmarks/admm_lm.py [--train-minutes 20] [--sparsities 70,90] [--epochs 3]
@@ -27,6 +28,8 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import multiprocessing
+import resource
 import time
 from pathlib import Path
 
@@ -84,6 +87,40 @@ def recipe(method: str, args, setting: str, paths: dict, out: Path) -> dict:
     return r
 
 
+def _run_recipe(r: dict | None, conn) -> None:
+    """One method's run in a process of its own, so its peak RSS is its own: sends back the
+    summary, the seconds and the peak RSS in bytes (``r=None``: imports only)."""
+    torch.set_num_threads(2)
+    t0 = time.perf_counter()
+    summary = {} if r is None else run(prepare(parse_recipe(r), force=True), log=lambda *a: None)
+    seconds = time.perf_counter() - t0
+    conn.send((summary, seconds, _peak_rss()))
+
+
+def _peak_rss() -> int:
+    """This process's peak resident bytes: VmHWM, which starts afresh at exec (``ru_maxrss``
+    would carry the forking parent's peak into a spawned child)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # no /proc: an upper bound
+
+
+def _in_process(r: dict | None) -> tuple[dict, float, int]:
+    ctx = multiprocessing.get_context("spawn")
+    receive, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_run_recipe, args=(r, send))
+    child.start()
+    try:
+        return receive.recv()
+    except EOFError:
+        child.join()
+        where = r["output_dir"] if r else "imports"
+        raise SystemExit(f"the run of {where} died (exit code {child.exitcode})") from None
+    finally:
+        child.join()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, default=HERE / "results" / "admm_lm")
@@ -123,6 +160,11 @@ def main() -> None:
     text, provenance = base.corpus()
     tok = base.tokenizer(args.out / "tokenizer.json", text["train"], args.vocab)
     ids = {k: torch.tensor(tok(v)["input_ids"], dtype=torch.long) for k, v in text.items()}
+    if args.tokens > ids[args.fine_text].numel():
+        p.error(
+            f"--tokens {args.tokens} is more than the {args.fine_text} split's "
+            f"{ids[args.fine_text].numel():,} tokens"
+        )
     dense = args.out / "dense"
     if not (dense / "config.json").is_file():
         args.lr = args.lr_dense
@@ -130,11 +172,6 @@ def main() -> None:
         args.lr = lr
     tok.save_pretrained(dense)
     # the fine-tuning text, then the test split: the recipe holds out the tail
-    if args.tokens > ids[args.fine_text].numel():
-        p.error(
-            f"--tokens {args.tokens} is more than the {args.fine_text} split's "
-            f"{ids[args.fine_text].numel():,} tokens"
-        )
     fine = tok.decode(ids[args.fine_text][: args.tokens])
     text_file = args.out / "text.txt"
     text_file.write_text(fine + "\n\n" + text["test"], encoding="utf-8")
@@ -145,6 +182,7 @@ def main() -> None:
     import transformers
 
     dense_ppl = perplexity(base.load(dense), test_ids, args.seq_len)
+    baseline_rss = _in_process(None)[2]  # a process that only imports what a run imports
     settings = [f"{s}%" for s in args.sparsities.split(",")] + (["2:4"] if args.nm else [])
     rows = []
     for setting in settings:
@@ -154,28 +192,30 @@ def main() -> None:
             r = recipe(method, args, setting, paths, out)
             (args.out / "recipes").mkdir(exist_ok=True)
             (args.out / "recipes" / f"{out.name}.yaml").write_text(yaml.safe_dump(r))
-            t0 = time.perf_counter()
-            summary = run(prepare(parse_recipe(r), force=True), log=lambda *a: None)
-            seconds = time.perf_counter() - t0
+            summary, seconds, peak = _in_process(r)
             model = transformers.AutoModelForCausalLM.from_pretrained(out / "model").eval()
             row = {
                 "setting": setting, "method": method,
                 "perplexity": perplexity(model, test_ids, args.seq_len), "seconds": seconds,
                 "train_tokens": 0 if method in METHODS[:2] else args.epochs * args.tokens,
+                "peak_rss_mib": peak / 2**20,
                 "admm_state_bytes_per_weight": summary.get("admm_state", {}).get(
                     "bytes_per_constrained_weight"),
             }  # fmt: skip
             rows.append(row)
             print(row, flush=True)
     training = json.loads((dense / "training.json").read_text())
-    result = {"dense_perplexity": dense_ppl, "dense_training": training, "args": {
-        k: str(v) for k, v in vars(args).items()}, "rows": rows}  # fmt: skip
+    result = {"dense_perplexity": dense_ppl, "baseline_rss_mib": baseline_rss / 2**20,
+              "dense_training": training, "args": {k: str(v) for k, v in vars(args).items()},
+              "rows": rows}  # fmt: skip
     (args.out / "results.json").write_text(json.dumps(result, indent=1))
     lines = [f"dense test perplexity {dense_ppl:.2f} ({training['tokens_seen']:,} pretraining "
              f"tokens); every training method {args.epochs} epochs × {args.tokens:,} tokens",
-             "", "| setting | method | perplexity | seconds |", "|---|---|---:|---:|"]  # fmt: skip
-    lines += [f"| {r['setting']} | {r['method']} | {r['perplexity']:.2f} | {r['seconds']:.0f} |"
-              for r in rows]  # fmt: skip
+             f"peak RSS of each run's process (one that only imports: {baseline_rss / 2**20:.0f} "
+             "MiB)", "", "| setting | method | perplexity | seconds | peak RSS MiB |",
+             "|---|---|---:|---:|---:|"]  # fmt: skip
+    lines += [f"| {r['setting']} | {r['method']} | {r['perplexity']:.2f} | {r['seconds']:.0f} "
+              f"| {r['peak_rss_mib']:.0f} |" for r in rows]  # fmt: skip
     (args.out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     plot(rows, settings, dense_ppl, args.out / "perplexity_vs_sparsity.png")
@@ -187,11 +227,17 @@ def plot(rows, settings, dense_ppl, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    # by sparsity, whatever order --sparsities gave; 2:4 last
+    settings = sorted(settings, key=lambda s: (s == "2:4", s != "2:4" and float(s.rstrip("%"))))
     fig, ax = plt.subplots(figsize=(7, 4))
     for method in dict.fromkeys(r["method"] for r in rows):
-        pts = [(settings.index(r["setting"]), r["perplexity"]) for r in rows
-               if r["method"] == method]  # fmt: skip
-        ax.plot(*zip(*pts), "o-", label=method)
+        pts = sorted((settings.index(r["setting"]), r["perplexity"], r["setting"] == "2:4")
+                     for r in rows if r["method"] == method)  # fmt: skip
+        line = [p[:2] for p in pts if not p[2]]  # a line over the sparsities; 2:4 a point apart
+        (drawn,) = ax.plot(*zip(*line), "o-", label=method) if line else ax.plot([], [], "o")
+        nm = [p[:2] for p in pts if p[2]]
+        if nm:
+            ax.plot(*zip(*nm), "o", color=drawn.get_color(), label=None if line else method)
     ax.axhline(dense_ppl, color="k", ls=":", label="dense")
     ax.set_xticks(range(len(settings)), settings)
     ax.set_yscale("log")

@@ -1,6 +1,12 @@
+import os
+
 import pytest
 import torch
 from torch import nn
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two workers on two cores: one thread each keeps them from oversubscribing
+    torch.set_num_threads(1)
 
 
 def pytest_addoption(parser):

@@ -11,8 +11,9 @@ state dict once (tied weights once):
   its bitmaps — :mod:`.compressed`'s encodings, of the weight's GEMM view) one after another;
 - every other tensor as itself (any safetensors reader sees embeddings, norms, dense layers).
 
-The safetensors metadata ``"admmprune"`` (JSON) lists the encoded weights (format, sizes,
-dtype, shape, view), the tied names, the model class and a CRC-32 of every stored tensor.
+The safetensors metadata ``"admmprune"`` (a CRC-32 of the JSON, a space, the JSON) lists the
+encoded weights (format, sizes, dtype, shape, view), the tied names, the model class and a CRC-32
+of every stored tensor. The same model gives the same file, byte for byte.
 ``load_sparse(DIR)`` decodes them: the same tensors bit for bit, in a model built from the
 config (a ``transformers`` class named in the file, or the ``model=`` the caller passes; no
 code is imported from the file). A damaged file is refused, naming the file and the tensor.
@@ -142,7 +143,9 @@ def save_sparse(
     header = {"version": _VERSION, "class": type(model).__name__, "encoded": encoded,
               "tied": tied, "crc32": crcs}  # fmt: skip
     text = json.dumps(header, separators=(",", ":"))
-    data = save(tensors, metadata={_KEY: text, _KEY + "_crc32": str(zlib.crc32(text.encode()))})
+    # one metadata entry, "<CRC-32 of the JSON> <JSON>": safetensors writes its metadata map in
+    # no fixed order, so two entries would make the same model's file differ from save to save
+    data = save(tensors, metadata={_KEY: f"{zlib.crc32(text.encode())} {text}"})
     directory.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(directory)
     generation = getattr(model, "generation_config", None)
@@ -166,11 +169,12 @@ def _read_sparse(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         raise _MalformedError(
             f"not a readable safetensors file ({type(e).__name__}: {e})"
         ) from None
-    if meta.get(_KEY + "_crc32") != str(zlib.crc32(meta.get(_KEY, "").encode())):
+    crc, _, text = meta.get(_KEY, "").partition(" ")
+    if crc != str(zlib.crc32(text.encode())):
         raise _MalformedError("the admmprune header fails its checksum (corrupt, or not saved "
                               "by save_sparse)")  # fmt: skip
     try:
-        header = json.loads(meta[_KEY])
+        header = json.loads(text)
         encoded, tied, crcs = header["encoded"], header["tied"], header["crc32"]
     except (KeyError, ValueError, TypeError):
         raise _MalformedError(
