@@ -114,11 +114,11 @@ def _in_process(r: dict | None) -> tuple[dict, float, int]:
     try:
         return receive.recv()
     except EOFError:
-        child.join()
+        child.join()  # for its exit code
         where = r["output_dir"] if r else "imports"
         raise SystemExit(f"the run of {where} died (exit code {child.exitcode})") from None
     finally:
-        child.join()
+        child.join()  # a second join returns at once
 
 
 def main() -> None:
@@ -234,10 +234,12 @@ def plot(rows, settings, dense_ppl, path):
         pts = sorted((settings.index(r["setting"]), r["perplexity"], r["setting"] == "2:4")
                      for r in rows if r["method"] == method)  # fmt: skip
         line = [p[:2] for p in pts if not p[2]]  # a line over the sparsities; 2:4 a point apart
-        (drawn,) = ax.plot(*zip(*line), "o-", label=method) if line else ax.plot([], [], "o")
         nm = [p[:2] for p in pts if p[2]]
+        color = None
+        if line:
+            color = ax.plot(*zip(*line), "o-", label=method)[0].get_color()
         if nm:
-            ax.plot(*zip(*nm), "o", color=drawn.get_color(), label=None if line else method)
+            ax.plot(*zip(*nm), "o", color=color, label=None if line else method)
     ax.axhline(dense_ppl, color="k", ls=":", label="dense")
     ax.set_xticks(range(len(settings)), settings)
     ax.set_yscale("log")
