@@ -12,6 +12,8 @@ Everything is rebuilt offline, and cached in ``--out``:
   document (its SHA-1): 1 in 20 to test, 1 in 20 to validation, the rest trains the model and
   gives the calibration windows (drawn with ``--seed``). ``corpus.json`` in ``--out`` records
   the sources, versions and the corpus hash; a cache of another corpus is refused.
+  ``--corpus topics`` keeps the help topics only (seconds instead of minutes of parsing: the
+  test suite's quick run).
 - **Tokenizer**: byte-level BPE, ``--vocab`` tokens, trained on the training split with
   ``tokenizers``.
 - **Model**: a LLaMA-architecture ``transformers`` causal LM (``--layers`` × ``--hidden``,
@@ -96,20 +98,22 @@ def _docstrings(root: Path, skip) -> tuple[list[str], int]:
     return docs, files
 
 
-def corpus() -> tuple[dict[str, str], dict]:
+def corpus(kind: str = "full") -> tuple[dict[str, str], dict]:
     """English documentation already on the machine (see the module docstring), deduplicated,
     split by document: a document's SHA-1 puts it in test (1 in 20), validation (1 in 20) or
-    train, so the three splits share no text and no source."""
+    train, so the three splits share no text and no source. ``kind="topics"``: the help topics
+    only (0.5 MB of text, no parsing: for quick runs; the full corpus parses every module)."""
     import importlib
     import pydoc_data.topics
 
-    stdlib = Path(ast.__file__).resolve().parent
     docs = [pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics)]
-    found, files = _docstrings(stdlib, lambda rel: rel[0] in STDLIB_SKIP)
-    docs += found
-    sources = [f"pydoc_data.topics + docstrings of {files} stdlib modules of Python "
-               f"{sys.version.split()[0]} (PSF License)"]  # fmt: skip
-    for name, license_ in PACKAGES.items():
+    sources = [f"pydoc_data.topics of Python {sys.version.split()[0]} (PSF License)"]
+    if kind == "full":
+        stdlib = Path(ast.__file__).resolve().parent
+        found, files = _docstrings(stdlib, lambda rel: rel[0] in STDLIB_SKIP)
+        docs += found
+        sources.append(f"docstrings of {files} stdlib modules (PSF License)")
+    for name, license_ in PACKAGES.items() if kind == "full" else ():
         mod = importlib.import_module(name)
         found, files = _docstrings(Path(mod.__file__).resolve().parent, lambda rel: False)
         docs += found
@@ -306,11 +310,17 @@ def main() -> None:
     p.add_argument("--solvers", default=",".join(SOLVERS))
     p.add_argument("--settings", default=",".join(SETTINGS))
     p.add_argument("--skip-joint", action="store_true")
+    p.add_argument(
+        "--corpus",
+        choices=("full", "topics"),
+        default="full",
+        help="full (the module docstring's) or topics (pydoc_data.topics only: quick runs)",
+    )
     p.add_argument("--llmcompressor-python", default=None)
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
-    text, provenance = corpus()
+    text, provenance = corpus(args.corpus)
     stamp = args.out / "corpus.json"  # the tokenizer and model cached here belong to it
     if stamp.is_file() and json.loads(stamp.read_text()).get("sha1") != provenance["sha1"]:
         sys.exit(

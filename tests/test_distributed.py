@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
@@ -122,14 +123,30 @@ def test_two_process_run_resumes_after_sigkill(tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_global_batch_must_split_over_the_processes(tmp_path):
+def test_global_batch_must_split_over_the_processes(tmp_path, capsys, monkeypatch):
+    from admmprune.run import distributed
+    from admmprune.run.cli import main
+
     r = recipe(tmp_path / "odd")
     r["data"]["batch_size"] = 63
     path = tmp_path / "odd.yaml"
     path.write_text(yaml.safe_dump(r))
-    res = cli("run", str(path), "--nproc", "2")
-    assert res.returncode != 0 and "multiple of 2" in res.stderr
+
+    def launched(*a):
+        raise AssertionError("torchrun started for a recipe it must refuse")
+
+    monkeypatch.setattr(distributed, "launch_args", launched)
+    assert main(["run", str(path), "--nproc", "2"]) == 2  # refused before any process starts
+    assert "batch_size 63 does not split over 2 processes" in capsys.readouterr().err
     assert not (tmp_path / "odd").exists()
+    # the ranks' own check, for torchrun started by hand
+    from admmprune.run.config import RecipeError
+    from admmprune.run.parse import parse_recipe
+    from admmprune.run.pipeline import _check_environment
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RecipeError, match="use a multiple of 2"):
+        _check_environment(parse_recipe(r))
 
 
 def _ddp_grad_mode_worker(rank: int, world: int, port: int, out: str) -> None:

@@ -102,6 +102,9 @@ def test_ctrl_c_prints_the_exact_continue_command_and_counts_from_one(tmp_path):
     """Followed literally, the printed command resumes this run dir; interrupted and resumed
     positions read the same; seconds and the interrupted epoch's loss carry over the resume."""
     base = tiny_recipe(tmp_path / "ref", data={"name": "digits", "batch_size": 8})
+    # small batches put the interrupt mid-epoch; one epoch of pretraining and retraining
+    base["pretrain"]["epochs"] = base["retrain"]["epochs"] = 1
+    base["admm"] |= {"epochs": 3, "update_every": 1}
     assert run_cli("run", str(write(tmp_path / "ref.yaml", base))).returncode == 0
     path = write(tmp_path / "int.yaml", base)  # output_dir: ref; the flag sends it elsewhere
     proc = subprocess.Popen(
@@ -129,7 +132,12 @@ def test_ctrl_c_prints_the_exact_continue_command_and_counts_from_one(tmp_path):
     )
     assert resumed.returncode == 0, resumed.stderr
     stage, epoch, batch = st["stage"], st["epoch"], st["batch"]
-    where = f"{stage} epoch {epoch + 1}/6, after batch {batch}/" if batch else f"epoch {epoch}/6"
+    epochs = base[stage]["epochs"]
+    where = (
+        f"{stage} epoch {epoch + 1}/{epochs}, after batch {batch}/"
+        if batch
+        else f"epoch {epoch}/{epochs}"
+    )
     assert where in err and where in resumed.stdout
     # the stage's seconds before the interruption were saved, and the summary adds them up
     before = st["info"]["times"][stage]

@@ -149,8 +149,14 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "nproc", 1) > 1 and "WORLD_SIZE" not in os.environ:
         import subprocess
 
-        from .distributed import launch_args
+        from .distributed import batch_split_error, launch_args
 
+        try:  # a bad recipe is refused here, before torchrun starts N processes to refuse it
+            recipe = load_recipe(args.recipe, _overrides(args))
+            if (why := batch_split_error(recipe.data.batch_size, args.nproc)) is not None:
+                raise RecipeError(why)
+        except RecipeError as exc:
+            return _error(exc)
         rest = [a for i, a in enumerate(argv) if a != "--nproc" and argv[i - 1 : i] != ["--nproc"]]
         rest = [a for a in rest if not a.startswith("--nproc=")]
         return subprocess.call(launch_args(args.nproc, rest))

@@ -107,6 +107,16 @@ def shard_order(order: torch.Tensor, batch_size: int, rank: int, world: int) -> 
     return torch.cat(parts) if parts else order[:0]
 
 
+def batch_split_error(batch_size: int, world: int) -> str | None:
+    """Why a global batch of ``batch_size`` cannot run on ``world`` processes, or None."""
+    if batch_size % world == 0:
+        return None
+    return (
+        f"data.batch_size {batch_size} does not split over {world} processes; use a multiple "
+        f"of {world} (it is the global batch)."
+    )
+
+
 def launch_args(nproc: int, argv: list[str]) -> list[str]:
     """The torchrun command line that runs ``admmprune`` with ``argv`` on ``nproc`` processes."""
     import sys

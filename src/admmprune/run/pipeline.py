@@ -30,7 +30,7 @@ from ..structure.heads import head_groups
 from ..weights.select import select
 from .config import Recipe, RecipeError
 from .data import DataBundle, load_data
-from .distributed import World
+from .distributed import World, batch_split_error
 from .rundir import check_run_dir, load_resume_state, recipe_dump, same_data
 from .runner import Interrupted, Prepared, _position, _Run, _steps_per_epoch
 from .stages import STAGES
@@ -116,11 +116,8 @@ def prepare(
 def _check_environment(recipe: Recipe) -> None:
     """Process count and optional extras the recipe needs."""
     world = World()
-    if world.active and recipe.data.batch_size % world.size:
-        raise RecipeError(
-            f"data.batch_size {recipe.data.batch_size} does not split over {world.size} "
-            f"processes; use a multiple of {world.size} (it is the global batch)."
-        )
+    if world.active and (why := batch_split_error(recipe.data.batch_size, world.size)):
+        raise RecipeError(why)
     if recipe.logging.tensorboard:
         try:
             import tensorboard  # noqa: F401
