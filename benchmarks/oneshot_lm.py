@@ -113,11 +113,12 @@ def corpus(kind: str = "full") -> tuple[dict[str, str], dict]:
         found, files = _docstrings(stdlib, lambda rel: rel[0] in STDLIB_SKIP)
         docs += found
         sources.append(f"docstrings of {files} stdlib modules (PSF License)")
-    for name, license_ in PACKAGES.items() if kind == "full" else ():
-        mod = importlib.import_module(name)
-        found, files = _docstrings(Path(mod.__file__).resolve().parent, lambda rel: False)
-        docs += found
-        sources.append(f"docstrings of {files} modules of {name} {mod.__version__} ({license_})")
+        for name, license_ in PACKAGES.items():
+            mod = importlib.import_module(name)
+            found, files = _docstrings(Path(mod.__file__).resolve().parent, lambda rel: False)
+            docs += found
+            version = mod.__version__
+            sources.append(f"docstrings of {files} modules of {name} {version} ({license_})")
     docs = list(dict.fromkeys(docs))  # overloads and re-exports repeat docstrings
     splits: dict[str, list[str]] = {"train": [], "validation": [], "test": []}
     for doc in docs:

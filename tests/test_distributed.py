@@ -12,7 +12,12 @@ import pytest
 import torch
 import yaml
 
+from admmprune.run import distributed
+from admmprune.run.cli import main
+from admmprune.run.config import RecipeError
 from admmprune.run.distributed import shard_order
+from admmprune.run.parse import parse_recipe
+from admmprune.run.pipeline import _check_environment
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -124,9 +129,6 @@ def test_two_process_run_resumes_after_sigkill(tmp_path):
 
 
 def test_global_batch_must_split_over_the_processes(tmp_path, capsys, monkeypatch):
-    from admmprune.run import distributed
-    from admmprune.run.cli import main
-
     r = recipe(tmp_path / "odd")
     r["data"]["batch_size"] = 63
     path = tmp_path / "odd.yaml"
@@ -140,10 +142,6 @@ def test_global_batch_must_split_over_the_processes(tmp_path, capsys, monkeypatc
     assert "batch_size 63 does not split over 2 processes" in capsys.readouterr().err
     assert not (tmp_path / "odd").exists()
     # the ranks' own check, for torchrun started by hand
-    from admmprune.run.config import RecipeError
-    from admmprune.run.parse import parse_recipe
-    from admmprune.run.pipeline import _check_environment
-
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(RecipeError, match="use a multiple of 2"):
         _check_environment(parse_recipe(r))

@@ -153,10 +153,10 @@ def main(argv: list[str] | None = None) -> int:
 
         try:  # a bad recipe is refused here, before torchrun starts N processes to refuse it
             recipe = load_recipe(args.recipe, _overrides(args))
-            if (why := batch_split_error(recipe.data.batch_size, args.nproc)) is not None:
-                raise RecipeError(why)
         except RecipeError as exc:
             return _error(exc)
+        if why := batch_split_error(recipe.data.batch_size, args.nproc):
+            return _error(RecipeError(why))
         rest = [a for i, a in enumerate(argv) if a != "--nproc" and argv[i - 1 : i] != ["--nproc"]]
         rest = [a for a in rest if not a.startswith("--nproc=")]
         return subprocess.call(launch_args(args.nproc, rest))
