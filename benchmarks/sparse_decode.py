@@ -77,16 +77,22 @@ def generate_seconds(model, ids, new_tokens: int, device: str) -> tuple[float, t
 
 
 def checkpoint_bytes(masked, blocks_prefix: str) -> dict:
+    from safetensors import safe_open
+
     with tempfile.TemporaryDirectory() as tmp:
         sparse = ap.save_sparse(masked, Path(tmp) / "s", dtype=torch.float16)
+        # the blocks' share read from the file itself: each tensor's stored bytes
+        with safe_open(str(next((Path(tmp) / "s").glob("*.safetensors"))), "pt") as f:
+            sparse_blocks = sum(f.get_tensor(k).nbytes for k in f.keys()  # noqa: SIM118
+                                if k.startswith(blocks_prefix))  # fmt: skip
         half = copy.deepcopy(masked).half()
         half.save_pretrained(Path(tmp) / "d", safe_serialization=True)
         dense = sum(f.stat().st_size for f in (Path(tmp) / "d").glob("*.safetensors"))
     state = masked.state_dict()
     blocks = sum(t.numel() * 2 for n, t in state.items() if n.startswith(blocks_prefix))
     return {"sparse_bytes": sparse, "dense_fp16_bytes": dense, "ratio": sparse / dense,
-            "blocks_fp16_bytes": blocks, "other_fp16_bytes": dense - blocks,
-            "blocks_ratio": (sparse - (dense - blocks)) / blocks}  # fmt: skip
+            "blocks_fp16_bytes": blocks, "blocks_sparse_bytes": sparse_blocks,
+            "blocks_ratio": sparse_blocks / blocks}  # fmt: skip
 
 
 def layer_rows(model, bandwidth: float) -> list[dict]:

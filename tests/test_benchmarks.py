@@ -309,14 +309,17 @@ def test_cifar_structadmm_tiny_run(tmp_path):
 
 def test_cifar_dense_tiny_run_and_admmnns_resnet20_mode(tmp_path):
     dense = tmp_path / "dense"
-    proc = run_script(f"benchmarks/cifar_dense.py --dataset digits --quick --out {dense}")
+    # 512 images and one quantizer keep it to seconds: the rows are what is checked
+    proc = run_script(
+        f"benchmarks/cifar_dense.py --dataset digits --quick --train-subset 512 --out {dense}"
+    )
     assert proc.returncode == 0, proc.stderr
     res = json.loads((dense / "dense.json").read_text())
     assert 0 < res["accuracy_test"] <= 1 and res["settings"]["dense_epochs"] == 2
     out = tmp_path / "cmp"
     proc = run_script(
         f"benchmarks/admmnns_compare.py --model resnet20 --dataset digits --quick --rates 4 "
-        f"--rounds 1 --dense {dense / 'dense.pt'} --out {out}"
+        f"--rounds 1 --train-subset 512 --quantizers mixed --dense {dense / 'dense.pt'} --out {out}"
     )
     assert proc.returncode == 0, proc.stderr
     rows = {r["config"]: r for r in json.loads((out / "results.json").read_text())["rows"]}

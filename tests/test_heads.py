@@ -4,6 +4,8 @@ Weights are re-initialised (std 0.2, norms around 1) so outputs depend on every 
 channel: default inits (BERT's 0.02, a zero ViT head) hide wrong compactions.
 """
 
+import pickle
+
 import pytest
 import torch
 from torch import nn
@@ -216,6 +218,13 @@ def test_swin_heads_and_neurons_compact_exactly_with_shifted_windows():
     assert type(attn).__name__ == "PrunedShiftedWindowAttention" and attn.num_heads == 1
     assert attn.relative_position_bias_table.shape[1] == 1
     assert small.features[1][0].mlp[0].out_features == 32
+    # the pruned class is made on first use; one class under its public name, so a whole
+    # pickled model comes back as it was
+    assert type(attn) is ap.PrunedShiftedWindowAttention
+    again = pickle.loads(pickle.dumps(small))
+    assert type(again.features[1][1].attn) is ap.PrunedShiftedWindowAttention
+    y = torch.randn(1, 3, 32, 32)
+    assert torch.equal(again(y), small(y))
 
 
 def test_pruned_swin_window_attention_equals_torchvision_on_full_heads():

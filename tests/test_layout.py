@@ -3,6 +3,8 @@ lines (ARCHITECTURE.md is the map). These read the source, so they fail on the c
 breaks the shape, whatever it does at run time."""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -119,3 +121,11 @@ def test_every_package_folder_is_a_regular_package():
     # imports from a checkout and is missing from the wheel
     for folder in sorted({p.parent for p in PKG.rglob("*.py")}):
         assert (folder / "__init__.py").is_file(), f"{folder.relative_to(PKG)} has no __init__.py"
+
+
+def test_importing_the_package_leaves_torchvision_models_unimported():
+    # every process a recipe or a test starts pays for what `import admmprune` imports:
+    # torchvision's models (and torch._dynamo behind them) cost seconds and only Swin needs them
+    code = "import sys, admmprune; print(sorted(m for m in sys.modules if 'torchvision' in m))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout

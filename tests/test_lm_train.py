@@ -113,3 +113,22 @@ def test_lm_training_bad_input_is_named_and_writes_nothing(tmp_path, capsys, cha
     assert main(["run", _write(tmp_path / "r.yaml", recipe)]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("eval_batch", [None, 3])
+def test_lm_evaluation_batches_default_to_the_training_batch(tmp_path, monkeypatch, eval_batch):
+    # 512 windows' logits at once took 3+ GiB for a 4k vocabulary (admm_lm's runs); unless
+    # the recipe says otherwise an LM is evaluated in batches of its training batch
+    from admmprune.run import runner
+    from admmprune.run.cli import main
+
+    sizes = []
+    real = runner.evaluate
+    monkeypatch.setattr(runner, "evaluate", lambda *a: sizes.append(a[3]) or real(*a))
+    recipe = train_recipe(tmp_path)
+    recipe["pretrain"]["epochs"], recipe["admm"]["epochs"], recipe["retrain"]["epochs"] = 0, 1, 0
+    recipe["data"]["batch_size"] = 5
+    if eval_batch:
+        recipe["data"]["eval_batch_size"] = eval_batch
+    assert main(["run", _write(tmp_path / "r.yaml", recipe)]) == 0
+    assert sizes and set(sizes) == {eval_batch or 5}

@@ -336,8 +336,8 @@ def stages_of_convs():
     return model
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-@pytest.mark.parametrize("min_keep", [0.0, 0.25])
+# the floored reference is slow (a bisection of Dykstra runs per layer and λ): one seed floored
+@pytest.mark.parametrize(("seed", "min_keep"), [(0, 0.0), (1, 0.0), (0, 0.25)])
 def test_fast_update_gives_the_reference_lambda_and_supports(seed, min_keep):
     """The batched prox, the floors found once per update and the warm-started λ give the
     reference path's λ (to the search's 1e-4) and the same rows and columns, over

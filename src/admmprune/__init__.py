@@ -23,7 +23,6 @@ from .solvers.masked_mapping import MaskedMapping
 from .solvers.oneshot.driver import oneshot
 from .solvers.oneshot.report import LayerReport, OneShotReport
 from .solvers.ssauto import SSAuto
-from .structure.attention import PrunedShiftedWindowAttention
 from .structure.compact import CompactionError, CompactReport, compact, zero_dead_inputs
 from .structure.groups import ChannelGroup, channel_groups
 from .structure.heads import PrunedMultiheadAttention, head_groups
@@ -69,3 +68,13 @@ __all__ = [
     "select",
     "zero_dead_inputs",
 ]
+
+
+def __getattr__(name: str) -> type:
+    # Swin's pruned attention subclasses torchvision's: made on first use, so that
+    # ``import admmprune`` does not import torchvision's models (seconds per process)
+    if name == "PrunedShiftedWindowAttention":
+        from .structure.attention import pruned_swin_class
+
+        return pruned_swin_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

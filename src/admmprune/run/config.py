@@ -245,6 +245,7 @@ class DataCfg(_Strict):
     val_size: Annotated[int, Field(ge=0)] = 0
     image_size: Annotated[int, Field(gt=0)] = 224
     batch_size: Annotated[int, Field(gt=0)] = 64
+    # unset on a language model: its batch_size (each window's logits are seq_len × vocab)
     eval_batch_size: Annotated[int, Field(gt=0)] = 512
     num_workers: Annotated[int, Field(ge=0)] = 0
 

@@ -186,6 +186,10 @@ class _Run:
     def evaluate(self) -> dict:
         bs, amp = self.r.data.eval_batch_size, self.r.amp
         objective = self.p.data.objective
+        if objective == "next_token" and "eval_batch_size" not in self.r.data.model_fields_set:
+            # a window's logits are seq_len × vocab floats (512 windows of 128 tokens and a
+            # 4k vocabulary: GiBs); the training batch is known to fit
+            bs = self.r.data.batch_size
         acc, loss = evaluate(self.model, self.p.data.test, self.p.device, bs, amp, objective)
         out = {"test_acc": acc, "test_loss": loss}
         if objective == "next_token":  # non-overlapping windows of the held-out tokens

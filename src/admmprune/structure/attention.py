@@ -17,17 +17,18 @@ way round).
 from __future__ import annotations
 
 import contextlib
+import functools
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F  # noqa: N812 (the usual name)
 from torch import nn
-from torchvision.models.swin_transformer import ShiftedWindowAttention
 
 from ..weights.gemm import is_conv1d
 
-__all__ = ["PrunedShiftedWindowAttention"]
+__all__ = ["pruned_swin_class"]
 
 
 @dataclass
@@ -223,7 +224,7 @@ def _adapt_qkv(name: str, m: nn.Module, c: dict) -> Attention | None:
         a.q_cols = heads * d
         a.slices = [_Slice(c["qkv"], "weight", 0, i * heads * d, r) for i, r in enumerate("qkv")]
         a.slices.append(_Slice(c["proj"], "weight", 1, 0, "o"))
-        if type(m) not in (ShiftedWindowAttention, PrunedShiftedWindowAttention):
+        if type(m) not in _swin_v1_classes():
             a.refuse = f"{type(m).__name__} (Swin V2's cosine attention) is not supported"
         return a
     d = getattr(m, "head_dim", None)
@@ -399,9 +400,37 @@ def _window_attention(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return out[:, :H, :W].contiguous()
 
 
-class PrunedShiftedWindowAttention(ShiftedWindowAttention):
-    """torchvision's Swin ``ShiftedWindowAttention`` after head removal: the same module with
-    :func:`_window_attention` as its forward (the head size from the weights)."""
+_SWIN = "torchvision.models.swin_transformer"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _window_attention(self, x)
+
+@functools.cache
+def pruned_swin_class() -> type[nn.Module]:
+    """``PrunedShiftedWindowAttention``: torchvision's Swin ``ShiftedWindowAttention`` after
+    head removal, the same module with :func:`_window_attention` as its forward (the head size
+    from the weights). Made on first use: importing torchvision's models costs seconds, and a
+    model without Swin never needs them."""
+    from torchvision.models.swin_transformer import ShiftedWindowAttention
+
+    class PrunedShiftedWindowAttention(ShiftedWindowAttention):
+        __doc__ = pruned_swin_class.__doc__
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return _window_attention(self, x)
+
+    # one class under its public name, so pickle and torch.save find it here
+    PrunedShiftedWindowAttention.__module__ = __name__
+    PrunedShiftedWindowAttention.__qualname__ = "PrunedShiftedWindowAttention"
+    return PrunedShiftedWindowAttention
+
+
+def _swin_v1_classes() -> tuple[type, ...]:
+    """The Swin V1 attention classes whose forward :func:`_window_attention` reproduces; none
+    while torchvision's Swin is not imported (no module can be one then)."""
+    swin = sys.modules.get(_SWIN)
+    return () if swin is None else (swin.ShiftedWindowAttention, pruned_swin_class())
+
+
+def __getattr__(name: str) -> type:
+    if name == "PrunedShiftedWindowAttention":
+        return pruned_swin_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

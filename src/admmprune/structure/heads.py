@@ -37,13 +37,12 @@ from torch import nn
 
 from ..sets.constraints import _check_keep
 from ..weights.gemm import is_conv1d
-from .attention import Attention, PrunedShiftedWindowAttention, find
+from .attention import Attention, find, pruned_swin_class
 from .groups import ChannelGroup
 from .head_bias import read_kept_heads
 
 __all__ = [
     "PrunedMultiheadAttention",
-    "PrunedShiftedWindowAttention",
     "head_groups",
     "remove_zero_heads",
 ]
@@ -179,7 +178,7 @@ def _drop(a: Attention, drop: list[int]) -> None:
     elif a.family == "swin":  # per-head relative position biases; a forward that takes h' heads
         _cut(m, "relative_position_bias_table", 1, torch.tensor(kept_heads))
         m.num_heads = heads
-        m.__class__ = PrunedShiftedWindowAttention
+        m.__class__ = pruned_swin_class()
     a.heads, a.kv_heads = heads, kv
 
 
