@@ -23,9 +23,10 @@ format: .venv/.installed
 	.venv/bin/ruff format .
 	.venv/bin/ruff check --fix .
 
-# Two worker processes (pytest-xdist): CI's machine has 2 cores and most tests run one at a time.
+# Two worker processes (pytest-xdist): CI's machine has 2 cores and most tests run one at a time;
+# loadgroup keeps an xdist_group (tests sharing a session fixture, e.g. the demo run) on one worker.
 test: lint
-	$(PY) -m pytest -q -n 2
+	$(PY) -m pytest -q -n 2 --dist loadgroup
 
 bench: .venv/.installed
 	$(PY) benchmarks/overhead.py

@@ -1,3 +1,5 @@
+import contextlib
+import io
 import os
 
 import pytest
@@ -25,6 +27,19 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """``admmprune demo`` run once per worker (two test files read it; their tests share an
+    xdist group, so one worker runs both): its exit code, run dir and standard output."""
+    from admmprune.run.cli import main
+
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = main(["demo", "--output-dir", str(out), "--no-progress"])
+    return code, out, printed.getvalue()
 
 
 @pytest.fixture

@@ -65,26 +65,27 @@ def masks_of(run_dir):
     return safe_load(Path(run_dir) / "masks.pt", "masks")["masks"]
 
 
-def test_demo_end_to_end_in_process(tmp_path, capsys):
+@pytest.mark.xdist_group("demo")
+def test_demo_end_to_end_in_process(demo_run, capsys):
     # The README's first command runs exactly this (`make demo` → `admmprune demo`).
-    assert main(["demo", "--output-dir", str(tmp_path / "demo"), "--no-progress"]) == 0
-    out = capsys.readouterr().out
+    code, run_dir, out = demo_run
+    assert code == 0
     assert "test accuracy: dense" in out and "compression: constrained layers" in out
     assert "| fc1.weight | 500×200 | Unstructured(keep=0.02) | 2,000 / 100,000 | 2.00 |" in out
-    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["constrained_layers"]["rate"] > 20
     assert summary["accuracy"]["final"] >= summary["accuracy"]["dense"] - 0.01
     for name in ("metrics.jsonl", "model.pt", "masks.pt", "layers.md", "recipe.yaml"):
-        assert (tmp_path / "demo" / name).is_file()
+        assert (run_dir / name).is_file()
     for name in ("kept.png", "residuals.png", "training.png"):  # plots in every run dir
-        png = (tmp_path / "demo" / name).read_bytes()
+        png = (run_dir / name).read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000, name
-    rows = [json.loads(line) for line in (tmp_path / "demo" / "metrics.jsonl").open()]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
     assert {r["stage"] for r in rows} == {"pretrain", "admm", "prune", "retrain"}
     updates = [r for r in rows if r.get("event") == "update"]
     assert len(updates) == 5 and all("primal" in v for v in updates[0]["layers"].values())
     # the report command re-prints it
-    assert main(["report", str(tmp_path / "demo")]) == 0
+    assert main(["report", str(run_dir)]) == 0
     assert "compression: constrained layers" in capsys.readouterr().out
 
 

@@ -14,7 +14,6 @@ from torch import nn
 import admmprune as ap
 from admmprune._io import safe_load
 from admmprune.run import pipeline, runner
-from admmprune.run.cli import main
 from admmprune.run.config import StageCfg
 from admmprune.run.finish import compact_stats, model_spec, storage_stats, write_run_files
 from admmprune.run.parse import load_recipe
@@ -33,13 +32,15 @@ def same_arithmetic(now: dict, then: dict) -> bool:
     return a.keys() == b.keys() and a == pytest.approx(b, rel=1e-9, abs=1e-12)
 
 
-def test_the_demo_writes_the_metrics_rows_of_the_pipeline_before_the_stages(tmp_path):
+@pytest.mark.xdist_group("demo")
+def test_the_demo_writes_the_metrics_rows_of_the_pipeline_before_the_stages(demo_run):
     """fixtures/demo_metrics.jsonl: `admmprune demo` before the stage classes. On a CPU that
     rounds like the fixture's, every number to 1e-9 relative; on another, the same rows,
     keys and non-numeric values, and accuracies within 2 points (the last-bit differences
     grow through training)."""
-    assert main(["demo", "--output-dir", str(tmp_path / "d"), "--no-progress"]) == 0
-    now = [json.loads(x) for x in (tmp_path / "d" / "metrics.jsonl").open()]
+    code, run_dir, _ = demo_run
+    assert code == 0
+    now = [json.loads(x) for x in (run_dir / "metrics.jsonl").open()]
     before = [json.loads(x) for x in (FIXTURES / "demo_metrics.jsonl").open()]
     assert len(now) == len(before) == 46
     exact = same_arithmetic(now[0], before[0])
