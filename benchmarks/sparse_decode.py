@@ -129,6 +129,13 @@ def one_model(label: str, dense, args, settings, bandwidth: float) -> list[dict]
         masked = copy.deepcopy(dense)
         ap.prune(masked, {spec_key: constraint})
         masked.to(args.device)
+        if not args.decode:
+            row = {"model": label, "setting": setting, "device": args.device,
+                   "checkpoint": checkpoint_bytes(masked, prefix)}  # fmt: skip
+            out.append(row)
+            print(_line(row), flush=True)
+            del masked
+            continue
         fast = copy.deepcopy(masked)
         t0 = time.perf_counter()
         if args.device == "cuda":
@@ -179,6 +186,8 @@ def _line(r: dict) -> str:
     eff = r.get("median_sparse_efficiency")
     eff = "" if eff is None else f"{eff:.2f}"
     ratio = f"{ck['ratio']:.3f} / {ck['blocks_ratio']:.3f}" if ck else ""
+    if "speedup" not in r:  # --no-decode
+        return f"| {r['model']} | {r['setting']} | | | | | | {ratio} | |"
     return (f"| {r['model']} | {r['setting']} | {r['dense_tokens_per_s']:.2f} | "
             f"{r['sparse_tokens_per_s']:.2f} | {r['speedup']:.2f}x | {r['layers_sparse']} | "
             f"{eff} | {ratio} | {'yes' if r['greedy_tokens_equal'] else 'NO'} |")  # fmt: skip
@@ -197,11 +206,19 @@ def main() -> None:
     p.add_argument("--sparsities", default="50,70,90,95")
     p.add_argument("--no-nm", dest="nm", action="store_false")
     p.add_argument("--no-checkpoint", dest="checkpoint", action="store_false")
+    p.add_argument(
+        "--no-decode", dest="decode", action="store_false",
+        help="checkpoint bytes only (no kernel conversion, no generate): for models too large to "
+        "time here",
+    )  # fmt: skip
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=HERE / "results" / "sparse_decode")
     args = p.parse_args()
+    if not args.decode and (not args.checkpoint or args.device != "cpu"):
+        p.error("--no-decode measures the checkpoint bytes only: on the CPU, without "
+                "--no-checkpoint")  # fmt: skip
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.device == "cpu":

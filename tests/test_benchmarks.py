@@ -401,3 +401,17 @@ def test_sparse_decode_tiny_run(tmp_path):
         assert r["greedy_tokens_equal"] and r["dense_tokens_per_s"] > 0
         assert {x["layer"] for x in r["layers"]} >= {"model.layers.0.mlp.down_proj"}
     assert rows[0]["checkpoint"]["blocks_ratio"] < 0.2 < rows[1]["checkpoint"]["blocks_ratio"]
+    for r in rows:  # the blocks' bytes are read from the file: a part of it
+        ck = r["checkpoint"]
+        assert 0 < ck["blocks_sparse_bytes"] < ck["sparse_bytes"]
+    # checkpoint bytes alone: the same files, no generate
+    proc = run_script(
+        "benchmarks/sparse_decode.py --hidden 64 --layers 1 --vocab 128 --sparsities 90 "
+        f"--no-decode --out {out / 'ck'}"
+    )
+    assert proc.returncode == 0, proc.stderr
+    alone = json.loads((out / "ck" / "sparse_decode.json").read_text())["rows"]
+    assert [r["checkpoint"] for r in alone] == [r["checkpoint"] for r in rows]
+    assert all("speedup" not in r for r in alone)
+    proc = run_script(f"benchmarks/sparse_decode.py --no-decode --no-checkpoint --out {out}")
+    assert proc.returncode == 2 and "checkpoint bytes only" in proc.stderr

@@ -46,6 +46,16 @@ def tiny_recipe(out, **changes):
     return r
 
 
+def shortened(recipe, admm_epochs=2):
+    """``recipe`` with one epoch of pretraining and retraining and ``admm_epochs`` of ADMM
+    (a Z/U update each): for the tests that run it in several processes and only compare runs."""
+    r = dict(recipe)
+    r["pretrain"] = {**r["pretrain"], "epochs": 1}
+    r["admm"] = {**r["admm"], "epochs": admm_epochs, "update_every": 1}
+    r["retrain"] = {**r["retrain"], "epochs": 1}
+    return r
+
+
 def write(path, recipe):
     path.write_text(yaml.safe_dump(recipe))
     return path
@@ -117,10 +127,10 @@ def _wait_for_checkpoint(run_dir, proc, stage, epoch, timeout=120):
 
 
 def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
-    ref = write(tmp_path / "ref.yaml", tiny_recipe(tmp_path / "ref"))
+    ref = write(tmp_path / "ref.yaml", shortened(tiny_recipe(tmp_path / "ref"), 4))
     assert run_cli("run", str(ref)).returncode == 0
 
-    recipe = tiny_recipe(tmp_path / "killed")
+    recipe = shortened(tiny_recipe(tmp_path / "killed"), 4)
     path = write(tmp_path / "killed.yaml", recipe)
     proc = subprocess.Popen(
         [sys.executable, "-m", "admmprune", "run", str(path)],
@@ -191,10 +201,10 @@ def test_ctrl_c_saves_mid_epoch_and_resumes_identically(tmp_path):
 
 
 def test_force_replaces_and_resume_needs_same_recipe(tmp_path):
-    path = write(tmp_path / "r.yaml", tiny_recipe(tmp_path / "run", retrain={"epochs": 1}))
+    path = write(tmp_path / "r.yaml", shortened(tiny_recipe(tmp_path / "run")))
     assert run_cli("run", str(path)).returncode == 0
     (tmp_path / "run" / "mine.txt").write_text("user file")
-    changed = write(tmp_path / "r2.yaml", tiny_recipe(tmp_path / "run", seed=7))
+    changed = write(tmp_path / "r2.yaml", shortened(tiny_recipe(tmp_path / "run", seed=7)))
     proc = run_cli("run", str(changed), "--resume")
     assert proc.returncode == 2 and "differs" in proc.stderr
     assert (tmp_path / "run" / "mine.txt").exists()
@@ -514,9 +524,9 @@ def test_prune_then_quantize_recipe_lands_on_levels_and_exports(tmp_path):
 
 
 def test_resume_in_the_quantize_stage_is_exact(tmp_path):
-    ref = write(tmp_path / "ref.yaml", quantized_recipe(tmp_path / "ref"))
+    ref = write(tmp_path / "ref.yaml", shortened(quantized_recipe(tmp_path / "ref")))
     assert run_cli("run", str(ref)).returncode == 0
-    path = write(tmp_path / "k.yaml", quantized_recipe(tmp_path / "k"))
+    path = write(tmp_path / "k.yaml", shortened(quantized_recipe(tmp_path / "k")))
     proc = subprocess.Popen(
         [sys.executable, "-m", "admmprune", "run", str(path)],
         cwd=ROOT,
