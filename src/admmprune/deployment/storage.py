@@ -61,9 +61,15 @@ class ValueCode:
         return 0 if self.codebook is None else self.codebook.numel() * self.raw_bits
 
 
-def value_code(values: torch.Tensor, raw_bits: int, with_zero: bool = False) -> ValueCode:
-    """The cheaper of raw values and a codebook for ``values`` (plus 0 when ``with_zero``)."""
-    distinct = values.unique()
+def value_code(
+    values: torch.Tensor,
+    raw_bits: int,
+    with_zero: bool = False,
+    distinct: torch.Tensor | None = None,
+) -> ValueCode:
+    """The cheaper of raw values and a codebook for ``values`` (plus 0 when ``with_zero``);
+    ``distinct``: ``values.unique()`` when the caller has it (a sort of every value)."""
+    distinct = values.unique() if distinct is None else distinct
     if with_zero and not bool((distinct == 0).any()):
         distinct = torch.cat([distinct, distinct.new_zeros(1)]).sort().values
     book = ValueCode(raw_bits, distinct)
@@ -95,14 +101,20 @@ def _log2_binomial(n: int, k: int) -> float:
     return (math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)) / math.log(2)
 
 
-def _relative(flat: torch.Tensor, raw: int) -> dict:
-    """The relative format of the 1-D ``flat`` with the ``b`` that minimises its bits."""
+def _relative(flat: torch.Tensor, raw: int, distinct: torch.Tensor | None = None) -> dict:
+    """The relative format of the 1-D ``flat`` with the ``b`` that minimises its bits
+    (``distinct``: its distinct non-zero values, when known)."""
     gaps = relative_gaps(flat)
     nz = flat[flat != 0]
+    distinct = nz.unique() if distinct is None else distinct
+    codes: dict[bool, ValueCode] = {}  # by "fillers need a 0": the same values at every b
     best = None
     for b in range(1, max(2, math.ceil(math.log2(flat.numel() + 1))) + 1):
         f = fillers(gaps, b)
-        code = value_code(nz, raw, with_zero=f > 0)
+        zero = f > 0
+        if zero not in codes:
+            codes[zero] = value_code(nz, raw, with_zero=zero, distinct=distinct)
+        code = codes[zero]
         entries = nz.numel() + f
         bits = entries * (code.bits + b) + code.table_bits
         if best is None or bits < best["bits"]:
@@ -174,7 +186,11 @@ def weight_storage(W: torch.Tensor) -> dict:
     nnz = nz.numel()
     out: dict = {"n": n, "nnz": nnz, "dense_raw": n * raw}
 
-    dense_code = value_code(W.detach().flatten(), raw)
+    # one sort of the values serves every format: the non-zeros' distinct values are the
+    # dense ones without 0 (a unique per format was most of a large layer's time)
+    everything = W.detach().flatten().unique()
+    distinct = everything[everything != 0]
+    dense_code = value_code(W.detach().flatten(), raw, distinct=everything)
     out["dense"] = {
         "bits": n * dense_code.bits + dense_code.table_bits,
         "value_bits": n * dense_code.bits,
@@ -182,9 +198,9 @@ def weight_storage(W: torch.Tensor) -> dict:
         "codebook_bits": dense_code.table_bits,
     }
 
-    out["relative"] = _relative(W.detach().flatten(), raw)
+    out["relative"] = _relative(W.detach().flatten(), raw, distinct)
 
-    nz_code = value_code(nz, raw)
+    nz_code = value_code(nz, raw, distinct=distinct)
     col_bits, ptr_bits = _bits_for(cols), _bits_for(nnz + 1)
     out["csr"] = {
         "bits": nnz * (nz_code.bits + col_bits) + (rows + 1) * ptr_bits + nz_code.table_bits,
@@ -195,7 +211,7 @@ def weight_storage(W: torch.Tensor) -> dict:
 
     keep_r, keep_c = M.ne(0).any(dim=1), M.ne(0).any(dim=0)
     block = M[keep_r][:, keep_c]
-    block_code = value_code(block.flatten(), raw)
+    block_code = value_code(block.flatten(), raw, with_zero=block.numel() > nnz, distinct=distinct)
     out["structured"] = {
         "bits": block.numel() * block_code.bits + rows + cols + block_code.table_bits,
         "value_bits": block.numel() * block_code.bits,
@@ -204,7 +220,7 @@ def weight_storage(W: torch.Tensor) -> dict:
         "rows": int(keep_r.sum()),
         "cols": int(keep_c.sum()),
     }
-    inner = _relative(block.flatten(), raw)
+    inner = _relative(block.flatten(), raw, distinct)
     out["hybrid"] = {
         **inner,
         "bits": inner["bits"] + rows + cols,
