@@ -48,7 +48,7 @@ def tiny_recipe(out, **changes):
 
 def shortened(recipe, admm_epochs=2):
     """``recipe`` with one epoch of pretraining and retraining and ``admm_epochs`` of ADMM
-    (a Z/U update each): for the tests that run it in several processes and only compare runs."""
+    (a Z/U update each): seconds, for tests that run recipes rather than study training."""
     r = dict(recipe)
     r["pretrain"] = {**r["pretrain"], "epochs": 1}
     r["admm"] = {**r["admm"], "epochs": admm_epochs, "update_every": 1}
@@ -167,13 +167,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
 def test_ctrl_c_saves_mid_epoch_and_resumes_identically(tmp_path):
     # Bigger batches count: batch 8 makes epochs long enough to interrupt mid-epoch; one
     # epoch of the stages around ADMM, whose second epoch is interrupted
-    base = tiny_recipe(
-        tmp_path / "ref",
-        data={"name": "digits", "batch_size": 8},
-        pretrain={"epochs": 1, "optimizer": {"name": "adam", "lr": 0.003}},
-        retrain={"epochs": 1, "optimizer": {"name": "adam", "lr": 0.001}},
-    )
-    base["admm"] = {**base["admm"], "epochs": 3, "update_every": 1}
+    base = shortened(tiny_recipe(tmp_path / "ref", data={"name": "digits", "batch_size": 8}), 3)
     assert run_cli("run", str(write(tmp_path / "ref.yaml", base))).returncode == 0
     recipe = dict(base, output_dir=str(tmp_path / "int"))
     path = write(tmp_path / "int.yaml", recipe)

@@ -21,16 +21,12 @@ from admmprune._io import atomic_save, safe_load
 from admmprune.run.cli import main
 from admmprune.run.report import format_summary
 from test_models_data import fake_npz
-from test_pipeline import ROOT, _wait_for_checkpoint, run_cli, tiny_recipe, write
+from test_pipeline import ROOT, _wait_for_checkpoint, run_cli, shortened, tiny_recipe, write
 
 
 def short_recipe(out, **changes):
-    """tiny_recipe with one epoch per stage: a few seconds."""
-    r = tiny_recipe(out, **changes)
-    r["pretrain"] = {**r["pretrain"], "epochs": 1}
-    r["admm"] = {**r["admm"], "epochs": 2, "update_every": 1}
-    r["retrain"] = {**r["retrain"], "epochs": 1}
-    return r | changes
+    """tiny_recipe with one epoch per stage (two of ADMM): a few seconds."""
+    return shortened(tiny_recipe(out, **changes)) | changes
 
 
 def npz_recipe(out, path, **changes):
@@ -101,10 +97,8 @@ def test_resume_from_another_folder_with_the_same_data_only(tmp_path, capsys):
 def test_ctrl_c_prints_the_exact_continue_command_and_counts_from_one(tmp_path):
     """Followed literally, the printed command resumes this run dir; interrupted and resumed
     positions read the same; seconds and the interrupted epoch's loss carry over the resume."""
-    base = tiny_recipe(tmp_path / "ref", data={"name": "digits", "batch_size": 8})
     # small batches put the interrupt mid-epoch; one epoch of pretraining and retraining
-    base["pretrain"]["epochs"] = base["retrain"]["epochs"] = 1
-    base["admm"] |= {"epochs": 3, "update_every": 1}
+    base = shortened(tiny_recipe(tmp_path / "ref", data={"name": "digits", "batch_size": 8}), 3)
     assert run_cli("run", str(write(tmp_path / "ref.yaml", base))).returncode == 0
     path = write(tmp_path / "int.yaml", base)  # output_dir: ref; the flag sends it elsewhere
     proc = subprocess.Popen(
